@@ -1,0 +1,252 @@
+//! Layered loading with figment: defaults, then the file, then `KAELIX_*`.
+//!
+//! Environment variable names are mapped to key paths by longest section
+//! prefix, so keys that contain `_` work: `KAELIX_NETWORK_MAX_CONNECTIONS`
+//! sets `network.max_connections`, `KAELIX_TELEMETRY_LOGGING_LEVEL` sets
+//! `telemetry.logging.level`. (figment's own `split("_")` would turn the
+//! first into `network.max.connections`.)
+
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Format, Serialized, Toml};
+use figment::value::{Dict, Map, Value};
+use figment::{Figment, Metadata, Profile, Provider};
+
+use super::schema::MemoryStreamerConfig;
+
+/// The prefix of every environment variable the broker reads.
+pub const ENV_PREFIX: &str = "KAELIX_";
+
+/// The configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration file {0} does not exist")]
+    Missing(PathBuf),
+    /// Values or keys are wrong; each problem names the key and where it
+    /// came from (the file, or the environment variable).
+    #[error("Configuration validation failed:\n  {}", .0.join("\n  "))]
+    Invalid(Vec<String>),
+}
+
+/// Loads the configuration: defaults, then `path` (or `./kaelix.toml` if it
+/// exists when `path` is `None`), then `KAELIX_*` variables.
+pub fn load(path: Option<&Path>) -> Result<MemoryStreamerConfig, ConfigError> {
+    let file = match path {
+        Some(p) if !p.exists() => return Err(ConfigError::Missing(p.to_owned())),
+        Some(p) => Some(p.to_owned()),
+        None => Some(PathBuf::from("kaelix.toml")).filter(|p| p.exists()),
+    };
+    load_from(file.as_deref(), std::env::vars())
+}
+
+/// Loads from an optional file and the given environment, for callers and
+/// tests that supply their own variables.
+pub fn load_from(
+    file: Option<&Path>,
+    vars: impl IntoIterator<Item = (String, String)>,
+) -> Result<MemoryStreamerConfig, ConfigError> {
+    let defaults = MemoryStreamerConfig::default();
+    let sections = section_names(&defaults);
+    let mut figment = Figment::from(Serialized::defaults(&defaults));
+    if let Some(file) = file {
+        figment = figment.merge(Toml::file_exact(file));
+    }
+    figment = figment.merge(EnvVars::new(&sections, vars));
+    figment
+        .extract()
+        .map_err(|e| ConfigError::Invalid(e.into_iter().map(describe).collect()))
+}
+
+/// One problem as `key: what is wrong (where it came from)`.
+fn describe(err: figment::Error) -> String {
+    let key = err.path.join(".");
+    let origin = match &err.metadata {
+        Some(meta) if meta.name == "environment variable" => {
+            format!("environment variable {}", meta.interpolate(&err.profile.clone().unwrap_or_default(), &err.path))
+        }
+        Some(meta) => match &meta.source {
+            Some(source) => format!("{} {source}", meta.name),
+            None => meta.name.to_string(),
+        },
+        None => "unknown source".to_string(),
+    };
+    if key.is_empty() {
+        format!("{} (in {origin})", err.kind)
+    } else {
+        format!("{key}: {} (in {origin})", err.kind)
+    }
+}
+
+/// The `KAELIX_*` variables as a figment provider whose errors name the
+/// variable a bad value came from.
+struct EnvVars {
+    values: Vec<(String, String, String)>,
+}
+
+impl EnvVars {
+    fn new(sections: &[(String, String)], vars: impl IntoIterator<Item = (String, String)>) -> Self {
+        let values = vars
+            .into_iter()
+            .filter_map(|(name, value)| {
+                let rest = name.strip_prefix(ENV_PREFIX)?.to_ascii_lowercase();
+                (!rest.is_empty()).then(|| (key_path(sections, &rest), name, value))
+            })
+            .collect();
+        EnvVars { values }
+    }
+}
+
+impl Provider for EnvVars {
+    fn metadata(&self) -> Metadata {
+        let names: Vec<(String, String)> = self
+            .values
+            .iter()
+            .map(|(path, name, _)| (path.clone(), name.clone()))
+            .collect();
+        Metadata::named("environment variable").interpolater(move |_profile, keys| {
+            let path = keys.join(".");
+            names
+                .iter()
+                .find(|(p, _)| *p == path)
+                .map(|(_, name)| name.clone())
+                .unwrap_or_else(|| format!("{ENV_PREFIX}{}", keys.join("_").to_ascii_uppercase()))
+        })
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        let mut dict = Dict::new();
+        for (path, _, value) in &self.values {
+            let parsed: Value = value.parse().unwrap_or_else(|never| match never {});
+            let nested = figment::util::nest(path, parsed);
+            if let Value::Dict(_, d) = nested {
+                merge_into(&mut dict, d);
+            }
+        }
+        Ok(Profile::Default.collect(dict))
+    }
+}
+
+fn merge_into(into: &mut Dict, from: Dict) {
+    for (key, value) in from {
+        match (into.get_mut(&key), value) {
+            (Some(Value::Dict(_, existing)), Value::Dict(_, incoming)) => merge_into(existing, incoming),
+            (_, value) => {
+                into.insert(key, value);
+            }
+        }
+    }
+}
+
+/// Every table of the schema as `section_subsection`, paired with its dotted
+/// path, longest first.
+fn section_names(defaults: &MemoryStreamerConfig) -> Vec<(String, String)> {
+    fn walk(dict: &Dict, prefix: &str, out: &mut Vec<(String, String)>) {
+        for (key, value) in dict {
+            if let Value::Dict(_, inner) = value {
+                let path = if prefix.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{prefix}.{key}")
+                };
+                out.push((path.replace('.', "_"), path.clone()));
+                walk(inner, &path, out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    if let Ok(Value::Dict(_, dict)) = Value::serialize(defaults) {
+        walk(&dict, "", &mut out);
+    }
+    out.sort_by_key(|(flat, _)| std::cmp::Reverse(flat.len()));
+    out
+}
+
+/// Maps `network_max_connections` to `network.max_connections`.
+fn key_path(sections: &[(String, String)], name: &str) -> String {
+    for (flat, path) in sections {
+        if let Some(rest) = name.strip_prefix(flat.as_str()) {
+            if let Some(key) = rest.strip_prefix('_').filter(|k| !k.is_empty()) {
+                return format!("{path}.{key}");
+            }
+        }
+    }
+    name.to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn shipped_file_equals_defaults() {
+        let dir = std::env::temp_dir().join(format!("kaelix-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("kaelix.toml");
+        std::fs::write(&file, super::super::DEFAULT_CONFIG_TOML).unwrap();
+        let loaded = load_from(Some(&file), Vec::new()).unwrap();
+        assert_eq!(loaded, MemoryStreamerConfig::default());
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn env_keys_with_underscores_map_to_their_sections() {
+        let sections = section_names(&MemoryStreamerConfig::default());
+        assert_eq!(
+            key_path(&sections, "network_max_connections"),
+            "network.max_connections"
+        );
+        assert_eq!(
+            key_path(&sections, "telemetry_logging_level"),
+            "telemetry.logging.level"
+        );
+        assert_eq!(
+            key_path(&sections, "runtime_worker_threads"),
+            "runtime.worker_threads"
+        );
+    }
+
+    #[test]
+    fn env_overrides_file_and_defaults() {
+        let config = load_from(
+            None,
+            env(&[
+                ("KAELIX_NETWORK_HOST", "127.0.0.1"),
+                ("KAELIX_NETWORK_PORT", "0"),
+                ("KAELIX_NETWORK_MAX_CONNECTIONS", "12"),
+                ("KAELIX_RUNTIME_WORKER_THREADS", "3"),
+                ("KAELIX_TELEMETRY_LOGGING_LEVEL", "debug"),
+                ("OTHER_VAR", "x"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.network.host, "127.0.0.1");
+        assert_eq!(config.network.port, 0);
+        assert_eq!(config.network.max_connections, 12);
+        assert_eq!(config.runtime.worker_threads, Some(3));
+        assert_eq!(config.telemetry.logging.level, "debug");
+    }
+
+    #[test]
+    fn bad_values_and_unknown_keys_are_named() {
+        let err = load_from(None, env(&[("KAELIX_NETWORK_PORT", "eighty")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("port"), "{err}");
+        assert!(err.contains("KAELIX_NETWORK_PORT"), "{err}");
+
+        let dir = std::env::temp_dir().join(format!("kaelix-cfg-typo-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("kaelix.toml");
+        std::fs::write(&file, "[netwrok]\nport = 1\n").unwrap();
+        let err = load_from(Some(&file), Vec::new()).unwrap_err().to_string();
+        assert!(err.contains("netwrok"), "{err}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}

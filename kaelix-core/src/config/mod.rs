@@ -1,0 +1,20 @@
+//! The configuration schema and its loader.
+//!
+//! [`MemoryStreamerConfig`] is the whole schema; `kaelix.toml` at the
+//! repository root lists every key with its default. [`load`] layers, lowest
+//! to highest: built-in defaults, the file, `KAELIX_*` environment variables.
+//!
+//! - [`schema`](mod@schema): the sections and their defaults.
+//! - [`load`](mod@load): figment layering and the environment variable mapping.
+
+pub mod load;
+pub mod schema;
+
+pub use load::{load, load_from, ConfigError, ENV_PREFIX};
+pub use schema::{
+    LimitsConfig, LoggingConfig, MemoryStreamerConfig, NetworkConfig, RuntimeSection,
+    TelemetryConfig,
+};
+
+/// The shipped, commented default configuration file.
+pub const DEFAULT_CONFIG_TOML: &str = include_str!("../../../kaelix.toml");

@@ -1,0 +1,32 @@
+//! What the Kaelix broker and its clients share.
+//!
+//! # Layout
+//!
+//! - [`topic`]: [`Topic`] names and [`TopicPattern`] subscriptions (`*`, `>`).
+//! - [`message`]: [`Message`], its id, partition, offset, timestamp and
+//!   [`Headers`], and the [`MessageBuilder`].
+//! - [`batch`]: [`MessageBatch`], many messages moved as one.
+//! - [`pool`]: [`MessagePool`], reusable message instances.
+//! - [`protocol`]: the wire frames and their codec; pure functions on
+//!   buffers that know nothing of sockets.
+//! - [`config`]: the [`MemoryStreamerConfig`] schema and its layered loader.
+//! - [`outbox`]: the bounded, batching write buffer in front of a socket.
+//! - [`queue`]: the bounded message queue behind every receiver.
+//! - [`error`]: [`Error`] and [`Result`].
+
+pub mod batch;
+pub mod config;
+pub mod error;
+pub mod message;
+pub mod outbox;
+pub mod pool;
+pub mod protocol;
+pub mod queue;
+pub mod topic;
+
+pub use batch::MessageBatch;
+pub use config::MemoryStreamerConfig;
+pub use error::{CloseReason, Error, Result};
+pub use message::{Headers, Message, MessageBuilder, MessageId, Offset, PartitionId, Timestamp};
+pub use pool::MessagePool;
+pub use topic::{Topic, TopicPattern};

@@ -1,0 +1,228 @@
+//! The bounded write buffer in front of a socket.
+//!
+//! Producers append encoded frames under a short lock; one writer task swaps
+//! the whole buffer out and sends it with a single write. A producer that
+//! appends to an empty buffer learns so ([`Pushed::First`]) and wakes the
+//! writer, usually once per batch it routed rather than once per frame.
+//!
+//! ```text
+//!  router / client API ──push──▶ [ BytesMut ≤ limit ] ──swap──▶ writer ──write──▶ socket
+//! ```
+
+use std::io;
+
+use bytes::BytesMut;
+use parking_lot::Mutex;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::sync::Notify;
+
+use crate::error::CloseReason;
+
+/// What became of an append.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pushed {
+    /// Appended to an empty buffer: the writer needs a [`Outbox::wake`].
+    First,
+    /// Appended behind data the writer already knows of.
+    More,
+    /// Not appended: it would pass the limit.
+    Full,
+    /// Not appended: the outbox is closing.
+    Closed,
+}
+
+/// A connection's bounded output buffer.
+#[derive(Debug)]
+pub struct Outbox {
+    state: Mutex<State>,
+    ready: Notify,
+    space: Notify,
+    closing: Notify,
+    limit: usize,
+}
+
+#[derive(Debug)]
+struct State {
+    buf: BytesMut,
+    closed: Option<CloseReason>,
+}
+
+impl Outbox {
+    /// An outbox that holds at most `limit` bytes (one frame may exceed it
+    /// when the buffer is empty, so that no frame is unsendable).
+    pub fn new(limit: usize) -> Self {
+        Outbox {
+            state: Mutex::new(State {
+                buf: BytesMut::with_capacity(8 * 1024),
+                closed: None,
+            }),
+            ready: Notify::new(),
+            space: Notify::new(),
+            closing: Notify::new(),
+            limit,
+        }
+    }
+
+    /// Appends `len` bytes written by `write`. The caller wakes the writer
+    /// when this returns [`Pushed::First`].
+    pub fn push(&self, len: usize, write: impl FnOnce(&mut BytesMut)) -> Pushed {
+        let mut state = self.state.lock();
+        if state.closed.is_some() {
+            return Pushed::Closed;
+        }
+        let was_empty = state.buf.is_empty();
+        if !was_empty && state.buf.len() + len > self.limit {
+            return Pushed::Full;
+        }
+        write(&mut state.buf);
+        if was_empty {
+            Pushed::First
+        } else {
+            Pushed::More
+        }
+    }
+
+    /// Appends and wakes the writer at once: for control frames.
+    pub fn push_now(&self, len: usize, write: impl FnOnce(&mut BytesMut)) -> Pushed {
+        let pushed = self.push(len, write);
+        if pushed == Pushed::First {
+            self.wake();
+        }
+        pushed
+    }
+
+    /// Tells the writer there is data.
+    pub fn wake(&self) {
+        self.ready.notify_one();
+    }
+
+    /// Waits until `len` more bytes fit, or the outbox closes.
+    pub async fn wait_for_space(&self, len: usize) {
+        loop {
+            let notified = self.space.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let state = self.state.lock();
+                if state.closed.is_some()
+                    || state.buf.is_empty()
+                    || state.buf.len() + len <= self.limit
+                {
+                    return;
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// Starts closing: nothing more is accepted except `last`, which is
+    /// appended after what is queued (an error frame, say). The writer sends
+    /// everything and then stops. Only the first close counts.
+    pub fn close(&self, reason: CloseReason, last: Option<&[u8]>) {
+        {
+            let mut state = self.state.lock();
+            if state.closed.is_some() {
+                return;
+            }
+            if let Some(last) = last {
+                state.buf.extend_from_slice(last);
+            }
+            state.closed = Some(reason);
+        }
+        self.ready.notify_one();
+        self.space.notify_waiters();
+        self.closing.notify_waiters();
+    }
+
+    /// Why the outbox closed, once it has.
+    pub fn close_reason(&self) -> Option<CloseReason> {
+        self.state.lock().closed.clone()
+    }
+
+    /// True once closing has begun.
+    pub fn is_closed(&self) -> bool {
+        self.state.lock().closed.is_some()
+    }
+
+    /// Bytes waiting to be written.
+    pub fn pending_bytes(&self) -> usize {
+        self.state.lock().buf.len()
+    }
+
+    /// Resolves once closing has begun, with the reason.
+    pub async fn closed(&self) -> CloseReason {
+        loop {
+            let notified = self.closing.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(reason) = self.close_reason() {
+                return reason;
+            }
+            notified.await;
+        }
+    }
+
+    /// The writer loop: sends whatever is queued, one write per swap, until
+    /// the outbox is closed and empty. A write error closes the outbox.
+    pub async fn write_to<W: AsyncWrite + Unpin>(&self, writer: &mut W) -> io::Result<CloseReason> {
+        let mut spare = BytesMut::with_capacity(8 * 1024);
+        loop {
+            let closed = {
+                let mut state = self.state.lock();
+                std::mem::swap(&mut state.buf, &mut spare);
+                state.closed.clone()
+            };
+            if spare.is_empty() {
+                if let Some(reason) = closed {
+                    writer.flush().await?;
+                    return Ok(reason);
+                }
+                self.ready.notified().await;
+                continue;
+            }
+            if let Err(err) = writer.write_all(&spare).await {
+                self.close(CloseReason::Io(err.to_string()), None);
+                return Err(err);
+            }
+            spare.clear();
+            self.space.notify_waiters();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[tokio::test]
+    async fn writes_everything_then_stops_on_close() {
+        let outbox = Arc::new(Outbox::new(16));
+        assert_eq!(outbox.push(3, |b| b.extend_from_slice(b"abc")), Pushed::First);
+        assert_eq!(outbox.push(3, |b| b.extend_from_slice(b"def")), Pushed::More);
+        assert_eq!(outbox.push(20, |b| b.extend_from_slice(&[0; 20])), Pushed::Full);
+        let (mut client, mut server) = tokio::io::duplex(1024);
+        let writer = {
+            let outbox = outbox.clone();
+            tokio::spawn(async move { outbox.write_to(&mut server).await })
+        };
+        outbox.wake();
+        outbox.close(CloseReason::Closed, Some(b"!"));
+        assert_eq!(outbox.push(1, |b| b.extend_from_slice(b"x")), Pushed::Closed);
+        let reason = writer.await.unwrap().unwrap();
+        assert_eq!(reason, CloseReason::Closed);
+        let mut got = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut client, &mut got)
+            .await
+            .unwrap();
+        assert_eq!(got, b"abcdef!");
+        assert_eq!(outbox.closed().await, CloseReason::Closed);
+    }
+
+    #[tokio::test]
+    async fn a_large_frame_fits_an_empty_buffer() {
+        let outbox = Outbox::new(4);
+        assert_eq!(outbox.push(10, |b| b.extend_from_slice(&[1; 10])), Pushed::First);
+        assert_eq!(outbox.pending_bytes(), 10);
+    }
+}

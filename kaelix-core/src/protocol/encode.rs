@@ -1,0 +1,213 @@
+//! Frames to bytes.
+//!
+//! [`Frame::encode`] appends any frame to a buffer. The data path uses the
+//! fast paths beside it: [`encode_publish`] writes a publish from its parts
+//! and [`encode_deliver`] writes a delivery around an already encoded body,
+//! both straight into the connection's output buffer.
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use super::frame::*;
+use super::{flags, opcode, MAGIC};
+use crate::message::{Headers, PartitionId};
+use crate::topic::Topic;
+
+impl Frame {
+    /// Appends this frame to `buf`. Names longer than their field allows
+    /// (255 bytes, or 65535 for reasons and property values) are cut at a
+    /// character boundary.
+    pub fn encode(&self, buf: &mut BytesMut) {
+        match self {
+            Frame::Hello(h) => with_header(buf, opcode::HELLO, 0, |b| {
+                b.put_slice(&MAGIC);
+                b.put_u16(h.min_version);
+                b.put_u16(h.max_version);
+                put_str8(b, &h.client_name);
+                put_properties(b, &h.properties);
+            }),
+            Frame::Welcome(w) => with_header(buf, opcode::WELCOME, 0, |b| {
+                b.put_u16(w.version);
+                put_str8(b, &w.server_name);
+                b.put_u32(w.max_frame_bytes);
+                put_properties(b, &w.properties);
+            }),
+            Frame::Ping(token) => with_header(buf, opcode::PING, 0, |b| b.put_u64(*token)),
+            Frame::Pong(token) => with_header(buf, opcode::PONG, 0, |b| b.put_u64(*token)),
+            Frame::Error(e) => with_header(buf, opcode::ERROR, 0, |b| {
+                b.put_u16(e.code.as_u16());
+                put_str16(b, &e.reason);
+            }),
+            Frame::Publish(p) => {
+                let fl = p.body.flags() | if p.ack { flags::ACK } else { 0 };
+                with_header(buf, opcode::PUBLISH, fl, |b| {
+                    b.put_u64(p.seq);
+                    b.put_slice(p.body.raw());
+                })
+            }
+            Frame::PubAck(seq) => with_header(buf, opcode::PUB_ACK, 0, |b| b.put_u64(*seq)),
+            Frame::PubNack(n) => with_header(buf, opcode::PUB_NACK, 0, |b| {
+                b.put_u64(n.id);
+                b.put_u16(n.code.as_u16());
+                put_str16(b, &n.reason);
+            }),
+            Frame::Subscribe(s) => {
+                let fl = if s.group.is_some() { flags::QUEUE } else { 0 };
+                with_header(buf, opcode::SUBSCRIBE, fl, |b| {
+                    b.put_u32(s.sid);
+                    put_bytes8(b, &s.pattern);
+                    if let Some(group) = &s.group {
+                        put_bytes8(b, group);
+                    }
+                })
+            }
+            Frame::SubAck(sid) => with_header(buf, opcode::SUB_ACK, 0, |b| b.put_u32(*sid)),
+            Frame::SubNack(n) => with_header(buf, opcode::SUB_NACK, 0, |b| {
+                b.put_u32(n.id as u32);
+                b.put_u16(n.code.as_u16());
+                put_str16(b, &n.reason);
+            }),
+            Frame::Unsubscribe(sid) => {
+                with_header(buf, opcode::UNSUBSCRIBE, 0, |b| b.put_u32(*sid))
+            }
+            Frame::Message(d) => encode_deliver(buf, d.sid, &d.body),
+        }
+    }
+
+    /// This frame as a new buffer.
+    pub fn to_bytes(&self) -> Bytes {
+        let mut buf = BytesMut::new();
+        self.encode(&mut buf);
+        buf.freeze()
+    }
+}
+
+/// Writes a PUBLISH frame from its parts.
+pub fn encode_publish(
+    buf: &mut BytesMut,
+    seq: u64,
+    ack: bool,
+    topic: &Topic,
+    partition: Option<PartitionId>,
+    headers: &Headers,
+    payload: &[u8],
+) {
+    let body = body_len(topic, partition, headers, payload);
+    let fl = body_flags(partition, headers) | if ack { flags::ACK } else { 0 };
+    buf.reserve(super::HEADER_LEN + 8 + body);
+    buf.put_u32((2 + 8 + body) as u32);
+    buf.put_u8(opcode::PUBLISH);
+    buf.put_u8(fl);
+    buf.put_u64(seq);
+    put_body(buf, topic, partition, headers, payload);
+}
+
+/// Writes a MESSAGE frame: the subscription id, then `body` unchanged.
+pub fn encode_deliver(buf: &mut BytesMut, sid: u32, body: &MessageBody) {
+    let raw = body.raw();
+    buf.reserve(super::HEADER_LEN + 4 + raw.len());
+    buf.put_u32((2 + 4 + raw.len()) as u32);
+    buf.put_u8(opcode::MESSAGE);
+    buf.put_u8(body.flags());
+    buf.put_u32(sid);
+    buf.put_slice(raw);
+}
+
+/// The bytes a MESSAGE frame with `body` occupies.
+pub fn deliver_len(body: &MessageBody) -> usize {
+    super::HEADER_LEN + 4 + body.raw().len()
+}
+
+pub(super) fn body_flags(partition: Option<PartitionId>, headers: &Headers) -> u8 {
+    let mut fl = 0;
+    if partition.is_some() {
+        fl |= flags::PARTITION;
+    }
+    if !headers.is_empty() {
+        fl |= flags::HEADERS;
+    }
+    fl
+}
+
+pub(super) fn body_len(
+    topic: &Topic,
+    partition: Option<PartitionId>,
+    headers: &Headers,
+    payload: &[u8],
+) -> usize {
+    let headers_len = if headers.is_empty() {
+        0
+    } else {
+        2 + headers
+            .iter()
+            .map(|(n, v)| 1 + n.len().min(255) + 2 + v.len().min(65535))
+            .sum::<usize>()
+    };
+    1 + topic.len() + partition.map_or(0, |_| 4) + headers_len + payload.len()
+}
+
+pub(super) fn put_body(
+    buf: &mut BytesMut,
+    topic: &Topic,
+    partition: Option<PartitionId>,
+    headers: &Headers,
+    payload: &[u8],
+) {
+    put_bytes8(buf, topic.as_bytes());
+    if let Some(p) = partition {
+        buf.put_u32(p.get());
+    }
+    if !headers.is_empty() {
+        buf.put_u16(headers.len().min(usize::from(u16::MAX)) as u16);
+        for (name, value) in headers.iter().take(usize::from(u16::MAX)) {
+            put_str8(buf, name);
+            put_str16(buf, value);
+        }
+    }
+    buf.put_slice(payload);
+}
+
+fn with_header(buf: &mut BytesMut, op: u8, fl: u8, body: impl FnOnce(&mut BytesMut)) {
+    let start = buf.len();
+    buf.put_u32(0);
+    buf.put_u8(op);
+    buf.put_u8(fl);
+    body(buf);
+    let len = (buf.len() - start - 4) as u32;
+    buf[start..start + 4].copy_from_slice(&len.to_be_bytes());
+}
+
+fn cut(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+fn put_bytes8(buf: &mut BytesMut, b: &[u8]) {
+    let b = &b[..b.len().min(255)];
+    buf.put_u8(b.len() as u8);
+    buf.put_slice(b);
+}
+
+fn put_str8(buf: &mut BytesMut, s: &str) {
+    put_bytes8(buf, cut(s, 255).as_bytes());
+}
+
+fn put_str16(buf: &mut BytesMut, s: &str) {
+    let s = cut(s, usize::from(u16::MAX));
+    buf.put_u16(s.len() as u16);
+    buf.put_slice(s.as_bytes());
+}
+
+fn put_properties(buf: &mut BytesMut, props: &[(String, String)]) {
+    let props = &props[..props.len().min(usize::from(u16::MAX))];
+    buf.put_u16(props.len() as u16);
+    for (name, value) in props {
+        put_str8(buf, name);
+        put_str16(buf, value);
+    }
+}

@@ -1,0 +1,233 @@
+//! The frames of the protocol. `docs/protocol.md` gives their byte layout.
+
+use bytes::Bytes;
+
+use super::error::{ErrorCode, ProtocolError};
+use super::flags;
+use crate::error::Result;
+use crate::message::{Headers, Message, MessageId, PartitionId, Timestamp};
+use crate::topic::Topic;
+
+/// One frame.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Frame {
+    /// Client → broker, first frame: who is speaking, which versions.
+    Hello(Hello),
+    /// Broker → client, answer to HELLO: the chosen version and limits.
+    Welcome(Welcome),
+    /// Either way: asks for a PONG with the same token.
+    Ping(u64),
+    /// Either way: answers a PING.
+    Pong(u64),
+    /// Broker → client: the connection is closing, and why.
+    Error(ErrorFrame),
+    /// Client → broker: a message to route.
+    Publish(Publish),
+    /// Broker → client: the publish with this sequence number was routed.
+    PubAck(u64),
+    /// Broker → client: the publish with this sequence number was refused.
+    PubNack(Nack),
+    /// Client → broker: start a subscription.
+    Subscribe(Subscribe),
+    /// Broker → client: the subscription with this id is active.
+    SubAck(u32),
+    /// Broker → client: the subscription was refused.
+    SubNack(Nack),
+    /// Client → broker: end the subscription with this id.
+    Unsubscribe(u32),
+    /// Broker → client: a message for a subscription.
+    Message(Deliver),
+}
+
+impl Frame {
+    /// The frame's name, as used in errors and docs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Frame::Hello(_) => "HELLO",
+            Frame::Welcome(_) => "WELCOME",
+            Frame::Ping(_) => "PING",
+            Frame::Pong(_) => "PONG",
+            Frame::Error(_) => "ERROR",
+            Frame::Publish(_) => "PUBLISH",
+            Frame::PubAck(_) => "PUB_ACK",
+            Frame::PubNack(_) => "PUB_NACK",
+            Frame::Subscribe(_) => "SUBSCRIBE",
+            Frame::SubAck(_) => "SUB_ACK",
+            Frame::SubNack(_) => "SUB_NACK",
+            Frame::Unsubscribe(_) => "UNSUBSCRIBE",
+            Frame::Message(_) => "MESSAGE",
+        }
+    }
+}
+
+/// The opening frame of a client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    /// Oldest protocol version the client speaks.
+    pub min_version: u16,
+    /// Newest protocol version the client speaks.
+    pub max_version: u16,
+    /// A name for logs, such as the application's.
+    pub client_name: String,
+    /// Extensions, such as credentials, as name/value pairs.
+    pub properties: Vec<(String, String)>,
+}
+
+/// The broker's answer to a HELLO.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Welcome {
+    /// The protocol version both sides now speak.
+    pub version: u16,
+    /// The broker's name.
+    pub server_name: String,
+    /// The largest frame the broker accepts.
+    pub max_frame_bytes: u32,
+    /// Extensions as name/value pairs.
+    pub properties: Vec<(String, String)>,
+}
+
+/// A fatal error: the sender closes the connection after it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ErrorFrame {
+    pub code: ErrorCode,
+    pub reason: String,
+}
+
+/// A refusal of one publish (`id` is its sequence number) or one
+/// subscription (`id` is its subscription id).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Nack {
+    pub id: u64,
+    pub code: ErrorCode,
+    pub reason: String,
+}
+
+/// A message sent to the broker.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Publish {
+    /// The publisher's sequence number, echoed in PUB_ACK and PUB_NACK.
+    pub seq: u64,
+    /// Whether the publisher wants a PUB_ACK.
+    pub ack: bool,
+    pub body: MessageBody,
+}
+
+/// A request for messages matching a pattern.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subscribe {
+    /// Chosen by the client, unique on its connection; MESSAGE frames carry it.
+    pub sid: u32,
+    /// The pattern, not yet validated.
+    pub pattern: Bytes,
+    /// The queue group, not yet validated.
+    pub group: Option<Bytes>,
+}
+
+/// A message delivered to a subscription.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Deliver {
+    pub sid: u32,
+    pub body: MessageBody,
+}
+
+/// A message as the wire carries it: topic, optional partition and headers,
+/// payload. PUBLISH and MESSAGE share this encoding so that a broker passes a
+/// published body on to its subscribers without re-encoding it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MessageBody {
+    pub(super) flags: u8,
+    pub(super) raw: Bytes,
+    pub(super) topic: Bytes,
+    pub(super) partition: Option<u32>,
+    pub(super) headers: Option<Bytes>,
+    pub(super) payload: Bytes,
+}
+
+impl MessageBody {
+    /// Encodes a body from its parts.
+    pub fn new(
+        topic: &Topic,
+        partition: Option<PartitionId>,
+        headers: &Headers,
+        payload: &Bytes,
+    ) -> MessageBody {
+        let mut buf = bytes::BytesMut::with_capacity(super::encode::body_len(
+            topic, partition, headers, payload,
+        ));
+        super::encode::put_body(&mut buf, topic, partition, headers, payload);
+        let flags = super::encode::body_flags(partition, headers);
+        super::decode::parse_body(buf.freeze(), flags, "MESSAGE")
+            .unwrap_or_else(|_| unreachable!("a body this module encoded decodes"))
+    }
+
+    /// Encodes the body of `message`.
+    pub fn from_message(message: &Message) -> MessageBody {
+        MessageBody::new(
+            &message.topic,
+            message.partition,
+            &message.headers,
+            &message.payload,
+        )
+    }
+
+    /// The flag bits describing this body (see [`flags::BODY`]).
+    pub fn flags(&self) -> u8 {
+        self.flags & flags::BODY
+    }
+
+    /// The whole encoded body, as forwarded in MESSAGE frames.
+    pub fn raw(&self) -> &Bytes {
+        &self.raw
+    }
+
+    /// The topic bytes, not yet validated.
+    pub fn topic_bytes(&self) -> &Bytes {
+        &self.topic
+    }
+
+    /// The validated topic.
+    pub fn topic(&self) -> Result<Topic> {
+        Topic::from_bytes(self.topic.clone())
+    }
+
+    /// The partition, if the publisher chose one.
+    pub fn partition(&self) -> Option<PartitionId> {
+        self.partition.map(PartitionId::new)
+    }
+
+    /// The payload.
+    pub fn payload(&self) -> &Bytes {
+        &self.payload
+    }
+
+    /// The headers, decoded.
+    pub fn headers(&self) -> Headers {
+        match &self.headers {
+            Some(block) => super::decode::header_pairs(block).collect(),
+            None => Headers::new(),
+        }
+    }
+
+    /// A [`Message`] with a fresh id, stamped with `timestamp`.
+    pub fn to_message(&self, timestamp: Timestamp) -> Result<Message> {
+        Ok(Message {
+            id: MessageId::next(),
+            topic: self.topic()?,
+            payload: self.payload.clone(),
+            timestamp,
+            partition: self.partition(),
+            offset: None,
+            headers: self.headers(),
+        })
+    }
+}
+
+impl From<ProtocolError> for Nack {
+    fn from(err: ProtocolError) -> Self {
+        Nack {
+            id: 0,
+            code: err.code(),
+            reason: err.to_string(),
+        }
+    }
+}

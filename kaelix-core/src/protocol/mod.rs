@@ -1,0 +1,69 @@
+//! The Kaelix wire protocol, specified byte by byte in `docs/protocol.md`.
+//!
+//! Every frame is `u32 length | u8 opcode | u8 flags | body`, big-endian,
+//! where `length` counts the bytes after itself. The codec is pure: [`decode`]
+//! takes complete frames off the front of a buffer (returning `Ok(None)` when
+//! it needs more bytes) and [`Frame::encode`] appends one to a buffer. It
+//! never allocates more than the maximum frame size, however large the
+//! announced length.
+//!
+//! - [`frame`]: the frames and their fields.
+//! - [`decode`](mod@decode): bytes to frames.
+//! - [`encode`](mod@encode): frames to bytes, with fast paths that write a
+//!   publish or a delivery straight into an output buffer.
+//! - [`error`]: [`ProtocolError`] and the [`ErrorCode`]s carried by error frames.
+
+pub mod decode;
+pub mod encode;
+pub mod error;
+pub mod frame;
+
+pub use decode::decode;
+pub use encode::{encode_deliver, encode_publish};
+pub use error::{ErrorCode, ProtocolError};
+pub use frame::{
+    Deliver, ErrorFrame, Frame, Hello, MessageBody, Nack, Publish, Subscribe, Welcome,
+};
+
+/// The protocol version this build speaks.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// The oldest protocol version this build accepts.
+pub const MIN_PROTOCOL_VERSION: u16 = 1;
+/// The first four bytes of every HELLO body.
+pub const MAGIC: [u8; 4] = *b"KLX\x01";
+/// Bytes before a frame's body: length, opcode, flags.
+pub const HEADER_LEN: usize = 6;
+/// The default largest frame, `limits.max_frame_bytes`.
+pub const DEFAULT_MAX_FRAME_BYTES: usize = 1024 * 1024;
+
+/// Frame opcodes.
+pub mod opcode {
+    pub const HELLO: u8 = 0x01;
+    pub const WELCOME: u8 = 0x02;
+    pub const PING: u8 = 0x03;
+    pub const PONG: u8 = 0x04;
+    pub const ERROR: u8 = 0x05;
+    pub const PUBLISH: u8 = 0x10;
+    pub const PUB_ACK: u8 = 0x11;
+    pub const PUB_NACK: u8 = 0x12;
+    pub const SUBSCRIBE: u8 = 0x20;
+    pub const SUB_ACK: u8 = 0x21;
+    pub const SUB_NACK: u8 = 0x22;
+    pub const UNSUBSCRIBE: u8 = 0x23;
+    pub const MESSAGE: u8 = 0x30;
+}
+
+/// Flag bits. Bits a frame does not define must be zero.
+pub mod flags {
+    /// PUBLISH: the publisher wants a PUB_ACK or PUB_NACK.
+    pub const ACK: u8 = 0x01;
+    /// PUBLISH, MESSAGE: the message body carries a headers block.
+    pub const HEADERS: u8 = 0x02;
+    /// PUBLISH, MESSAGE: the message body carries a partition.
+    pub const PARTITION: u8 = 0x04;
+    /// The bits that describe a message body, shared by PUBLISH and MESSAGE
+    /// so that a broker forwards a published body unchanged.
+    pub const BODY: u8 = HEADERS | PARTITION;
+    /// SUBSCRIBE: a queue group name follows the pattern.
+    pub const QUEUE: u8 = 0x01;
+}

@@ -1,0 +1,255 @@
+//! The bounded message queue behind a receiver: an in-process subscriber of
+//! the broker, or a subscription of the consumer client.
+//!
+//! The producer appends under a short lock and, when the queue was empty,
+//! learns that the receiver needs a wake-up ([`Pushed::First`]), which it
+//! gives once per batch. The receiver takes everything queued in one swap
+//! and then serves from its own buffer without locking.
+
+use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::task::{Context, Poll, Waker};
+
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+
+use crate::error::CloseReason;
+use crate::message::Message;
+pub use crate::outbox::Pushed;
+
+/// A bounded queue of messages with one receiver.
+#[derive(Debug)]
+pub struct MessageQueue {
+    state: Mutex<State>,
+    space: Notify,
+    max_messages: usize,
+    max_bytes: usize,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    items: VecDeque<Message>,
+    bytes: usize,
+    waker: Option<Waker>,
+    closed: Option<CloseReason>,
+}
+
+impl MessageQueue {
+    /// A queue that holds at most `max_messages` messages and `max_bytes`
+    /// payload bytes (one message may exceed the bytes bound when the queue
+    /// is empty).
+    pub fn new(max_messages: usize, max_bytes: usize) -> Self {
+        MessageQueue {
+            state: Mutex::new(State::default()),
+            space: Notify::new(),
+            max_messages: max_messages.max(1),
+            max_bytes,
+        }
+    }
+
+    /// Appends a message. Call [`wake`](Self::wake) when this returns
+    /// [`Pushed::First`], after the batch is appended.
+    pub fn push(&self, message: Message) -> Pushed {
+        let mut state = self.state.lock();
+        if state.closed.is_some() {
+            return Pushed::Closed;
+        }
+        let size = message.payload.len();
+        if state.items.len() >= self.max_messages
+            || (!state.items.is_empty() && state.bytes + size > self.max_bytes)
+        {
+            return Pushed::Full;
+        }
+        state.items.push_back(message);
+        state.bytes += size;
+        if state.items.len() == 1 {
+            Pushed::First
+        } else {
+            Pushed::More
+        }
+    }
+
+    /// Wakes the receiver if it is waiting.
+    pub fn wake(&self) {
+        let waker = self.state.lock().waker.take();
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+
+    /// Waits until a message fits, or the queue closes.
+    pub async fn wait_for_space(&self) {
+        loop {
+            let notified = self.space.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let state = self.state.lock();
+                if state.closed.is_some()
+                    || (state.items.len() < self.max_messages && state.bytes < self.max_bytes)
+                {
+                    return;
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// Closes the queue: the receiver gets what is queued, then `reason`.
+    pub fn close(&self, reason: CloseReason) {
+        let waker = {
+            let mut state = self.state.lock();
+            if state.closed.is_none() {
+                state.closed = Some(reason);
+            }
+            state.waker.take()
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+        self.space.notify_waiters();
+    }
+
+    /// True once closed.
+    pub fn is_closed(&self) -> bool {
+        self.state.lock().closed.is_some()
+    }
+
+    /// Messages queued and not yet taken by the receiver.
+    pub fn len(&self) -> usize {
+        self.state.lock().items.len()
+    }
+
+    /// True when nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The receiving end of a [`MessageQueue`].
+#[derive(Debug)]
+pub struct QueueReceiver {
+    queue: std::sync::Arc<MessageQueue>,
+    local: VecDeque<Message>,
+}
+
+impl QueueReceiver {
+    /// The receiver of `queue`. A queue must have only one.
+    pub fn new(queue: std::sync::Arc<MessageQueue>) -> Self {
+        QueueReceiver {
+            queue,
+            local: VecDeque::new(),
+        }
+    }
+
+    /// The next message, or why there will be no more.
+    pub async fn recv(&mut self) -> Result<Message, CloseReason> {
+        poll_fn(|cx| self.poll_recv(cx)).await
+    }
+
+    /// The next message if one is queued.
+    pub fn try_recv(&mut self) -> Option<Message> {
+        if self.local.is_empty() {
+            self.refill();
+        }
+        self.local.pop_front()
+    }
+
+    /// Polls for the next message.
+    pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Result<Message, CloseReason>> {
+        if let Some(message) = self.local.pop_front() {
+            return Poll::Ready(Ok(message));
+        }
+        let mut state = self.queue.state.lock();
+        if !state.items.is_empty() {
+            std::mem::swap(&mut state.items, &mut self.local);
+            state.bytes = 0;
+            drop(state);
+            self.queue.space.notify_waiters();
+            return Poll::Ready(Ok(self.local.pop_front().unwrap_or_else(|| unreachable!())));
+        }
+        if let Some(reason) = &state.closed {
+            return Poll::Ready(Err(reason.clone()));
+        }
+        match &state.waker {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            _ => state.waker = Some(cx.waker().clone()),
+        }
+        Poll::Pending
+    }
+
+    fn refill(&mut self) {
+        let mut state = self.queue.state.lock();
+        if !state.items.is_empty() {
+            std::mem::swap(&mut state.items, &mut self.local);
+            state.bytes = 0;
+            drop(state);
+            self.queue.space.notify_waiters();
+        }
+    }
+
+    /// The queue this receives from.
+    pub fn queue(&self) -> &std::sync::Arc<MessageQueue> {
+        &self.queue
+    }
+}
+
+impl Drop for QueueReceiver {
+    fn drop(&mut self) {
+        self.queue.close(CloseReason::Closed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Topic;
+    use std::sync::Arc;
+
+    fn msg(i: usize) -> Message {
+        Message::new(Topic::new("t").unwrap(), format!("{i}")).unwrap()
+    }
+
+    #[tokio::test]
+    async fn delivers_in_order_then_reason() {
+        let queue = Arc::new(MessageQueue::new(3, 1 << 20));
+        let mut rx = QueueReceiver::new(queue.clone());
+        assert_eq!(queue.push(msg(0)), Pushed::First);
+        assert_eq!(queue.push(msg(1)), Pushed::More);
+        assert_eq!(queue.push(msg(2)), Pushed::More);
+        assert_eq!(queue.push(msg(3)), Pushed::Full);
+        queue.close(CloseReason::SlowConsumer);
+        for i in 0..3 {
+            assert_eq!(rx.recv().await.unwrap().payload, format!("{i}"));
+        }
+        assert_eq!(rx.recv().await.unwrap_err(), CloseReason::SlowConsumer);
+    }
+
+    #[tokio::test]
+    async fn receiver_wakes_on_push_and_producer_on_space() {
+        let queue = Arc::new(MessageQueue::new(1, 1 << 20));
+        let mut rx = QueueReceiver::new(queue.clone());
+        let producer = {
+            let queue = queue.clone();
+            tokio::spawn(async move {
+                for i in 0..100 {
+                    loop {
+                        match queue.push(msg(i)) {
+                            Pushed::First => {
+                                queue.wake();
+                                break;
+                            }
+                            Pushed::More => break,
+                            Pushed::Full => queue.wait_for_space().await,
+                            Pushed::Closed => return,
+                        }
+                    }
+                }
+            })
+        };
+        for i in 0..100 {
+            assert_eq!(rx.recv().await.unwrap().payload, format!("{i}"));
+        }
+        producer.await.unwrap();
+    }
+}

@@ -1,0 +1,141 @@
+//! Property tests of the codec: every frame round-trips, and no input
+//! panics the decoder or makes it take more than it was given.
+
+use bytes::{Bytes, BytesMut};
+use kaelix_core::protocol::{
+    decode, Deliver, ErrorCode, ErrorFrame, Frame, Hello, MessageBody, Nack, Publish, Subscribe,
+    Welcome,
+};
+use kaelix_core::{Headers, PartitionId, Topic};
+use proptest::prelude::*;
+
+const MAX: usize = 1 << 20;
+
+fn topic() -> impl Strategy<Value = Topic> {
+    proptest::collection::vec("[a-zA-Z0-9_-]{1,12}", 1..6)
+        .prop_map(|tokens| Topic::new(tokens.join(".")).unwrap())
+}
+
+fn text(max: usize) -> impl Strategy<Value = String> {
+    proptest::string::string_regex(&format!(".{{0,{max}}}"))
+        .unwrap()
+        .prop_map(move |s| {
+            let mut s = s;
+            while s.len() > max {
+                s.pop();
+            }
+            s
+        })
+}
+
+fn props() -> impl Strategy<Value = Vec<(String, String)>> {
+    proptest::collection::vec((text(40), text(80)), 0..4)
+}
+
+fn body() -> impl Strategy<Value = MessageBody> {
+    (
+        topic(),
+        proptest::option::of(any::<u32>()),
+        proptest::collection::vec(("[a-z]{1,10}", text(30)), 0..4),
+        proptest::collection::vec(any::<u8>(), 0..300),
+    )
+        .prop_map(|(topic, partition, headers, payload)| {
+            let headers: Headers = headers.into_iter().collect();
+            MessageBody::new(
+                &topic,
+                partition.map(PartitionId::new),
+                &headers,
+                &Bytes::from(payload),
+            )
+        })
+}
+
+fn code() -> impl Strategy<Value = ErrorCode> {
+    any::<u16>().prop_map(ErrorCode::from_u16)
+}
+
+fn frame() -> impl Strategy<Value = Frame> {
+    prop_oneof![
+        (any::<u16>(), any::<u16>(), text(60), props()).prop_map(|(a, b, name, properties)| {
+            Frame::Hello(Hello {
+                min_version: a,
+                max_version: b,
+                client_name: name,
+                properties,
+            })
+        }),
+        (any::<u16>(), text(60), any::<u32>(), props()).prop_map(|(v, name, max, properties)| {
+            Frame::Welcome(Welcome {
+                version: v,
+                server_name: name,
+                max_frame_bytes: max,
+                properties,
+            })
+        }),
+        any::<u64>().prop_map(Frame::Ping),
+        any::<u64>().prop_map(Frame::Pong),
+        (code(), text(200)).prop_map(|(code, reason)| Frame::Error(ErrorFrame { code, reason })),
+        (any::<u64>(), any::<bool>(), body())
+            .prop_map(|(seq, ack, body)| Frame::Publish(Publish { seq, ack, body })),
+        any::<u64>().prop_map(Frame::PubAck),
+        (any::<u64>(), code(), text(100))
+            .prop_map(|(id, code, reason)| Frame::PubNack(Nack { id, code, reason })),
+        (any::<u32>(), "[a-z.*>]{1,40}", proptest::option::of("[a-z]{1,20}")).prop_map(
+            |(sid, pattern, group)| Frame::Subscribe(Subscribe {
+                sid,
+                pattern: Bytes::from(pattern),
+                group: group.map(Bytes::from),
+            })
+        ),
+        any::<u32>().prop_map(Frame::SubAck),
+        (any::<u32>(), code(), text(100)).prop_map(|(sid, code, reason)| Frame::SubNack(Nack {
+            id: u64::from(sid),
+            code,
+            reason
+        })),
+        any::<u32>().prop_map(Frame::Unsubscribe),
+        (any::<u32>(), body()).prop_map(|(sid, body)| Frame::Message(Deliver { sid, body })),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn frames_round_trip(frames in proptest::collection::vec(frame(), 1..5)) {
+        let mut buf = BytesMut::new();
+        for f in &frames {
+            f.encode(&mut buf);
+        }
+        for f in &frames {
+            let decoded = decode(&mut buf, MAX).unwrap().unwrap();
+            prop_assert_eq!(&decoded, f);
+        }
+        prop_assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn every_prefix_of_a_frame_is_incomplete(f in frame()) {
+        let whole = f.to_bytes();
+        for cut in 0..whole.len() {
+            let mut buf = BytesMut::from(&whole[..cut]);
+            prop_assert_eq!(decode(&mut buf, MAX), Ok(None));
+        }
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+        let mut buf = BytesMut::from(&bytes[..]);
+        // Each call either consumes a whole frame, waits, or fails.
+        while let Ok(Some(_)) = decode(&mut buf, 256) {}
+    }
+
+    #[test]
+    fn mutated_frames_never_panic(f in frame(), at in any::<prop::sample::Index>(), byte in any::<u8>()) {
+        let mut bytes = f.to_bytes().to_vec();
+        let i = at.index(bytes.len());
+        bytes[i] = byte;
+        let mut buf = BytesMut::from(&bytes[..]);
+        while let Ok(Some(_)) = decode(&mut buf, MAX) {}
+    }
+}
