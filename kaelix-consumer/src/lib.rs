@@ -1,0 +1,349 @@
+//! The Kaelix consumer client.
+//!
+//! A [`Consumer`] holds one connection; each [`Consumer::subscribe`] or
+//! [`Consumer::subscribe_queue`] returns a [`Subscription`] that yields
+//! messages through [`Subscription::recv`] or as a `futures` `Stream`.
+//!
+//! ```no_run
+//! use kaelix_consumer::Consumer;
+//! # #[tokio::main] async fn main() -> Result<(), kaelix_core::Error> {
+//! let consumer = Consumer::connect("127.0.0.1:8080").await?;
+//! let mut signups = consumer.subscribe("events.*.signup").await?;
+//! let mut jobs = consumer.subscribe_queue("jobs.>", "workers").await?;
+//! let message = signups.recv().await?;
+//! println!("{}: {:?}", message.topic, message.payload);
+//! jobs.unsubscribe().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Each subscription buffers at most [`ConsumerOptions::max_pending_messages`]
+//! messages; when an application reads more slowly than messages arrive, the
+//! consumer stops reading from the socket, so the broker's own limit for the
+//! connection (`limits.max_pending_bytes`) decides what happens next.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use kaelix_core::client::{self, ClientOptions, FrameReader};
+use kaelix_core::outbox::{Outbox, Pushed};
+use kaelix_core::protocol::{Frame, Subscribe, HEADER_LEN};
+use kaelix_core::queue::{MessageQueue, QueueReceiver};
+use kaelix_core::topic::check_group;
+use kaelix_core::{CloseReason, Error, Message, Result, Timestamp, TopicPattern};
+use parking_lot::Mutex;
+use tokio::net::ToSocketAddrs;
+use tokio::sync::oneshot;
+
+/// How a consumer connects and buffers.
+#[derive(Debug, Clone)]
+pub struct ConsumerOptions {
+    /// Connection settings.
+    pub client: ClientOptions,
+    /// Messages one subscription buffers before the consumer stops reading.
+    pub max_pending_messages: usize,
+    /// Payload bytes one subscription buffers before the consumer stops reading.
+    pub max_pending_bytes: usize,
+}
+
+impl Default for ConsumerOptions {
+    fn default() -> Self {
+        ConsumerOptions {
+            client: ClientOptions {
+                name: "kaelix-consumer".into(),
+                ..ClientOptions::default()
+            },
+            max_pending_messages: 65_536,
+            max_pending_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// A connection to a broker for receiving. Cheap to clone; clones share it.
+#[derive(Clone, Debug)]
+pub struct Consumer {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    outbox: Arc<Outbox>,
+    next_sid: AtomicU32,
+    options: ConsumerOptions,
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    subs: HashMap<u32, Arc<MessageQueue>>,
+    pending: HashMap<u32, oneshot::Sender<Result<()>>>,
+    closed: Option<CloseReason>,
+}
+
+impl Consumer {
+    /// Connects to a broker at `addr` (`"host:port"`).
+    pub async fn connect(addr: impl ToSocketAddrs) -> Result<Consumer> {
+        Self::connect_with(addr, ConsumerOptions::default()).await
+    }
+
+    /// Connects with explicit options.
+    pub async fn connect_with(addr: impl ToSocketAddrs, options: ConsumerOptions) -> Result<Consumer> {
+        let conn = client::connect(addr, &options.client).await?;
+        let inner = Arc::new(Inner {
+            outbox: conn.outbox,
+            next_sid: AtomicU32::new(1),
+            options,
+            state: Mutex::new(State::default()),
+        });
+        tokio::spawn(read_loop(conn.reader, inner.clone()));
+        Ok(Consumer { inner })
+    }
+
+    /// Subscribes to `pattern` (`*` matches one token, a final `>` one or
+    /// more). Returns once the broker has confirmed the subscription, so
+    /// every message published after that reaches it.
+    pub async fn subscribe(&self, pattern: impl AsRef<str>) -> Result<Subscription> {
+        self.subscribe_inner(TopicPattern::new(pattern)?, None).await
+    }
+
+    /// Subscribes as a member of queue group `group`: each message matching
+    /// `pattern` goes to exactly one member of the group.
+    pub async fn subscribe_queue(&self, pattern: impl AsRef<str>, group: &str) -> Result<Subscription> {
+        check_group(group)?;
+        self.subscribe_inner(TopicPattern::new(pattern)?, Some(group)).await
+    }
+
+    async fn subscribe_inner(&self, pattern: TopicPattern, group: Option<&str>) -> Result<Subscription> {
+        let inner = &self.inner;
+        let sid = inner.next_sid.fetch_add(1, Ordering::Relaxed);
+        let queue = Arc::new(MessageQueue::new(
+            inner.options.max_pending_messages,
+            inner.options.max_pending_bytes,
+        ));
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut state = inner.state.lock();
+            if let Some(reason) = &state.closed {
+                return Err(Error::Closed(reason.clone()));
+            }
+            // Registered before the request goes out, so no early message is lost.
+            state.subs.insert(sid, queue.clone());
+            state.pending.insert(sid, tx);
+        }
+        let frame = Frame::Subscribe(Subscribe {
+            sid,
+            pattern: pattern.to_bytes(),
+            group: group.map(|g| Bytes::copy_from_slice(g.as_bytes())),
+        });
+        let subscription = Subscription {
+            sid,
+            pattern,
+            rx: QueueReceiver::new(queue),
+            inner: inner.clone(),
+            ended: false,
+        };
+        if inner.outbox.push_now(HEADER_LEN + 520, |b| frame.encode(b)) == Pushed::Closed {
+            return Err(inner.closed_error());
+        }
+        match rx.await {
+            Ok(Ok(())) => Ok(subscription),
+            Ok(Err(err)) => Err(err),
+            Err(_) => Err(inner.closed_error()),
+        }
+    }
+
+    /// Ends every subscription and closes the connection.
+    pub async fn close(&self) -> Result<()> {
+        self.inner.outbox.close(CloseReason::Closed, None);
+        Ok(())
+    }
+}
+
+impl Inner {
+    fn closed_error(&self) -> Error {
+        let reason = self
+            .state
+            .lock()
+            .closed
+            .clone()
+            .or_else(|| self.outbox.close_reason())
+            .unwrap_or(CloseReason::PeerClosed);
+        Error::Closed(reason)
+    }
+
+    fn end(&self, sid: u32) {
+        let removed = self.state.lock().subs.remove(&sid);
+        if let Some(queue) = removed {
+            queue.close(CloseReason::Closed);
+            let frame = Frame::Unsubscribe(sid);
+            self.outbox.push_now(HEADER_LEN + 4, |b| frame.encode(b));
+        }
+    }
+}
+
+/// The messages of one subscription, in the order each publisher sent them.
+/// Dropping it unsubscribes.
+#[derive(Debug)]
+pub struct Subscription {
+    sid: u32,
+    pattern: TopicPattern,
+    rx: QueueReceiver,
+    inner: Arc<Inner>,
+    ended: bool,
+}
+
+impl Subscription {
+    /// The next message. When the subscription has ended it returns
+    /// [`Error::Closed`] with the reason (unsubscribed, broker shutting
+    /// down, connection lost), after every message already received.
+    pub async fn recv(&mut self) -> Result<Message> {
+        self.rx.recv().await.map_err(Error::Closed)
+    }
+
+    /// The next message if one is buffered now.
+    pub fn try_recv(&mut self) -> Option<Message> {
+        self.rx.try_recv()
+    }
+
+    /// The pattern subscribed to.
+    pub fn pattern(&self) -> &TopicPattern {
+        &self.pattern
+    }
+
+    /// Ends the subscription; messages still in flight are discarded.
+    pub async fn unsubscribe(mut self) -> Result<()> {
+        self.ended = true;
+        self.inner.end(self.sid);
+        Ok(())
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.inner.end(self.sid);
+        }
+    }
+}
+
+impl futures_core::Stream for Subscription {
+    type Item = Message;
+
+    /// Yields messages until the subscription ends; [`Subscription::recv`]
+    /// tells why it ended.
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Message>> {
+        self.get_mut().rx.poll_recv(cx).map(Result::ok)
+    }
+}
+
+async fn read_loop(mut reader: FrameReader, inner: Arc<Inner>) {
+    let mut frames = Vec::new();
+    let mut queues: HashMap<u32, Arc<MessageQueue>> = HashMap::new();
+    let mut to_wake: Vec<Arc<MessageQueue>> = Vec::new();
+    let reason = 'read: loop {
+        if let Err(reason) = reader.read_batch(&mut frames).await {
+            break reason;
+        }
+        let now = Timestamp::now();
+        for frame in frames.drain(..) {
+            match frame {
+                Frame::Message(delivery) => {
+                    let queue = match queues.get(&delivery.sid) {
+                        Some(q) if !q.is_closed() => q.clone(),
+                        _ => match inner.state.lock().subs.get(&delivery.sid) {
+                            Some(q) => {
+                                queues.insert(delivery.sid, q.clone());
+                                q.clone()
+                            }
+                            // Unsubscribed while the message was in flight.
+                            None => continue,
+                        },
+                    };
+                    let message = match delivery.body.to_message(now) {
+                        Ok(m) => m,
+                        Err(err) => {
+                            break 'read CloseReason::Protocol(format!("the broker delivered {err}"));
+                        }
+                    };
+                    deliver(&queue, message, &mut to_wake).await;
+                }
+                Frame::SubAck(sid) => {
+                    if let Some(tx) = inner.state.lock().pending.remove(&sid) {
+                        let _ = tx.send(Ok(()));
+                    }
+                }
+                Frame::SubNack(nack) => {
+                    let sid = nack.id as u32;
+                    let mut state = inner.state.lock();
+                    state.subs.remove(&sid);
+                    if let Some(tx) = state.pending.remove(&sid) {
+                        let _ = tx.send(Err(Error::Refused {
+                            code: nack.code,
+                            reason: nack.reason,
+                        }));
+                    }
+                }
+                Frame::Ping(token) => {
+                    let pong = Frame::Pong(token);
+                    inner.outbox.push_now(HEADER_LEN + 8, |b| pong.encode(b));
+                }
+                Frame::Pong(_) => {}
+                Frame::Error(e) => {
+                    break 'read CloseReason::Server {
+                        code: e.code,
+                        reason: e.reason,
+                    }
+                }
+                other => {
+                    break 'read CloseReason::Protocol(format!(
+                        "unexpected {} frame from the broker",
+                        other.name()
+                    ))
+                }
+            }
+        }
+        for queue in to_wake.drain(..) {
+            queue.wake();
+        }
+    };
+    for queue in to_wake.drain(..) {
+        queue.wake();
+    }
+    let reason = inner
+        .outbox
+        .close_reason()
+        .filter(|r| *r == CloseReason::Closed)
+        .unwrap_or(reason);
+    let mut state = inner.state.lock();
+    state.closed = Some(reason.clone());
+    for (_, queue) in state.subs.drain() {
+        queue.close(reason.clone());
+    }
+    for (_, tx) in state.pending.drain() {
+        let _ = tx.send(Err(Error::Closed(reason.clone())));
+    }
+    drop(state);
+    inner.outbox.close(reason, None);
+}
+
+/// Appends to a subscription's queue, waiting for the application when it
+/// is full (which in turn stops reading from the socket).
+async fn deliver(queue: &Arc<MessageQueue>, message: Message, to_wake: &mut Vec<Arc<MessageQueue>>) {
+    let mut message = message;
+    loop {
+        match queue.try_push(message) {
+            Ok(Pushed::First) => return to_wake.push(queue.clone()),
+            Ok(_) => return,
+            Err(back) => {
+                for q in to_wake.drain(..) {
+                    q.wake();
+                }
+                queue.wait_for_space().await;
+                message = back;
+            }
+        }
+    }
+}

@@ -10,11 +10,13 @@
 //! - [`protocol`]: the wire frames and their codec; pure functions on
 //!   buffers that know nothing of sockets.
 //! - [`config`]: the [`MemoryStreamerConfig`] schema and its layered loader.
+//! - [`client`]: connecting and reading frames, shared by the client crates.
 //! - [`outbox`]: the bounded, batching write buffer in front of a socket.
 //! - [`queue`]: the bounded message queue behind every receiver.
 //! - [`error`]: [`Error`] and [`Result`].
 
 pub mod batch;
+pub mod client;
 pub mod config;
 pub mod error;
 pub mod message;

@@ -50,23 +50,28 @@ impl MessageQueue {
     /// Appends a message. Call [`wake`](Self::wake) when this returns
     /// [`Pushed::First`], after the batch is appended.
     pub fn push(&self, message: Message) -> Pushed {
+        self.try_push(message).unwrap_or(Pushed::Full)
+    }
+
+    /// Like [`push`](Self::push), but a message that does not fit comes back.
+    pub fn try_push(&self, message: Message) -> Result<Pushed, Message> {
         let mut state = self.state.lock();
         if state.closed.is_some() {
-            return Pushed::Closed;
+            return Ok(Pushed::Closed);
         }
         let size = message.payload.len();
         if state.items.len() >= self.max_messages
             || (!state.items.is_empty() && state.bytes + size > self.max_bytes)
         {
-            return Pushed::Full;
+            return Err(message);
         }
         state.items.push_back(message);
         state.bytes += size;
-        if state.items.len() == 1 {
+        Ok(if state.items.len() == 1 {
             Pushed::First
         } else {
             Pushed::More
-        }
+        })
     }
 
     /// Wakes the receiver if it is waiting.

@@ -101,6 +101,17 @@ pub fn encode_publish(
     put_body(buf, topic, partition, headers, payload);
 }
 
+/// The length field of a PUBLISH frame with these parts: what the broker
+/// compares with its maximum frame size.
+pub fn publish_len(
+    topic: &Topic,
+    partition: Option<PartitionId>,
+    headers: &Headers,
+    payload: &[u8],
+) -> usize {
+    2 + 8 + body_len(topic, partition, headers, payload)
+}
+
 /// Writes a MESSAGE frame: the subscription id, then `body` unchanged.
 pub fn encode_deliver(buf: &mut BytesMut, sid: u32, body: &MessageBody) {
     let raw = body.raw();

@@ -1,0 +1,347 @@
+//! The in-process broker API. Network connections route through the same
+//! [`Router`], so what in-process code sees is what clients get.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use kaelix_core::queue::{MessageQueue, QueueReceiver};
+use kaelix_core::topic::check_group;
+use kaelix_core::{
+    CloseReason, Error, MemoryStreamerConfig, Message, MessageBatch, Result, Topic, TopicPattern,
+};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::router::{Batch, Publication, RouteCache, Router, Sink, Subscriber};
+use crate::stats::{BrokerStats, Stats};
+
+/// A broker: subscriptions, routing and counters. Cheap to clone; clones
+/// share one broker.
+///
+/// ```
+/// use bytes::Bytes;
+/// use kaelix_broker::MessageBroker;
+/// use kaelix_core::{Message, Topic};
+/// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let broker = MessageBroker::new();
+/// broker.start().await?;
+/// let topic = Topic::new("events.notifications")?;
+/// let mut receiver = broker.subscribe(&topic).await?;
+/// broker.publish(&topic, Message::new(topic.clone(), Bytes::from("Hello, World!"))?).await?;
+/// assert_eq!(receiver.recv().await?.payload, "Hello, World!");
+/// println!("Broker stats: {}", broker.stats());
+/// broker.shutdown().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct MessageBroker {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) config: MemoryStreamerConfig,
+    pub(crate) router: Router,
+    pub(crate) stats: Arc<Stats>,
+    running: AtomicBool,
+    /// Cancelled by `shutdown`; every connection and listener watches it.
+    pub(crate) shutdown: CancellationToken,
+    /// Every connection task, so that shutdown can wait for them.
+    pub(crate) tasks: TaskTracker,
+}
+
+impl Default for MessageBroker {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MessageBroker {
+    /// A broker with the default configuration, not yet started.
+    pub fn new() -> Self {
+        Self::with_config(MemoryStreamerConfig::default())
+    }
+
+    /// A broker with `config`, not yet started.
+    pub fn with_config(config: MemoryStreamerConfig) -> Self {
+        let stats = Arc::new(Stats::default());
+        MessageBroker {
+            inner: Arc::new(Inner {
+                router: Router::new(stats.clone()),
+                stats,
+                config,
+                running: AtomicBool::new(false),
+                shutdown: CancellationToken::new(),
+                tasks: TaskTracker::new(),
+            }),
+        }
+    }
+
+    /// The configuration the broker was made with.
+    pub fn config(&self) -> &MemoryStreamerConfig {
+        &self.inner.config
+    }
+
+    /// Starts accepting publishes. A broker that was shut down stays down.
+    pub async fn start(&self) -> Result<()> {
+        if self.inner.shutdown.is_cancelled() {
+            return Err(Error::BrokerNotRunning);
+        }
+        self.inner.running.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// True between `start` and `shutdown`.
+    pub fn is_running(&self) -> bool {
+        self.inner.running.load(Ordering::Acquire)
+    }
+
+    /// Subscribes to a topic or pattern (`&Topic`, `&TopicPattern` or `&str`).
+    pub async fn subscribe(&self, pattern: impl IntoPattern) -> Result<Receiver> {
+        self.subscribe_inner(pattern.into_pattern()?, None)
+    }
+
+    /// Subscribes as a member of queue group `group`: each message matching
+    /// `pattern` goes to exactly one member of the group.
+    pub async fn subscribe_queue(&self, pattern: impl IntoPattern, group: &str) -> Result<Receiver> {
+        check_group(group)?;
+        self.subscribe_inner(pattern.into_pattern()?, Some(group.into()))
+    }
+
+    fn subscribe_inner(&self, pattern: TopicPattern, group: Option<Arc<str>>) -> Result<Receiver> {
+        if self.inner.shutdown.is_cancelled() {
+            return Err(Error::BrokerNotRunning);
+        }
+        let limits = &self.inner.config.limits;
+        let queue = Arc::new(MessageQueue::new(
+            limits.max_pending_messages,
+            limits.max_pending_bytes,
+        ));
+        let sub = self
+            .inner
+            .router
+            .subscribe(pattern, group, 0, Sink::Local(queue.clone()));
+        Ok(Receiver {
+            rx: QueueReceiver::new(queue),
+            sub,
+            broker: self.inner.clone(),
+        })
+    }
+
+    /// Publishes `message` on `topic` (which replaces the message's own topic
+    /// if they differ). Returns once every subscriber has it queued.
+    pub async fn publish(&self, topic: &Topic, mut message: Message) -> Result<()> {
+        self.check_running()?;
+        if message.topic != *topic {
+            message.topic = topic.clone();
+        }
+        let mut cache = RouteCache::new();
+        self.route(&mut cache, std::iter::once(message))
+    }
+
+    /// Publishes every message of `batch` on its own topic, waking each
+    /// subscriber once for the whole batch.
+    pub async fn publish_batch(&self, batch: MessageBatch) -> Result<()> {
+        self.check_running()?;
+        let mut cache = RouteCache::new();
+        self.route(&mut cache, batch)
+    }
+
+    fn route(&self, cache: &mut RouteCache, messages: impl IntoIterator<Item = Message>) -> Result<()> {
+        let mut batch = Batch::new(&self.inner.stats);
+        for message in messages {
+            let (topic, matches) = cache.resolve(&self.inner.router, &message.topic.to_bytes())?;
+            batch.route(&topic, &matches, &Publication::from_message(message));
+        }
+        batch.finish();
+        Ok(())
+    }
+
+    fn check_running(&self) -> Result<()> {
+        if self.is_running() {
+            Ok(())
+        } else {
+            Err(Error::BrokerNotRunning)
+        }
+    }
+
+    /// The broker's counters now.
+    pub fn stats(&self) -> BrokerStats {
+        self.inner.stats.snapshot()
+    }
+
+    /// Stops the broker: no more publishes, listeners stop accepting, network
+    /// connections flush what is queued for them (within
+    /// `network.shutdown_grace_ms`) and close, and in-process receivers get
+    /// what is queued and then a `ShuttingDown` close.
+    pub async fn shutdown(&self) -> Result<()> {
+        self.inner.running.store(false, Ordering::Release);
+        self.inner.shutdown.cancel();
+        self.inner.tasks.close();
+        let grace = std::time::Duration::from_millis(self.inner.config.network.shutdown_grace_ms);
+        // Each connection bounds its own flush by the grace period; this
+        // bound is a second line against a task that does not finish.
+        let _ = tokio::time::timeout(grace * 2, self.inner.tasks.wait()).await;
+        for sub in self.inner.router.all() {
+            if let Sink::Local(queue) = &sub.sink {
+                queue.close(CloseReason::ShuttingDown);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Receives the messages of one in-process subscription. Dropping it
+/// unsubscribes.
+pub struct Receiver {
+    rx: QueueReceiver,
+    sub: Arc<Subscriber>,
+    broker: Arc<Inner>,
+}
+
+impl Receiver {
+    /// The next message. After the subscription ends (the broker shut down,
+    /// or this receiver fell behind by more than `limits.max_pending_messages`)
+    /// it returns [`Error::Closed`] with the reason, once what was queued has
+    /// been received.
+    pub async fn recv(&mut self) -> Result<Message> {
+        self.rx.recv().await.map_err(Error::Closed)
+    }
+
+    /// The next message if one is queued now.
+    pub fn try_recv(&mut self) -> Option<Message> {
+        self.rx.try_recv()
+    }
+
+    /// The pattern this receiver subscribed to.
+    pub fn pattern(&self) -> &TopicPattern {
+        &self.sub.pattern
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.broker.router.unsubscribe(&self.sub);
+    }
+}
+
+impl std::fmt::Debug for Receiver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Receiver")
+            .field("pattern", &self.sub.pattern)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What [`MessageBroker::subscribe`] accepts: a topic, a pattern or a string.
+pub trait IntoPattern {
+    fn into_pattern(self) -> Result<TopicPattern>;
+}
+
+impl IntoPattern for &Topic {
+    fn into_pattern(self) -> Result<TopicPattern> {
+        Ok(self.into())
+    }
+}
+
+impl IntoPattern for Topic {
+    fn into_pattern(self) -> Result<TopicPattern> {
+        Ok(self.into())
+    }
+}
+
+impl IntoPattern for &TopicPattern {
+    fn into_pattern(self) -> Result<TopicPattern> {
+        Ok(self.clone())
+    }
+}
+
+impl IntoPattern for TopicPattern {
+    fn into_pattern(self) -> Result<TopicPattern> {
+        Ok(self)
+    }
+}
+
+impl IntoPattern for &str {
+    fn into_pattern(self) -> Result<TopicPattern> {
+        TopicPattern::new(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    #[tokio::test]
+    async fn publish_before_start_fails() {
+        let broker = MessageBroker::new();
+        let topic = Topic::new("a").unwrap();
+        let err = broker
+            .publish(&topic, Message::new(topic.clone(), "x").unwrap())
+            .await
+            .unwrap_err();
+        assert_eq!(err.to_string(), "Broker is not running");
+    }
+
+    #[tokio::test]
+    async fn pub_sub_wildcards_groups_and_order() {
+        let broker = MessageBroker::new();
+        broker.start().await.unwrap();
+        let topic = Topic::new("test.topic").unwrap();
+        let mut exact = broker.subscribe(&topic).await.unwrap();
+        let mut wild = broker.subscribe("test.*").await.unwrap();
+        let mut g1 = broker.subscribe_queue("test.>", "g").await.unwrap();
+        let mut g2 = broker.subscribe_queue("test.>", "g").await.unwrap();
+        for i in 0..100 {
+            let m = Message::new(topic.clone(), Bytes::from(format!("{i}"))).unwrap();
+            broker.publish(&topic, m).await.unwrap();
+        }
+        for i in 0..100 {
+            assert_eq!(exact.recv().await.unwrap().payload, format!("{i}"));
+            assert_eq!(wild.recv().await.unwrap().payload, format!("{i}"));
+        }
+        let mut got = 0;
+        while g1.try_recv().is_some() {
+            got += 1;
+        }
+        while g2.try_recv().is_some() {
+            got += 1;
+        }
+        assert_eq!(got, 100);
+        let stats = broker.stats();
+        assert_eq!(stats.messages_published, 100);
+        assert_eq!(stats.messages_delivered, 300);
+        assert_eq!(stats.subscriptions, 4);
+        drop(g1);
+        assert_eq!(broker.stats().subscriptions, 3);
+        broker.shutdown().await.unwrap();
+        assert!(matches!(
+            exact.recv().await,
+            Err(Error::Closed(CloseReason::ShuttingDown))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_slow_receiver_is_closed_not_the_publisher() {
+        let mut config = MemoryStreamerConfig::default();
+        config.limits.max_pending_messages = 10;
+        let broker = MessageBroker::with_config(config);
+        broker.start().await.unwrap();
+        let topic = Topic::new("t").unwrap();
+        let mut slow = broker.subscribe(&topic).await.unwrap();
+        for _ in 0..20 {
+            broker
+                .publish(&topic, Message::new(topic.clone(), "x").unwrap())
+                .await
+                .unwrap();
+        }
+        for _ in 0..10 {
+            slow.recv().await.unwrap();
+        }
+        assert!(matches!(
+            slow.recv().await,
+            Err(Error::Closed(CloseReason::SlowConsumer))
+        ));
+        assert_eq!(broker.stats().slow_consumers, 1);
+    }
+}

@@ -1,0 +1,364 @@
+//! One client connection: handshake, then read, decode and route frames in
+//! batches while a writer task drains the connection's outbox.
+//!
+//! ```text
+//! socket ─read─▶ BytesMut ─decode all─▶ frames ─route─▶ subscribers' outboxes
+//!                                          └─ replies (acks, pongs) ─▶ own outbox ─▶ writer ─▶ socket
+//! ```
+//!
+//! Every way a connection ends is an [`Exit`] with a name in logs; those the
+//! client caused or should know of are answered with an ERROR frame first.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use foldhash::HashMap;
+use kaelix_core::outbox::{Outbox, Pushed};
+use kaelix_core::protocol::{
+    self, ErrorCode, ErrorFrame, Frame, Nack, ProtocolError, Publish, Subscribe, Welcome,
+};
+use kaelix_core::topic::check_group;
+use kaelix_core::{CloseReason, Timestamp, TopicPattern};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::OwnedReadHalf;
+use tokio::net::TcpStream;
+
+use crate::broker::Inner;
+use crate::router::{Batch, Publication, RouteCache, Sink, Subscriber};
+
+/// Why a connection ended.
+#[derive(Debug)]
+pub(crate) enum Exit {
+    /// The client closed its side.
+    ClientClosed,
+    /// Reading failed.
+    ReadError(std::io::Error),
+    /// The broker is shutting down.
+    ShuttingDown,
+    /// No HELLO within `network.handshake_timeout_ms`.
+    HandshakeTimeout(Duration),
+    /// The client broke the protocol.
+    Protocol(ProtocolError),
+    /// The outbox closed: a slow consumer, or a failed write.
+    Outbox(CloseReason),
+}
+
+impl Exit {
+    /// The ERROR frame that tells the client, if it should be told.
+    fn error_frame(&self) -> Option<ErrorFrame> {
+        let (code, reason) = match self {
+            Exit::Protocol(err) => (err.code(), err.to_string()),
+            Exit::HandshakeTimeout(t) => (
+                ErrorCode::HandshakeTimeout,
+                format!("no HELLO frame within {} ms", t.as_millis()),
+            ),
+            Exit::ShuttingDown => (ErrorCode::ShuttingDown, "the broker is shutting down".into()),
+            Exit::ClientClosed | Exit::ReadError(_) | Exit::Outbox(_) => return None,
+        };
+        Some(ErrorFrame { code, reason })
+    }
+
+    fn close_reason(&self) -> CloseReason {
+        match self {
+            Exit::ClientClosed => CloseReason::PeerClosed,
+            Exit::ReadError(err) => CloseReason::Io(err.to_string()),
+            Exit::ShuttingDown => CloseReason::ShuttingDown,
+            Exit::HandshakeTimeout(_) | Exit::Protocol(_) => CloseReason::Protocol(self.to_string()),
+            Exit::Outbox(reason) => reason.clone(),
+        }
+    }
+}
+
+impl fmt::Display for Exit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Exit::ClientClosed => f.write_str("client closed the connection"),
+            Exit::ReadError(err) => write!(f, "read error: {err}"),
+            Exit::ShuttingDown => f.write_str("broker shutting down"),
+            Exit::HandshakeTimeout(t) => write!(f, "no HELLO within {} ms", t.as_millis()),
+            Exit::Protocol(err) => write!(f, "protocol violation: {err}"),
+            Exit::Outbox(reason) => write!(f, "{reason}"),
+        }
+    }
+}
+
+/// Serves one accepted connection to its end.
+pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, broker: Arc<Inner>) {
+    let _ = stream.set_nodelay(true);
+    let (mut rd, mut wr) = stream.into_split();
+    let outbox = Arc::new(Outbox::new(broker.config.limits.max_pending_bytes));
+    let writer = {
+        let outbox = outbox.clone();
+        tokio::spawn(async move {
+            let result = outbox.write_to(&mut wr).await;
+            let _ = wr.shutdown().await;
+            result
+        })
+    };
+    broker.stats.connections_active.fetch_add(1, Ordering::Relaxed);
+    broker.stats.connections_total.fetch_add(1, Ordering::Relaxed);
+
+    let mut conn = Connection {
+        broker: broker.clone(),
+        outbox: outbox.clone(),
+        subs: HashMap::default(),
+        cache: RouteCache::new(),
+        client: String::new(),
+    };
+    let exit = conn.run(&mut rd).await;
+    conn.unsubscribe_all();
+    let last = exit.error_frame().map(|e| Frame::Error(e).to_bytes());
+    outbox.close(exit.close_reason(), last.as_deref());
+
+    let grace = Duration::from_millis(broker.config.network.shutdown_grace_ms);
+    let abort = writer.abort_handle();
+    if tokio::time::timeout(grace, writer).await.is_err() {
+        abort.abort();
+    }
+    broker.stats.connections_active.fetch_sub(1, Ordering::Relaxed);
+    match &exit {
+        Exit::Protocol(_) | Exit::HandshakeTimeout(_) => {
+            tracing::warn!(%peer, client = %conn.client, reason = %exit, "connection closed")
+        }
+        _ => tracing::debug!(%peer, client = %conn.client, reason = %exit, "connection closed"),
+    }
+}
+
+struct Connection {
+    broker: Arc<Inner>,
+    outbox: Arc<Outbox>,
+    subs: HashMap<u32, Arc<Subscriber>>,
+    cache: RouteCache,
+    client: String,
+}
+
+impl Connection {
+    async fn run(&mut self, rd: &mut OwnedReadHalf) -> Exit {
+        let config = &self.broker.config;
+        let read_size = config.network.read_buffer_bytes.max(4096);
+        let max_frame = config.limits.max_frame_bytes;
+        let mut buf = BytesMut::with_capacity(read_size);
+
+        let handshake = Duration::from_millis(config.network.handshake_timeout_ms);
+        let hello = match tokio::time::timeout(handshake, read_first(rd, &mut buf, max_frame)).await {
+            Err(_) => return Exit::HandshakeTimeout(handshake),
+            Ok(Err(exit)) => return exit,
+            Ok(Ok(frame)) => frame,
+        };
+        if let Err(exit) = self.welcome(hello) {
+            return exit;
+        }
+
+        let shutdown = self.broker.shutdown.clone();
+        loop {
+            if let Err(exit) = self.process(&mut buf, max_frame) {
+                return exit;
+            }
+            if buf.capacity() - buf.len() < read_size / 2 {
+                buf.reserve(read_size);
+            }
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return Exit::ShuttingDown,
+                reason = self.outbox.closed() => return Exit::Outbox(reason),
+                read = rd.read_buf(&mut buf) => match read {
+                    Ok(0) => return Exit::ClientClosed,
+                    Ok(_) => {}
+                    Err(err) => return Exit::ReadError(err),
+                },
+            }
+        }
+    }
+
+    fn welcome(&mut self, hello: Frame) -> Result<(), Exit> {
+        let Frame::Hello(hello) = hello else {
+            return Err(Exit::Protocol(ProtocolError::Unexpected {
+                frame: hello.name(),
+                context: "before HELLO",
+            }));
+        };
+        let version = hello.max_version.min(protocol::PROTOCOL_VERSION);
+        if version < hello.min_version.max(protocol::MIN_PROTOCOL_VERSION) {
+            return Err(Exit::Protocol(ProtocolError::UnsupportedVersion {
+                peer_min: hello.min_version,
+                peer_max: hello.max_version,
+                min: protocol::MIN_PROTOCOL_VERSION,
+                max: protocol::PROTOCOL_VERSION,
+            }));
+        }
+        self.client = hello.client_name;
+        let welcome = Frame::Welcome(Welcome {
+            version,
+            server_name: "kaelix-broker".into(),
+            max_frame_bytes: u32::try_from(self.broker.config.limits.max_frame_bytes).unwrap_or(u32::MAX),
+            properties: Vec::new(),
+        });
+        self.reply(&welcome);
+        self.outbox.wake();
+        Ok(())
+    }
+
+    /// Decodes and handles every complete frame in `buf`, then wakes every
+    /// outbox it touched, once.
+    fn process(&mut self, buf: &mut BytesMut, max_frame: usize) -> Result<(), Exit> {
+        let broker = self.broker.clone();
+        let mut batch = Batch::new(&broker.stats);
+        let now = Timestamp::now();
+        let mut replied = false;
+        let result = loop {
+            match protocol::decode(buf, max_frame) {
+                Ok(Some(frame)) => match self.handle(frame, &mut batch, now) {
+                    Ok(r) => replied |= r,
+                    Err(exit) => break Err(exit),
+                },
+                Ok(None) => break Ok(()),
+                Err(err) => break Err(Exit::Protocol(err)),
+            }
+        };
+        batch.finish();
+        if replied {
+            self.outbox.wake();
+        }
+        result
+    }
+
+    /// Handles one frame; returns whether a reply was queued.
+    fn handle(&mut self, frame: Frame, batch: &mut Batch<'_>, now: Timestamp) -> Result<bool, Exit> {
+        match frame {
+            Frame::Publish(publish) => Ok(self.publish(publish, batch, now)),
+            Frame::Subscribe(subscribe) => Ok(self.subscribe(subscribe)),
+            Frame::Unsubscribe(sid) => {
+                if let Some(sub) = self.subs.remove(&sid) {
+                    self.broker.router.unsubscribe(&sub);
+                }
+                Ok(false)
+            }
+            Frame::Ping(token) => Ok(self.reply(&Frame::Pong(token))),
+            Frame::Pong(_) => Ok(false),
+            other => Err(Exit::Protocol(ProtocolError::Unexpected {
+                frame: other.name(),
+                context: "from a client",
+            })),
+        }
+    }
+
+    fn publish(&mut self, publish: Publish, batch: &mut Batch<'_>, now: Timestamp) -> bool {
+        let Publish { seq, ack, body } = publish;
+        batch.add_bytes_in(body.raw().len());
+        match self.cache.resolve(&self.broker.router, body.topic_bytes()) {
+            Ok((topic, matches)) => {
+                batch.route(&topic, &matches, &Publication::from_wire(body, now));
+                ack && self.reply(&Frame::PubAck(seq))
+            }
+            Err(err) => {
+                self.broker.stats.refused.fetch_add(1, Ordering::Relaxed);
+                self.reply(&Frame::PubNack(Nack {
+                    id: seq,
+                    code: ErrorCode::InvalidTopic,
+                    reason: err.to_string(),
+                }))
+            }
+        }
+    }
+
+    fn subscribe(&mut self, subscribe: Subscribe) -> bool {
+        let Subscribe { sid, pattern, group } = subscribe;
+        let refuse = |code, reason: String| Frame::SubNack(Nack {
+            id: u64::from(sid),
+            code,
+            reason,
+        });
+        let limit = self.broker.config.limits.max_subscriptions_per_connection;
+        let answer = if self.subs.contains_key(&sid) {
+            refuse(
+                ErrorCode::DuplicateSubscription,
+                format!("subscription id {sid} is already in use on this connection"),
+            )
+        } else if self.subs.len() >= limit {
+            refuse(
+                ErrorCode::TooManySubscriptions,
+                format!("this connection already holds {limit} subscriptions (limits.max_subscriptions_per_connection)"),
+            )
+        } else {
+            match parse_subscription(pattern, group) {
+                Err((code, reason)) => refuse(code, reason),
+                Ok((pattern, group)) => {
+                    let sub = self.broker.router.subscribe(
+                        pattern,
+                        group,
+                        sid,
+                        Sink::Net(self.outbox.clone()),
+                    );
+                    self.subs.insert(sid, sub);
+                    Frame::SubAck(sid)
+                }
+            }
+        };
+        self.reply(&answer)
+    }
+
+    /// Queues a reply; returns whether the writer needs a wake. A client
+    /// that does not read its replies is a slow consumer like any other.
+    fn reply(&self, frame: &Frame) -> bool {
+        // Replies are small; the estimate only feeds the limit check.
+        match self.outbox.push(64, |b| frame.encode(b)) {
+            Pushed::First => true,
+            Pushed::More | Pushed::Closed => false,
+            Pushed::Full => {
+                let last = Frame::Error(ErrorFrame {
+                    code: ErrorCode::SlowConsumer,
+                    reason: "slow consumer: replies were not read".into(),
+                })
+                .to_bytes();
+                self.outbox.close(CloseReason::SlowConsumer, Some(&last));
+                self.broker.stats.slow_consumers.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+        }
+    }
+
+    fn unsubscribe_all(&mut self) {
+        for (_, sub) in self.subs.drain() {
+            self.broker.router.unsubscribe(&sub);
+        }
+    }
+}
+
+fn parse_subscription(
+    pattern: bytes::Bytes,
+    group: Option<bytes::Bytes>,
+) -> Result<(TopicPattern, Option<Arc<str>>), (ErrorCode, String)> {
+    let pattern =
+        TopicPattern::from_bytes(pattern).map_err(|e| (ErrorCode::InvalidPattern, e.to_string()))?;
+    let group = match group {
+        None => None,
+        Some(raw) => {
+            let name = std::str::from_utf8(&raw)
+                .map_err(|_| (ErrorCode::InvalidGroup, "queue group name is not UTF-8".to_string()))?;
+            check_group(name).map_err(|e| (ErrorCode::InvalidGroup, e.to_string()))?;
+            Some(Arc::from(name))
+        }
+    };
+    Ok((pattern, group))
+}
+
+/// Reads until the first whole frame.
+async fn read_first(rd: &mut OwnedReadHalf, buf: &mut BytesMut, max_frame: usize) -> Result<Frame, Exit> {
+    loop {
+        match protocol::decode(buf, max_frame) {
+            Ok(Some(frame)) => return Ok(frame),
+            Ok(None) => {}
+            Err(err) => return Err(Exit::Protocol(err)),
+        }
+        buf.reserve(4096);
+        match rd.read_buf(buf).await {
+            Ok(0) => return Err(Exit::ClientClosed),
+            Ok(_) => {}
+            Err(err) => return Err(Exit::ReadError(err)),
+        }
+    }
+}

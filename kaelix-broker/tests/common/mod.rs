@@ -1,0 +1,159 @@
+//! Helpers for black-box tests: the real `kaelix-broker` binary on an
+//! ephemeral port, raw protocol clients, and polling with a deadline.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use kaelix_core::protocol::{self, Frame, Hello};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// A running `kaelix-broker` process, killed when dropped.
+pub struct BrokerProcess {
+    pub child: Child,
+    pub addr: SocketAddr,
+}
+
+impl BrokerProcess {
+    /// Starts the broker on 127.0.0.1 and a free port, with extra
+    /// `KAELIX_*` variables, and waits for its "listening on" line.
+    pub fn start(env: &[(&str, &str)]) -> BrokerProcess {
+        let dir = std::env::temp_dir();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kaelix-broker"));
+        cmd.current_dir(dir)
+            .env("KAELIX_NETWORK_HOST", "127.0.0.1")
+            .env("KAELIX_NETWORK_PORT", "0")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("start kaelix-broker");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            if let Some(Ok(line)) = lines.next() {
+                let _ = tx.send(line);
+            }
+            // Keep draining so the broker never blocks on a full pipe.
+            for _ in lines {}
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the broker prints where it listens");
+        let addr = line
+            .rsplit("listening on ")
+            .next()
+            .and_then(|a| a.trim().parse().ok())
+            .unwrap_or_else(|| panic!("unexpected first line: {line:?}"));
+        BrokerProcess { child, addr }
+    }
+
+    pub fn addr(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit, up to `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for BrokerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `check` until it holds or `limit` passes.
+pub async fn eventually(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// A client that speaks raw frames, for hostile-input tests.
+pub struct RawClient {
+    pub stream: TcpStream,
+    buf: BytesMut,
+}
+
+impl RawClient {
+    pub async fn connect(addr: &str) -> RawClient {
+        RawClient {
+            stream: TcpStream::connect(addr).await.expect("connect"),
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// Connects and completes the handshake.
+    pub async fn handshake(addr: &str) -> RawClient {
+        let mut client = Self::connect(addr).await;
+        client
+            .send(&Frame::Hello(Hello {
+                min_version: 1,
+                max_version: 1,
+                client_name: "raw-test".into(),
+                properties: vec![],
+            }))
+            .await;
+        match client.next().await {
+            Some(Frame::Welcome(_)) => client,
+            other => panic!("expected WELCOME, got {other:?}"),
+        }
+    }
+
+    pub async fn send(&mut self, frame: &Frame) {
+        self.send_bytes(&frame.to_bytes()).await;
+    }
+
+    pub async fn send_bytes(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.expect("write");
+    }
+
+    /// The next frame, or `None` at end of stream. Panics after 10 s.
+    pub async fn next(&mut self) -> Option<Frame> {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                if let Some(frame) = protocol::decode(&mut self.buf, 64 << 20).expect("valid frames from the broker") {
+                    return Some(frame);
+                }
+                match self.stream.read_buf(&mut self.buf).await {
+                    Ok(0) | Err(_) => return None,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await
+        .expect("the broker answers within 10 s")
+    }
+}

@@ -1,0 +1,154 @@
+//! The client side of a connection, shared by the publisher and consumer
+//! crates: connect, handshake, read frames in batches, write through an
+//! [`Outbox`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::AsyncReadExt;
+use tokio::net::tcp::OwnedReadHalf;
+use tokio::net::{TcpStream, ToSocketAddrs};
+use tokio::task::JoinHandle;
+
+use crate::error::{CloseReason, Error, Result};
+use crate::outbox::Outbox;
+use crate::protocol::{self, Frame, Hello, Welcome};
+
+/// How a client connects.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Sent in HELLO; shows up in the broker's logs.
+    pub name: String,
+    /// How long connecting and the handshake may take.
+    pub connect_timeout: Duration,
+    /// Bytes buffered for sending before senders wait.
+    pub max_pending_bytes: usize,
+    /// Bytes read per read call.
+    pub read_buffer_bytes: usize,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            name: "kaelix-client".into(),
+            connect_timeout: Duration::from_secs(5),
+            max_pending_bytes: 8 * 1024 * 1024,
+            read_buffer_bytes: 64 * 1024,
+        }
+    }
+}
+
+/// A connected, handshaken client connection.
+#[derive(Debug)]
+pub struct ClientConn {
+    /// Frames to send go here; a writer task sends them.
+    pub outbox: Arc<Outbox>,
+    /// Frames received.
+    pub reader: FrameReader,
+    /// What the broker answered to HELLO.
+    pub welcome: Welcome,
+    /// The writer task; it ends when the outbox closes.
+    pub writer: JoinHandle<()>,
+}
+
+/// Reads frames off the receiving half of a connection, a batch per read.
+#[derive(Debug)]
+pub struct FrameReader {
+    rd: OwnedReadHalf,
+    buf: BytesMut,
+    read_size: usize,
+    max_frame_bytes: usize,
+}
+
+impl FrameReader {
+    /// Reads once and appends every complete frame to `out`. An error frame
+    /// from the broker is returned as a frame; the stream ending or breaking
+    /// is returned as the reason.
+    pub async fn read_batch(&mut self, out: &mut Vec<Frame>) -> Result<(), CloseReason> {
+        loop {
+            loop {
+                match protocol::decode(&mut self.buf, self.max_frame_bytes) {
+                    Ok(Some(frame)) => out.push(frame),
+                    Ok(None) => break,
+                    Err(err) => return Err(CloseReason::Protocol(err.to_string())),
+                }
+            }
+            if !out.is_empty() {
+                return Ok(());
+            }
+            self.buf.reserve(self.read_size);
+            match self.rd.read_buf(&mut self.buf).await {
+                Ok(0) => return Err(CloseReason::PeerClosed),
+                Ok(_) => {}
+                Err(err) => return Err(CloseReason::Io(err.to_string())),
+            }
+        }
+    }
+}
+
+/// Connects to `addr` and says HELLO.
+pub async fn connect(addr: impl ToSocketAddrs, options: &ClientOptions) -> Result<ClientConn> {
+    let timeout = options.connect_timeout;
+    tokio::time::timeout(timeout, connect_inner(addr, options))
+        .await
+        .map_err(|_| Error::Timeout(timeout, "the broker to accept the connection"))?
+}
+
+async fn connect_inner(addr: impl ToSocketAddrs, options: &ClientOptions) -> Result<ClientConn> {
+    let stream = TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let (rd, mut wr) = stream.into_split();
+    let outbox = Arc::new(Outbox::new(options.max_pending_bytes));
+    let hello = Frame::Hello(Hello {
+        min_version: protocol::MIN_PROTOCOL_VERSION,
+        max_version: protocol::PROTOCOL_VERSION,
+        client_name: options.name.clone(),
+        properties: Vec::new(),
+    });
+    let bytes = hello.to_bytes();
+    outbox.push_now(bytes.len(), |b| b.extend_from_slice(&bytes));
+    let writer = {
+        let outbox = outbox.clone();
+        tokio::spawn(async move {
+            if let Ok(reason) = outbox.write_to(&mut wr).await {
+                tracing::debug!(%reason, "client writer finished");
+            }
+        })
+    };
+    let mut reader = FrameReader {
+        rd,
+        buf: BytesMut::with_capacity(options.read_buffer_bytes),
+        read_size: options.read_buffer_bytes,
+        // Until the broker states its limit, accept what any broker may send.
+        max_frame_bytes: 64 * 1024 * 1024,
+    };
+    let mut frames = Vec::with_capacity(1);
+    let first = reader.read_batch(&mut frames).await;
+    let welcome = match (first, frames.first()) {
+        (Ok(()), Some(Frame::Welcome(w))) if frames.len() == 1 => w.clone(),
+        (Ok(()), Some(Frame::Error(e))) => {
+            writer.abort();
+            return Err(Error::Refused {
+                code: e.code,
+                reason: e.reason.clone(),
+            });
+        }
+        (Ok(()), _) => {
+            writer.abort();
+            return Err(Error::Closed(CloseReason::Protocol(
+                "the broker did not answer HELLO with WELCOME".into(),
+            )));
+        }
+        (Err(reason), _) => {
+            writer.abort();
+            return Err(Error::Closed(reason));
+        }
+    };
+    Ok(ClientConn {
+        outbox,
+        reader,
+        welcome,
+        writer,
+    })
+}
