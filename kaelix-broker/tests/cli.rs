@@ -1,0 +1,109 @@
+//! The `kaelix` command-line client against the real broker.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::BrokerProcess;
+
+fn kaelix(broker: &BrokerProcess) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kaelix"));
+    cmd.arg("--server").arg(broker.addr());
+    cmd
+}
+
+#[test]
+fn sub_prints_what_pub_sends_and_both_exit_zero() {
+    let broker = BrokerProcess::start(&[]);
+    let mut sub = kaelix(&broker)
+        .args(["sub", "greetings.>", "--count", "3"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until the subscription is confirmed before publishing.
+    let mut stderr = BufReader::new(sub.stderr.take().unwrap());
+    let mut line = String::new();
+    stderr.read_line(&mut line).unwrap();
+    assert!(line.starts_with("subscribed to greetings.>"), "{line:?}");
+
+    let out = kaelix(&broker)
+        .args(["pub", "greetings.world", "hello there"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = kaelix(&broker)
+        .args(["pub", "greetings.moon", "hi", "--count", "2"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let status = wait(&mut sub, Duration::from_secs(20));
+    assert!(status.success());
+    let mut printed = String::new();
+    sub.stdout.take().unwrap().read_to_string(&mut printed).unwrap();
+    assert_eq!(
+        printed,
+        "greetings.world hello there\ngreetings.moon hi\ngreetings.moon hi\n"
+    );
+}
+
+#[test]
+fn pub_fails_with_the_reason() {
+    let broker = BrokerProcess::start(&[]);
+    let out = kaelix(&broker).args(["pub", "bad topic", "x"]).output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("Topic name contains invalid characters"), "{stderr}");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_kaelix"))
+        .args(["--server", "127.0.0.1:1", "pub", "a", "x"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot connect"));
+}
+
+#[test]
+fn queue_group_members_share_the_messages() {
+    let broker = BrokerProcess::start(&[]);
+    let start = || {
+        let mut child = kaelix(&broker)
+            .args(["sub", "work", "--queue", "crew", "--count", "2"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stderr.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(line.starts_with("subscribed"), "{line:?}");
+        child
+    };
+    let (mut a, mut b) = (start(), start());
+    let out = kaelix(&broker).args(["pub", "work", "job", "--count", "4"]).output().unwrap();
+    assert!(out.status.success());
+    for child in [&mut a, &mut b] {
+        assert!(wait(child, Duration::from_secs(20)).success());
+        let mut printed = String::new();
+        child.stdout.take().unwrap().read_to_string(&mut printed).unwrap();
+        assert_eq!(printed, "work job\nwork job\n");
+    }
+}
+
+fn wait(child: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the command did not exit within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

@@ -1,0 +1,88 @@
+//! The publisher against an in-process broker on an ephemeral port.
+
+use std::time::Duration;
+
+use kaelix_broker::{MessageBroker, Server};
+use kaelix_core::protocol::ErrorCode;
+use kaelix_core::{CloseReason, Error, Message, PartitionId, Topic};
+use kaelix_publisher::Publisher;
+
+async fn broker() -> (MessageBroker, String) {
+    let broker = MessageBroker::new();
+    broker.start().await.unwrap();
+    let server = Server::bind_addr(&broker, "127.0.0.1:0").await.unwrap();
+    let addr = server.local_addr().unwrap().to_string();
+    tokio::spawn(server.run());
+    (broker, addr)
+}
+
+#[tokio::test]
+async fn acknowledged_publishes_reach_in_process_subscribers() {
+    let (broker, addr) = broker().await;
+    let mut receiver = broker.subscribe("orders.*").await.unwrap();
+    let publisher = Publisher::connect(&addr).await.unwrap();
+    publisher.publish("orders.created", "o-1").await.unwrap();
+    let message = Message::builder()
+        .topic("orders.paid")
+        .payload("o-1")
+        .header("content-type", "text/plain")
+        .partition(PartitionId::new(2))
+        .build()
+        .unwrap();
+    publisher.publish_message(&message).await.unwrap();
+
+    let first = receiver.recv().await.unwrap();
+    assert_eq!((first.topic.as_str(), &first.payload[..]), ("orders.created", &b"o-1"[..]));
+    let second = receiver.recv().await.unwrap();
+    assert_eq!(second.topic, Topic::new("orders.paid").unwrap());
+    assert_eq!(second.header("content-type"), Some("text/plain"));
+    assert_eq!(second.partition, Some(PartitionId::new(2)));
+    assert_eq!(broker.stats().messages_published, 2);
+}
+
+#[tokio::test]
+async fn sends_are_batched_and_flush_waits_for_the_broker() {
+    let (broker, addr) = broker().await;
+    let mut receiver = broker.subscribe("metrics.>").await.unwrap();
+    let publisher = Publisher::connect(&addr).await.unwrap();
+    for i in 0..10_000u32 {
+        publisher.send("metrics.cpu", i.to_be_bytes().to_vec()).await.unwrap();
+    }
+    publisher.flush().await.unwrap();
+    // After flush the broker has routed everything: all of it is queued here.
+    assert_eq!(broker.stats().messages_published, 10_000);
+    for i in 0..10_000u32 {
+        let m = receiver.try_recv().expect("already queued after flush");
+        assert_eq!(m.payload[..], i.to_be_bytes());
+    }
+    publisher.close().await.unwrap();
+    let err = publisher.send("metrics.cpu", "late").await.unwrap_err();
+    assert!(matches!(err, Error::Closed(_)), "{err}");
+}
+
+#[tokio::test]
+async fn shutdown_fails_pending_and_later_publishes_with_the_reason() {
+    let (broker, addr) = broker().await;
+    let publisher = Publisher::connect(&addr).await.unwrap();
+    publisher.publish("a", "1").await.unwrap();
+    broker.shutdown().await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let err = loop {
+        match publisher.publish("a", "2").await {
+            Err(err) => break err,
+            Ok(()) => assert!(tokio::time::Instant::now() < deadline, "publishes keep succeeding"),
+        }
+    };
+    match err {
+        Error::Closed(CloseReason::Server { code, .. }) => assert_eq!(code, ErrorCode::ShuttingDown),
+        other => panic!("expected a shutting-down close, got {other}"),
+    }
+}
+
+#[tokio::test]
+async fn connecting_to_nothing_is_an_error() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    assert!(matches!(Publisher::connect(addr).await, Err(Error::Io(_))));
+}
