@@ -1,0 +1,23 @@
+//! Shared set-up for the examples: the broker they talk to.
+//!
+//! With `KAELIX_SERVER=host:port` set, examples use that broker (start one
+//! with `cargo run --release --bin kaelix-broker`). Without it, they start
+//! a broker inside the example process on a free port, so that each runs on
+//! its own with `cargo run -p kaelix-examples --example NAME`.
+
+use kaelix_broker::{MessageBroker, Server};
+
+/// The address of the broker to use, starting an embedded one if
+/// `KAELIX_SERVER` is not set.
+pub async fn broker_address() -> Result<String, Box<dyn std::error::Error>> {
+    if let Ok(addr) = std::env::var("KAELIX_SERVER") {
+        return Ok(addr);
+    }
+    let broker = MessageBroker::new();
+    broker.start().await?;
+    let server = Server::bind_addr(&broker, "127.0.0.1:0").await?;
+    let addr = server.local_addr()?.to_string();
+    tokio::spawn(server.run());
+    println!("(started an embedded broker on {addr}; set KAELIX_SERVER to use your own)");
+    Ok(addr)
+}

@@ -102,7 +102,11 @@ impl MessageBroker {
 
     /// Subscribes as a member of queue group `group`: each message matching
     /// `pattern` goes to exactly one member of the group.
-    pub async fn subscribe_queue(&self, pattern: impl IntoPattern, group: &str) -> Result<Receiver> {
+    pub async fn subscribe_queue(
+        &self,
+        pattern: impl IntoPattern,
+        group: &str,
+    ) -> Result<Receiver> {
         check_group(group)?;
         self.subscribe_inner(pattern.into_pattern()?, Some(group.into()))
     }
@@ -146,7 +150,11 @@ impl MessageBroker {
         self.route(&mut cache, batch)
     }
 
-    fn route(&self, cache: &mut RouteCache, messages: impl IntoIterator<Item = Message>) -> Result<()> {
+    fn route(
+        &self,
+        cache: &mut RouteCache,
+        messages: impl IntoIterator<Item = Message>,
+    ) -> Result<()> {
         let mut batch = Batch::new(&self.inner.stats);
         for message in messages {
             let (topic, matches) = cache.resolve(&self.inner.router, &message.topic.to_bytes())?;

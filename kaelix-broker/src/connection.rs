@@ -56,7 +56,10 @@ impl Exit {
                 ErrorCode::HandshakeTimeout,
                 format!("no HELLO frame within {} ms", t.as_millis()),
             ),
-            Exit::ShuttingDown => (ErrorCode::ShuttingDown, "the broker is shutting down".into()),
+            Exit::ShuttingDown => (
+                ErrorCode::ShuttingDown,
+                "the broker is shutting down".into(),
+            ),
             Exit::ClientClosed | Exit::ReadError(_) | Exit::Outbox(_) => return None,
         };
         Some(ErrorFrame { code, reason })
@@ -67,7 +70,9 @@ impl Exit {
             Exit::ClientClosed => CloseReason::PeerClosed,
             Exit::ReadError(err) => CloseReason::Io(err.to_string()),
             Exit::ShuttingDown => CloseReason::ShuttingDown,
-            Exit::HandshakeTimeout(_) | Exit::Protocol(_) => CloseReason::Protocol(self.to_string()),
+            Exit::HandshakeTimeout(_) | Exit::Protocol(_) => {
+                CloseReason::Protocol(self.to_string())
+            }
             Exit::Outbox(reason) => reason.clone(),
         }
     }
@@ -99,8 +104,14 @@ pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, broker: Arc<Inner
             result
         })
     };
-    broker.stats.connections_active.fetch_add(1, Ordering::Relaxed);
-    broker.stats.connections_total.fetch_add(1, Ordering::Relaxed);
+    broker
+        .stats
+        .connections_active
+        .fetch_add(1, Ordering::Relaxed);
+    broker
+        .stats
+        .connections_total
+        .fetch_add(1, Ordering::Relaxed);
 
     let mut conn = Connection {
         broker: broker.clone(),
@@ -119,7 +130,10 @@ pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, broker: Arc<Inner
     if tokio::time::timeout(grace, writer).await.is_err() {
         abort.abort();
     }
-    broker.stats.connections_active.fetch_sub(1, Ordering::Relaxed);
+    broker
+        .stats
+        .connections_active
+        .fetch_sub(1, Ordering::Relaxed);
     match &exit {
         Exit::Protocol(_) | Exit::HandshakeTimeout(_) => {
             tracing::warn!(%peer, client = %conn.client, reason = %exit, "connection closed")
@@ -144,7 +158,8 @@ impl Connection {
         let mut buf = BytesMut::with_capacity(read_size);
 
         let handshake = Duration::from_millis(config.network.handshake_timeout_ms);
-        let hello = match tokio::time::timeout(handshake, read_first(rd, &mut buf, max_frame)).await {
+        let hello = match tokio::time::timeout(handshake, read_first(rd, &mut buf, max_frame)).await
+        {
             Err(_) => return Exit::HandshakeTimeout(handshake),
             Ok(Err(exit)) => return exit,
             Ok(Ok(frame)) => frame,
@@ -194,7 +209,8 @@ impl Connection {
         let welcome = Frame::Welcome(Welcome {
             version,
             server_name: "kaelix-broker".into(),
-            max_frame_bytes: u32::try_from(self.broker.config.limits.max_frame_bytes).unwrap_or(u32::MAX),
+            max_frame_bytes: u32::try_from(self.broker.config.limits.max_frame_bytes)
+                .unwrap_or(u32::MAX),
             properties: Vec::new(),
         });
         self.reply(&welcome);
@@ -227,7 +243,12 @@ impl Connection {
     }
 
     /// Handles one frame; returns whether a reply was queued.
-    fn handle(&mut self, frame: Frame, batch: &mut Batch<'_>, now: Timestamp) -> Result<bool, Exit> {
+    fn handle(
+        &mut self,
+        frame: Frame,
+        batch: &mut Batch<'_>,
+        now: Timestamp,
+    ) -> Result<bool, Exit> {
         match frame {
             Frame::Publish(publish) => Ok(self.publish(publish, batch, now)),
             Frame::Subscribe(subscribe) => Ok(self.subscribe(subscribe)),
@@ -266,12 +287,18 @@ impl Connection {
     }
 
     fn subscribe(&mut self, subscribe: Subscribe) -> bool {
-        let Subscribe { sid, pattern, group } = subscribe;
-        let refuse = |code, reason: String| Frame::SubNack(Nack {
-            id: u64::from(sid),
-            code,
-            reason,
-        });
+        let Subscribe {
+            sid,
+            pattern,
+            group,
+        } = subscribe;
+        let refuse = |code, reason: String| {
+            Frame::SubNack(Nack {
+                id: u64::from(sid),
+                code,
+                reason,
+            })
+        };
         let limit = self.broker.config.limits.max_subscriptions_per_connection;
         let answer = if self.subs.contains_key(&sid) {
             refuse(
@@ -315,7 +342,10 @@ impl Connection {
                 })
                 .to_bytes();
                 self.outbox.close(CloseReason::SlowConsumer, Some(&last));
-                self.broker.stats.slow_consumers.fetch_add(1, Ordering::Relaxed);
+                self.broker
+                    .stats
+                    .slow_consumers
+                    .fetch_add(1, Ordering::Relaxed);
                 false
             }
         }
@@ -328,17 +358,24 @@ impl Connection {
     }
 }
 
+/// A refusal's code and reason.
+type Refusal = (ErrorCode, String);
+
 fn parse_subscription(
     pattern: bytes::Bytes,
     group: Option<bytes::Bytes>,
-) -> Result<(TopicPattern, Option<Arc<str>>), (ErrorCode, String)> {
-    let pattern =
-        TopicPattern::from_bytes(pattern).map_err(|e| (ErrorCode::InvalidPattern, e.to_string()))?;
+) -> Result<(TopicPattern, Option<Arc<str>>), Refusal> {
+    let pattern = TopicPattern::from_bytes(pattern)
+        .map_err(|e| (ErrorCode::InvalidPattern, e.to_string()))?;
     let group = match group {
         None => None,
         Some(raw) => {
-            let name = std::str::from_utf8(&raw)
-                .map_err(|_| (ErrorCode::InvalidGroup, "queue group name is not UTF-8".to_string()))?;
+            let name = std::str::from_utf8(&raw).map_err(|_| {
+                (
+                    ErrorCode::InvalidGroup,
+                    "queue group name is not UTF-8".to_string(),
+                )
+            })?;
             check_group(name).map_err(|e| (ErrorCode::InvalidGroup, e.to_string()))?;
             Some(Arc::from(name))
         }
@@ -347,7 +384,11 @@ fn parse_subscription(
 }
 
 /// Reads until the first whole frame.
-async fn read_first(rd: &mut OwnedReadHalf, buf: &mut BytesMut, max_frame: usize) -> Result<Frame, Exit> {
+async fn read_first(
+    rd: &mut OwnedReadHalf,
+    buf: &mut BytesMut,
+    max_frame: usize,
+) -> Result<Frame, Exit> {
     loop {
         match protocol::decode(buf, max_frame) {
             Ok(Some(frame)) => return Ok(frame),

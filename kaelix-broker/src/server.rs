@@ -72,7 +72,10 @@ impl Server {
                     });
                 }
                 Err(_) => {
-                    inner.stats.connections_rejected.fetch_add(1, Ordering::Relaxed);
+                    inner
+                        .stats
+                        .connections_rejected
+                        .fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(%peer, "connection refused: network.max_connections reached");
                     inner.tasks.spawn(refuse(stream));
                 }
@@ -88,7 +91,8 @@ impl Server {
 async fn refuse(mut stream: TcpStream) {
     let frame = Frame::Error(ErrorFrame {
         code: ErrorCode::ConnectionLimit,
-        reason: "the broker is serving as many connections as network.max_connections allows".into(),
+        reason: "the broker is serving as many connections as network.max_connections allows"
+            .into(),
     })
     .to_bytes();
     let _ = tokio::time::timeout(Duration::from_secs(1), async {

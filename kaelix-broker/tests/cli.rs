@@ -33,17 +33,29 @@ fn sub_prints_what_pub_sends_and_both_exit_zero() {
         .args(["pub", "greetings.world", "hello there"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = kaelix(&broker)
         .args(["pub", "greetings.moon", "hi", "--count", "2"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let status = wait(&mut sub, Duration::from_secs(20));
     assert!(status.success());
     let mut printed = String::new();
-    sub.stdout.take().unwrap().read_to_string(&mut printed).unwrap();
+    sub.stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut printed)
+        .unwrap();
     assert_eq!(
         printed,
         "greetings.world hello there\ngreetings.moon hi\ngreetings.moon hi\n"
@@ -53,10 +65,16 @@ fn sub_prints_what_pub_sends_and_both_exit_zero() {
 #[test]
 fn pub_fails_with_the_reason() {
     let broker = BrokerProcess::start(&[]);
-    let out = kaelix(&broker).args(["pub", "bad topic", "x"]).output().unwrap();
+    let out = kaelix(&broker)
+        .args(["pub", "bad topic", "x"])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("Topic name contains invalid characters"), "{stderr}");
+    assert!(
+        stderr.contains("Topic name contains invalid characters"),
+        "{stderr}"
+    );
 
     let out = Command::new(env!("CARGO_BIN_EXE_kaelix"))
         .args(["--server", "127.0.0.1:1", "pub", "a", "x"])
@@ -84,12 +102,20 @@ fn queue_group_members_share_the_messages() {
         child
     };
     let (mut a, mut b) = (start(), start());
-    let out = kaelix(&broker).args(["pub", "work", "job", "--count", "4"]).output().unwrap();
+    let out = kaelix(&broker)
+        .args(["pub", "work", "job", "--count", "4"])
+        .output()
+        .unwrap();
     assert!(out.status.success());
     for child in [&mut a, &mut b] {
         assert!(wait(child, Duration::from_secs(20)).success());
         let mut printed = String::new();
-        child.stdout.take().unwrap().read_to_string(&mut printed).unwrap();
+        child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut printed)
+            .unwrap();
         assert_eq!(printed, "work job\nwork job\n");
     }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::BufMut;
 use common::{BrokerProcess, RawClient};
 use kaelix_consumer::Consumer;
-use kaelix_core::protocol::{opcode, ErrorCode, Frame, Publish, MessageBody};
+use kaelix_core::protocol::{opcode, ErrorCode, Frame, MessageBody, Publish};
 use kaelix_core::{Headers, Topic};
 use kaelix_publisher::Publisher;
 
@@ -17,7 +17,11 @@ async fn expect_error_then_close(client: &mut RawClient, code: ErrorCode) {
         Some(Frame::Error(e)) => assert_eq!(e.code, code, "reason: {}", e.reason),
         other => panic!("expected an ERROR frame, got {other:?}"),
     }
-    assert_eq!(client.next().await, None, "the connection is closed after the error");
+    assert_eq!(
+        client.next().await,
+        None,
+        "the connection is closed after the error"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -31,7 +35,10 @@ async fn garbage_and_a_4gib_frame_are_refused_while_a_third_client_is_unaffected
     const N: u64 = 20_000;
     let traffic = tokio::spawn(async move {
         for i in 0..N {
-            publisher.send("steady", i.to_be_bytes().to_vec()).await.unwrap();
+            publisher
+                .send("steady", i.to_be_bytes().to_vec())
+                .await
+                .unwrap();
             if i % 1000 == 0 {
                 tokio::task::yield_now().await;
             }
@@ -44,12 +51,15 @@ async fn garbage_and_a_4gib_frame_are_refused_while_a_third_client_is_unaffected
         async move {
             // Not our protocol at all.
             let mut garbage = RawClient::connect(&addr).await;
-            garbage.send_bytes(b"GET / HTTP/1.1\r\nHost: kaelix\r\n\r\n").await;
+            garbage
+                .send_bytes(b"GET / HTTP/1.1\r\nHost: kaelix\r\n\r\n")
+                .await;
             expect_error_then_close(&mut garbage, ErrorCode::FrameTooLarge).await;
 
             // A valid handshake, then a frame announcing 4 GiB.
             let mut huge = RawClient::handshake(&addr).await;
-            huge.send_bytes(&[0xff, 0xff, 0xff, 0xff, opcode::PUBLISH, 0]).await;
+            huge.send_bytes(&[0xff, 0xff, 0xff, 0xff, opcode::PUBLISH, 0])
+                .await;
             expect_error_then_close(&mut huge, ErrorCode::FrameTooLarge).await;
 
             // A valid handshake, then random bytes with a plausible length.
@@ -100,15 +110,31 @@ async fn an_invalid_topic_is_refused_and_the_connection_stays() {
     let broker = BrokerProcess::start(&[]);
     let mut raw = RawClient::handshake(&broker.addr()).await;
     // Bypass client-side validation: build a body, then corrupt its topic.
-    let body = MessageBody::new(&Topic::new("a.b").unwrap(), None, &Headers::new(), &"x".into());
-    let mut frame = Frame::Publish(Publish { seq: 9, ack: false, body }).to_bytes().to_vec();
+    let body = MessageBody::new(
+        &Topic::new("a.b").unwrap(),
+        None,
+        &Headers::new(),
+        &"x".into(),
+    );
+    let mut frame = Frame::Publish(Publish {
+        seq: 9,
+        ack: false,
+        body,
+    })
+    .to_bytes()
+    .to_vec();
     let topic_at = 6 + 8 + 1;
     frame[topic_at + 1] = b' ';
     raw.send_bytes(&frame).await;
     match raw.next().await {
         Some(Frame::PubNack(nack)) => {
             assert_eq!((nack.id, nack.code), (9, ErrorCode::InvalidTopic));
-            assert!(nack.reason.starts_with("Topic name contains invalid characters"), "{}", nack.reason);
+            assert!(
+                nack.reason
+                    .starts_with("Topic name contains invalid characters"),
+                "{}",
+                nack.reason
+            );
         }
         other => panic!("expected PUB_NACK, got {other:?}"),
     }

@@ -34,7 +34,10 @@ async fn hundred_thousand_messages_reach_two_subscribers_complete_and_in_order()
     const N: u64 = 100_000;
     let sending = tokio::spawn(async move {
         for i in 0..N {
-            publisher.send("load.test", i.to_be_bytes().to_vec()).await.unwrap();
+            publisher
+                .send("load.test", i.to_be_bytes().to_vec())
+                .await
+                .unwrap();
         }
         publisher.flush().await.unwrap();
     });
@@ -62,12 +65,21 @@ async fn wildcards_route_to_matching_subscriptions_only() {
     let mut tail = consumer.subscribe("events.>").await.unwrap();
     let mut other = consumer.subscribe("other.>").await.unwrap();
     let publisher = Publisher::connect(broker.addr()).await.unwrap();
-    for topic in ["events.user.signup", "events.admin.signup", "events.user.login", "events.a.b.c", "events"] {
+    for topic in [
+        "events.user.signup",
+        "events.admin.signup",
+        "events.user.login",
+        "events.a.b.c",
+        "events",
+    ] {
         publisher.publish(topic, topic.to_string()).await.unwrap();
     }
     // A last message each subscription matches, so that receiving it proves
     // nothing else was on its way.
-    publisher.publish("events.user.signup", "end").await.unwrap();
+    publisher
+        .publish("events.user.signup", "end")
+        .await
+        .unwrap();
     publisher.publish("other.end", "end").await.unwrap();
 
     async fn drain(sub: &mut Subscription) -> Vec<String> {
@@ -81,10 +93,18 @@ async fn wildcards_route_to_matching_subscriptions_only() {
         }
     }
     assert_eq!(drain(&mut exact).await, ["events.user.signup"]);
-    assert_eq!(drain(&mut star).await, ["events.user.signup", "events.admin.signup"]);
+    assert_eq!(
+        drain(&mut star).await,
+        ["events.user.signup", "events.admin.signup"]
+    );
     assert_eq!(
         drain(&mut tail).await,
-        ["events.user.signup", "events.admin.signup", "events.user.login", "events.a.b.c"]
+        [
+            "events.user.signup",
+            "events.admin.signup",
+            "events.user.login",
+            "events.a.b.c"
+        ]
     );
     assert!(drain(&mut other).await.is_empty());
 }
@@ -105,7 +125,10 @@ async fn a_queue_group_delivers_each_message_to_exactly_one_member() {
     let publisher = Publisher::connect(broker.addr()).await.unwrap();
     const N: u64 = 300;
     for i in 0..N {
-        publisher.send("jobs.resize", i.to_be_bytes().to_vec()).await.unwrap();
+        publisher
+            .send("jobs.resize", i.to_be_bytes().to_vec())
+            .await
+            .unwrap();
     }
     publisher.publish("barrier", "b").await.unwrap();
 
@@ -122,7 +145,10 @@ async fn a_queue_group_delivers_each_message_to_exactly_one_member() {
     }
     seen.sort_unstable();
     assert_eq!(seen, (0..N).collect::<Vec<_>>(), "each job exactly once");
-    assert!(per_member.iter().all(|&n| n > 0), "every member got work: {per_member:?}");
+    assert!(
+        per_member.iter().all(|&n| n > 0),
+        "every member got work: {per_member:?}"
+    );
     for i in 0..N {
         assert_eq!(seq(&recv(&mut all).await.payload), i);
     }
@@ -170,7 +196,11 @@ async fn refusals_carry_the_reason() {
     let broker = BrokerProcess::start(&[("KAELIX_LIMITS_MAX_FRAME_BYTES", "1024")]);
     let publisher = Publisher::connect(broker.addr()).await.unwrap();
     let err = publisher.publish("bad topic", "x").await.unwrap_err();
-    assert!(err.to_string().starts_with("Topic name contains invalid characters"), "{err}");
+    assert!(
+        err.to_string()
+            .starts_with("Topic name contains invalid characters"),
+        "{err}"
+    );
     let err = publisher.publish("t", vec![0u8; 2000]).await.unwrap_err();
     assert!(matches!(err, Error::PayloadTooLarge { .. }), "{err}");
     // The connection is still good.
@@ -179,7 +209,10 @@ async fn refusals_carry_the_reason() {
     let consumer = Consumer::connect(broker.addr()).await.unwrap();
     let err = consumer.subscribe("a.>.b").await.unwrap_err();
     assert!(err.to_string().contains("pattern"), "{err}");
-    let err = consumer.subscribe_queue("a", "bad group").await.unwrap_err();
+    let err = consumer
+        .subscribe_queue("a", "bad group")
+        .await
+        .unwrap_err();
     assert!(matches!(err, Error::InvalidGroup { .. }), "{err}");
 }
 

@@ -90,7 +90,10 @@ impl Consumer {
     }
 
     /// Connects with explicit options.
-    pub async fn connect_with(addr: impl ToSocketAddrs, options: ConsumerOptions) -> Result<Consumer> {
+    pub async fn connect_with(
+        addr: impl ToSocketAddrs,
+        options: ConsumerOptions,
+    ) -> Result<Consumer> {
         let conn = client::connect(addr, &options.client).await?;
         let inner = Arc::new(Inner {
             outbox: conn.outbox,
@@ -106,17 +109,27 @@ impl Consumer {
     /// more). Returns once the broker has confirmed the subscription, so
     /// every message published after that reaches it.
     pub async fn subscribe(&self, pattern: impl AsRef<str>) -> Result<Subscription> {
-        self.subscribe_inner(TopicPattern::new(pattern)?, None).await
+        self.subscribe_inner(TopicPattern::new(pattern)?, None)
+            .await
     }
 
     /// Subscribes as a member of queue group `group`: each message matching
     /// `pattern` goes to exactly one member of the group.
-    pub async fn subscribe_queue(&self, pattern: impl AsRef<str>, group: &str) -> Result<Subscription> {
+    pub async fn subscribe_queue(
+        &self,
+        pattern: impl AsRef<str>,
+        group: &str,
+    ) -> Result<Subscription> {
         check_group(group)?;
-        self.subscribe_inner(TopicPattern::new(pattern)?, Some(group)).await
+        self.subscribe_inner(TopicPattern::new(pattern)?, Some(group))
+            .await
     }
 
-    async fn subscribe_inner(&self, pattern: TopicPattern, group: Option<&str>) -> Result<Subscription> {
+    async fn subscribe_inner(
+        &self,
+        pattern: TopicPattern,
+        group: Option<&str>,
+    ) -> Result<Subscription> {
         let inner = &self.inner;
         let sid = inner.next_sid.fetch_add(1, Ordering::Relaxed);
         let queue = Arc::new(MessageQueue::new(
@@ -265,7 +278,9 @@ async fn read_loop(mut reader: FrameReader, inner: Arc<Inner>) {
                     let message = match delivery.body.to_message(now) {
                         Ok(m) => m,
                         Err(err) => {
-                            break 'read CloseReason::Protocol(format!("the broker delivered {err}"));
+                            break 'read CloseReason::Protocol(format!(
+                                "the broker delivered {err}"
+                            ));
                         }
                     };
                     deliver(&queue, message, &mut to_wake).await;
@@ -331,7 +346,11 @@ async fn read_loop(mut reader: FrameReader, inner: Arc<Inner>) {
 
 /// Appends to a subscription's queue, waiting for the application when it
 /// is full (which in turn stops reading from the socket).
-async fn deliver(queue: &Arc<MessageQueue>, message: Message, to_wake: &mut Vec<Arc<MessageQueue>>) {
+async fn deliver(
+    queue: &Arc<MessageQueue>,
+    message: Message,
+    to_wake: &mut Vec<Arc<MessageQueue>>,
+) {
     let mut message = message;
     loop {
         match queue.try_push(message) {

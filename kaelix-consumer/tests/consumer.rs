@@ -32,7 +32,12 @@ async fn in_process_publishes_reach_network_subscriptions_as_a_stream() {
     publish(&broker, "sensors.garage.temp", "9").await;
     let got: Vec<(String, String)> = subscription
         .take(2)
-        .map(|m| (m.topic.to_string(), String::from_utf8(m.payload.to_vec()).unwrap()))
+        .map(|m| {
+            (
+                m.topic.to_string(),
+                String::from_utf8(m.payload.to_vec()).unwrap(),
+            )
+        })
         .collect()
         .await;
     assert_eq!(
@@ -53,7 +58,10 @@ async fn dropping_a_subscription_unsubscribes() {
     drop(sub);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while broker.stats().subscriptions != 0 {
-        assert!(tokio::time::Instant::now() < deadline, "unsubscribe never reached the broker");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "unsubscribe never reached the broker"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }

@@ -16,7 +16,10 @@ pub enum Error {
 
     /// A subscription pattern broke the naming rules.
     #[error("Topic pattern is invalid: {pattern:?} ({reason})")]
-    InvalidPattern { pattern: String, reason: &'static str },
+    InvalidPattern {
+        pattern: String,
+        reason: &'static str,
+    },
 
     /// A queue group name broke the naming rules.
     #[error("Queue group name is invalid: {group:?} ({reason})")]
@@ -87,7 +90,9 @@ impl fmt::Display for CloseReason {
         match self {
             CloseReason::Closed => f.write_str("closed by the application"),
             CloseReason::ShuttingDown => f.write_str("the broker is shutting down"),
-            CloseReason::SlowConsumer => f.write_str("slow consumer: the receive buffer overflowed"),
+            CloseReason::SlowConsumer => {
+                f.write_str("slow consumer: the receive buffer overflowed")
+            }
             CloseReason::PeerClosed => f.write_str("the peer closed the connection"),
             CloseReason::Server { code, reason } => write!(f, "broker error {code}: {reason}"),
             CloseReason::Protocol(reason) => write!(f, "protocol violation: {reason}"),

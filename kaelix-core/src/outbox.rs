@@ -198,9 +198,18 @@ mod tests {
     #[tokio::test]
     async fn writes_everything_then_stops_on_close() {
         let outbox = Arc::new(Outbox::new(16));
-        assert_eq!(outbox.push(3, |b| b.extend_from_slice(b"abc")), Pushed::First);
-        assert_eq!(outbox.push(3, |b| b.extend_from_slice(b"def")), Pushed::More);
-        assert_eq!(outbox.push(20, |b| b.extend_from_slice(&[0; 20])), Pushed::Full);
+        assert_eq!(
+            outbox.push(3, |b| b.extend_from_slice(b"abc")),
+            Pushed::First
+        );
+        assert_eq!(
+            outbox.push(3, |b| b.extend_from_slice(b"def")),
+            Pushed::More
+        );
+        assert_eq!(
+            outbox.push(20, |b| b.extend_from_slice(&[0; 20])),
+            Pushed::Full
+        );
         let (mut client, mut server) = tokio::io::duplex(1024);
         let writer = {
             let outbox = outbox.clone();
@@ -208,7 +217,10 @@ mod tests {
         };
         outbox.wake();
         outbox.close(CloseReason::Closed, Some(b"!"));
-        assert_eq!(outbox.push(1, |b| b.extend_from_slice(b"x")), Pushed::Closed);
+        assert_eq!(
+            outbox.push(1, |b| b.extend_from_slice(b"x")),
+            Pushed::Closed
+        );
         let reason = writer.await.unwrap().unwrap();
         assert_eq!(reason, CloseReason::Closed);
         let mut got = Vec::new();
@@ -222,7 +234,10 @@ mod tests {
     #[tokio::test]
     async fn a_large_frame_fits_an_empty_buffer() {
         let outbox = Outbox::new(4);
-        assert_eq!(outbox.push(10, |b| b.extend_from_slice(&[1; 10])), Pushed::First);
+        assert_eq!(
+            outbox.push(10, |b| b.extend_from_slice(&[1; 10])),
+            Pushed::First
+        );
         assert_eq!(outbox.pending_bytes(), 10);
     }
 }

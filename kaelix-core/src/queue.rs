@@ -54,6 +54,8 @@ impl MessageQueue {
     }
 
     /// Like [`push`](Self::push), but a message that does not fit comes back.
+    // The message is handed back by value: boxing it would allocate.
+    #[allow(clippy::result_large_err)]
     pub fn try_push(&self, message: Message) -> Result<Pushed, Message> {
         let mut state = self.state.lock();
         if state.closed.is_some() {

@@ -333,7 +333,17 @@ mod tests {
 
     #[test]
     fn invalid_topics_say_so() {
-        for name in ["", ".a", "a.", "a..b", "a b", "a.*", "a.>", "é", &"x".repeat(256)] {
+        for name in [
+            "",
+            ".a",
+            "a.",
+            "a..b",
+            "a b",
+            "a.*",
+            "a.>",
+            "é",
+            &"x".repeat(256),
+        ] {
             let err = Topic::new(name).unwrap_err().to_string();
             assert!(
                 err.starts_with("Topic name contains invalid characters"),
@@ -369,7 +379,11 @@ mod tests {
         ];
         for (pattern, name, expected) in cases {
             let pattern = TopicPattern::new(pattern).unwrap();
-            assert_eq!(pattern.matches(&topic(name)), expected, "{pattern} ~ {name}");
+            assert_eq!(
+                pattern.matches(&topic(name)),
+                expected,
+                "{pattern} ~ {name}"
+            );
         }
     }
 

@@ -78,15 +78,21 @@ fn frame() -> impl Strategy<Value = Frame> {
         (any::<u64>(), any::<bool>(), body())
             .prop_map(|(seq, ack, body)| Frame::Publish(Publish { seq, ack, body })),
         any::<u64>().prop_map(Frame::PubAck),
-        (any::<u64>(), code(), text(100))
-            .prop_map(|(id, code, reason)| Frame::PubNack(Nack { id, code, reason })),
-        (any::<u32>(), "[a-z.*>]{1,40}", proptest::option::of("[a-z]{1,20}")).prop_map(
-            |(sid, pattern, group)| Frame::Subscribe(Subscribe {
+        (any::<u64>(), code(), text(100)).prop_map(|(id, code, reason)| Frame::PubNack(Nack {
+            id,
+            code,
+            reason
+        })),
+        (
+            any::<u32>(),
+            "[a-z.*>]{1,40}",
+            proptest::option::of("[a-z]{1,20}")
+        )
+            .prop_map(|(sid, pattern, group)| Frame::Subscribe(Subscribe {
                 sid,
                 pattern: Bytes::from(pattern),
                 group: group.map(Bytes::from),
-            })
-        ),
+            })),
         any::<u32>().prop_map(Frame::SubAck),
         (any::<u32>(), code(), text(100)).prop_map(|(sid, code, reason)| Frame::SubNack(Nack {
             id: u64::from(sid),

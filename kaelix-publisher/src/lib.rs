@@ -62,15 +62,21 @@ struct State {
 impl Publisher {
     /// Connects to a broker at `addr` (`"host:port"`).
     pub async fn connect(addr: impl ToSocketAddrs) -> Result<Publisher> {
-        Self::connect_with(addr, PublisherOptions {
-            name: "kaelix-publisher".into(),
-            ..Default::default()
-        })
+        Self::connect_with(
+            addr,
+            PublisherOptions {
+                name: "kaelix-publisher".into(),
+                ..Default::default()
+            },
+        )
         .await
     }
 
     /// Connects with explicit options.
-    pub async fn connect_with(addr: impl ToSocketAddrs, options: ClientOptions) -> Result<Publisher> {
+    pub async fn connect_with(
+        addr: impl ToSocketAddrs,
+        options: ClientOptions,
+    ) -> Result<Publisher> {
         let conn = client::connect(addr, &options).await?;
         let inner = Arc::new(Inner {
             outbox: conn.outbox,
@@ -87,14 +93,20 @@ impl Publisher {
     /// broker's reason.
     pub async fn publish(&self, topic: impl AsRef<str>, payload: impl Into<Bytes>) -> Result<()> {
         let topic = Topic::new(topic)?;
-        self.publish_parts(&topic, None, &Headers::new(), payload.into()).await
+        self.publish_parts(&topic, None, &Headers::new(), payload.into())
+            .await
     }
 
     /// Publishes a whole message (headers and partition included) and waits
     /// for the acknowledgement.
     pub async fn publish_message(&self, message: &Message) -> Result<()> {
-        self.publish_parts(&message.topic, message.partition, &message.headers, message.payload.clone())
-            .await
+        self.publish_parts(
+            &message.topic,
+            message.partition,
+            &message.headers,
+            message.payload.clone(),
+        )
+        .await
     }
 
     async fn publish_parts(
@@ -113,13 +125,15 @@ impl Publisher {
             }
             state.acks.insert(seq, tx);
         }
-        let sent = self.enqueue(seq, true, topic, partition, headers, &payload, true).await;
+        let sent = self
+            .enqueue(seq, true, topic, partition, headers, &payload, true)
+            .await;
         if let Err(err) = sent {
             self.inner.state.lock().acks.remove(&seq);
             return Err(err);
         }
         rx.await
-            .unwrap_or_else(|_| Err(Error::Closed(CloseReason::PeerClosed)))
+            .unwrap_or(Err(Error::Closed(CloseReason::PeerClosed)))
     }
 
     /// Queues `payload` on `topic` without waiting for the broker. Messages
@@ -127,13 +141,19 @@ impl Publisher {
     /// refused any. Waits only when the send buffer is full.
     pub async fn send(&self, topic: impl AsRef<str>, payload: impl Into<Bytes>) -> Result<()> {
         let topic = Topic::new(topic)?;
-        self.send_parts(&topic, None, &Headers::new(), &payload.into()).await
+        self.send_parts(&topic, None, &Headers::new(), &payload.into())
+            .await
     }
 
     /// Queues a whole message without waiting for the broker.
     pub async fn send_message(&self, message: &Message) -> Result<()> {
-        self.send_parts(&message.topic, message.partition, &message.headers, &message.payload)
-            .await
+        self.send_parts(
+            &message.topic,
+            message.partition,
+            &message.headers,
+            &message.payload,
+        )
+        .await
     }
 
     async fn send_parts(
@@ -144,7 +164,8 @@ impl Publisher {
         payload: &Bytes,
     ) -> Result<()> {
         let seq = self.inner.next_seq.fetch_add(1, Ordering::Relaxed);
-        self.enqueue(seq, false, topic, partition, headers, payload, false).await
+        self.enqueue(seq, false, topic, partition, headers, payload, false)
+            .await
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -163,13 +184,18 @@ impl Publisher {
         if frame_len > self.inner.max_frame_bytes {
             return Err(Error::PayloadTooLarge {
                 size: payload.len(),
-                max: self.inner.max_frame_bytes.saturating_sub(frame_len - payload.len()),
+                max: self
+                    .inner
+                    .max_frame_bytes
+                    .saturating_sub(frame_len - payload.len()),
             });
         }
         let len = 4 + frame_len;
         let outbox = &self.inner.outbox;
         loop {
-            match outbox.push(len, |b| encode_publish(b, seq, ack, topic, partition, headers, payload)) {
+            match outbox.push(len, |b| {
+                encode_publish(b, seq, ack, topic, partition, headers, payload)
+            }) {
                 Pushed::First => {
                     outbox.wake();
                     return Ok(());
@@ -199,7 +225,12 @@ impl Publisher {
             state.pongs.insert(token, tx);
         }
         let ping = Frame::Ping(token);
-        if self.inner.outbox.push_now(HEADER_LEN + 8, |b| ping.encode(b)) == Pushed::Closed {
+        if self
+            .inner
+            .outbox
+            .push_now(HEADER_LEN + 8, |b| ping.encode(b))
+            == Pushed::Closed
+        {
             return Err(self.closed_error());
         }
         if rx.await.is_err() {
@@ -297,7 +328,11 @@ async fn read_loop(mut reader: FrameReader, inner: Arc<Inner>) {
         }
     };
     let mut state = inner.state.lock();
-    let reason = inner.outbox.close_reason().filter(|r| *r == CloseReason::Closed).unwrap_or(reason);
+    let reason = inner
+        .outbox
+        .close_reason()
+        .filter(|r| *r == CloseReason::Closed)
+        .unwrap_or(reason);
     state.closed = Some(reason.clone());
     for (_, tx) in state.acks.drain() {
         let _ = tx.send(Err(Error::Closed(reason.clone())));

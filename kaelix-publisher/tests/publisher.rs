@@ -32,7 +32,10 @@ async fn acknowledged_publishes_reach_in_process_subscribers() {
     publisher.publish_message(&message).await.unwrap();
 
     let first = receiver.recv().await.unwrap();
-    assert_eq!((first.topic.as_str(), &first.payload[..]), ("orders.created", &b"o-1"[..]));
+    assert_eq!(
+        (first.topic.as_str(), &first.payload[..]),
+        ("orders.created", &b"o-1"[..])
+    );
     let second = receiver.recv().await.unwrap();
     assert_eq!(second.topic, Topic::new("orders.paid").unwrap());
     assert_eq!(second.header("content-type"), Some("text/plain"));
@@ -46,7 +49,10 @@ async fn sends_are_batched_and_flush_waits_for_the_broker() {
     let mut receiver = broker.subscribe("metrics.>").await.unwrap();
     let publisher = Publisher::connect(&addr).await.unwrap();
     for i in 0..10_000u32 {
-        publisher.send("metrics.cpu", i.to_be_bytes().to_vec()).await.unwrap();
+        publisher
+            .send("metrics.cpu", i.to_be_bytes().to_vec())
+            .await
+            .unwrap();
     }
     publisher.flush().await.unwrap();
     // After flush the broker has routed everything: all of it is queued here.
@@ -70,11 +76,16 @@ async fn shutdown_fails_pending_and_later_publishes_with_the_reason() {
     let err = loop {
         match publisher.publish("a", "2").await {
             Err(err) => break err,
-            Ok(()) => assert!(tokio::time::Instant::now() < deadline, "publishes keep succeeding"),
+            Ok(()) => assert!(
+                tokio::time::Instant::now() < deadline,
+                "publishes keep succeeding"
+            ),
         }
     };
     match err {
-        Error::Closed(CloseReason::Server { code, .. }) => assert_eq!(code, ErrorCode::ShuttingDown),
+        Error::Closed(CloseReason::Server { code, .. }) => {
+            assert_eq!(code, ErrorCode::ShuttingDown)
+        }
         other => panic!("expected a shutting-down close, got {other}"),
     }
 }

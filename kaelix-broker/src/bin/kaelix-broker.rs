@@ -13,7 +13,11 @@ use kaelix_core::MemoryStreamerConfig;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
-#[command(name = "kaelix-broker", version, about = "The Kaelix pub/sub message broker")]
+#[command(
+    name = "kaelix-broker",
+    version,
+    about = "The Kaelix pub/sub message broker"
+)]
 struct Args {
     /// Configuration file; without it ./kaelix.toml is read if present.
     #[arg(long, short, value_name = "PATH")]

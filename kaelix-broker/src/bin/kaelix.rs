@@ -16,10 +16,20 @@ use kaelix_publisher::Publisher;
 const DEFAULT_PORT: u16 = 8080;
 
 #[derive(Parser)]
-#[command(name = "kaelix", version, about = "Publish and subscribe to a Kaelix broker")]
+#[command(
+    name = "kaelix",
+    version,
+    about = "Publish and subscribe to a Kaelix broker"
+)]
 struct Args {
     /// Broker address, `host:port` or `host` (port 8080).
-    #[arg(long, short, global = true, default_value = "127.0.0.1:8080", env = "KAELIX_SERVER")]
+    #[arg(
+        long,
+        short,
+        global = true,
+        default_value = "127.0.0.1:8080",
+        env = "KAELIX_SERVER"
+    )]
     server: String,
     #[command(subcommand)]
     command: Command,
@@ -91,10 +101,16 @@ async fn publish(server: &str, topic: &str, text: String, count: u64) -> Result<
         .map_err(|e| format!("cannot connect to {server}: {e}"))?;
     let payload = bytes::Bytes::from(text);
     if count == 1 {
-        publisher.publish(topic, payload).await.map_err(|e| e.to_string())?;
+        publisher
+            .publish(topic, payload)
+            .await
+            .map_err(|e| e.to_string())?;
     } else {
         for _ in 0..count {
-            publisher.send(topic, payload.clone()).await.map_err(|e| e.to_string())?;
+            publisher
+                .send(topic, payload.clone())
+                .await
+                .map_err(|e| e.to_string())?;
         }
         // A flush returns once the broker has handled every message, and
         // reports the first it refused.
@@ -105,7 +121,12 @@ async fn publish(server: &str, topic: &str, text: String, count: u64) -> Result<
     Ok(())
 }
 
-async fn subscribe(server: &str, pattern: &str, queue: Option<&str>, count: Option<u64>) -> Result<(), String> {
+async fn subscribe(
+    server: &str,
+    pattern: &str,
+    queue: Option<&str>,
+    count: Option<u64>,
+) -> Result<(), String> {
     let consumer = Consumer::connect(server)
         .await
         .map_err(|e| format!("cannot connect to {server}: {e}"))?;
@@ -127,7 +148,12 @@ async fn subscribe(server: &str, pattern: &str, queue: Option<&str>, count: Opti
             }
         };
         received += 1;
-        let line = writeln!(out, "{} {}", message.topic, String::from_utf8_lossy(&message.payload));
+        let line = writeln!(
+            out,
+            "{} {}",
+            message.topic,
+            String::from_utf8_lossy(&message.payload)
+        );
         if line.is_err() {
             // stdout closed (e.g. piped into `head`): stop quietly.
             return Ok(());

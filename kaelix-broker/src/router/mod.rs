@@ -335,7 +335,8 @@ impl<'a> Batch<'a> {
         for queue in self.wake_queues.drain(..) {
             queue.wake();
         }
-        self.stats.add_routed(self.published, self.delivered, self.bytes_in);
+        self.stats
+            .add_routed(self.published, self.delivered, self.bytes_in);
         self.published = 0;
         self.delivered = 0;
         self.bytes_in = 0;
@@ -366,7 +367,11 @@ mod tests {
         Router::new(Arc::new(Stats::default()))
     }
 
-    fn local(router: &Router, pattern: &str, group: Option<&str>) -> (Arc<Subscriber>, Arc<MessageQueue>) {
+    fn local(
+        router: &Router,
+        pattern: &str,
+        group: Option<&str>,
+    ) -> (Arc<Subscriber>, Arc<MessageQueue>) {
         let queue = Arc::new(MessageQueue::new(1000, 1 << 20));
         let sub = router.subscribe(
             TopicPattern::new(pattern).unwrap(),
@@ -380,7 +385,9 @@ mod tests {
     fn publish(router: &Router, cache: &mut RouteCache, topic: &str) {
         let stats = Stats::default();
         let mut batch = Batch::new(&stats);
-        let (topic, matches) = cache.resolve(router, &Bytes::copy_from_slice(topic.as_bytes())).unwrap();
+        let (topic, matches) = cache
+            .resolve(router, &Bytes::copy_from_slice(topic.as_bytes()))
+            .unwrap();
         let message = Message::new(topic.clone(), "x").unwrap();
         batch.route(&topic, &matches, &Publication::from_message(message));
     }
@@ -395,7 +402,10 @@ mod tests {
         let mut cache = RouteCache::new();
         publish(&router, &mut cache, "a.b.c");
         publish(&router, &mut cache, "a.x");
-        assert_eq!((exact.len(), star.len(), tail.len(), none.len()), (1, 1, 2, 0));
+        assert_eq!(
+            (exact.len(), star.len(), tail.len(), none.len()),
+            (1, 1, 2, 0)
+        );
     }
 
     #[test]
@@ -415,7 +425,9 @@ mod tests {
     #[test]
     fn queue_group_delivers_each_message_once() {
         let router = router();
-        let members: Vec<_> = (0..3).map(|_| local(&router, "jobs.>", Some("workers")).1).collect();
+        let members: Vec<_> = (0..3)
+            .map(|_| local(&router, "jobs.>", Some("workers")).1)
+            .collect();
         let (_, plain) = local(&router, "jobs.>", None);
         let mut cache = RouteCache::new();
         for _ in 0..30 {
@@ -430,14 +442,22 @@ mod tests {
     fn invalid_topic_is_refused() {
         let router = router();
         let mut cache = RouteCache::new();
-        let err = cache.resolve(&router, &Bytes::from_static(b"a..b")).err().unwrap();
-        assert!(err.to_string().starts_with("Topic name contains invalid characters"));
+        let err = cache
+            .resolve(&router, &Bytes::from_static(b"a..b"))
+            .err()
+            .unwrap();
+        assert!(err
+            .to_string()
+            .starts_with("Topic name contains invalid characters"));
     }
 
     #[test]
     fn removing_wildcards_prunes_the_trie() {
         let router = router();
-        let subs: Vec<_> = ["a.*.c", "a.>", "*.b", "a.*.c"].iter().map(|p| local(&router, p, None).0).collect();
+        let subs: Vec<_> = ["a.*.c", "a.>", "*.b", "a.*.c"]
+            .iter()
+            .map(|p| local(&router, p, None).0)
+            .collect();
         for sub in &subs {
             router.unsubscribe(sub);
         }

@@ -144,7 +144,9 @@ impl RawClient {
     pub async fn next(&mut self) -> Option<Frame> {
         tokio::time::timeout(Duration::from_secs(10), async {
             loop {
-                if let Some(frame) = protocol::decode(&mut self.buf, 64 << 20).expect("valid frames from the broker") {
+                if let Some(frame) =
+                    protocol::decode(&mut self.buf, 64 << 20).expect("valid frames from the broker")
+                {
                     return Some(frame);
                 }
                 match self.stream.read_buf(&mut self.buf).await {

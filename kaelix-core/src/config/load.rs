@@ -62,7 +62,10 @@ fn describe(err: figment::Error) -> String {
     let key = err.path.join(".");
     let origin = match &err.metadata {
         Some(meta) if meta.name == "environment variable" => {
-            format!("environment variable {}", meta.interpolate(&err.profile.clone().unwrap_or_default(), &err.path))
+            format!(
+                "environment variable {}",
+                meta.interpolate(&err.profile.clone().unwrap_or_default(), &err.path)
+            )
         }
         Some(meta) => match &meta.source {
             Some(source) => format!("{} {source}", meta.name),
@@ -84,7 +87,10 @@ struct EnvVars {
 }
 
 impl EnvVars {
-    fn new(sections: &[(String, String)], vars: impl IntoIterator<Item = (String, String)>) -> Self {
+    fn new(
+        sections: &[(String, String)],
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Self {
         let values = vars
             .into_iter()
             .filter_map(|(name, value)| {
@@ -129,7 +135,9 @@ impl Provider for EnvVars {
 fn merge_into(into: &mut Dict, from: Dict) {
     for (key, value) in from {
         match (into.get_mut(&key), value) {
-            (Some(Value::Dict(_, existing)), Value::Dict(_, incoming)) => merge_into(existing, incoming),
+            (Some(Value::Dict(_, existing)), Value::Dict(_, incoming)) => {
+                merge_into(existing, incoming)
+            }
             (_, value) => {
                 into.insert(key, value);
             }

@@ -63,7 +63,10 @@ fn parse(mut frame: Bytes) -> Result<Frame, ProtocolError> {
     if op == opcode::PUBLISH || op == opcode::MESSAGE {
         return parse_message_frame(op, fl, frame);
     }
-    let mut r = Reader { buf: frame, frame: name };
+    let mut r = Reader {
+        buf: frame,
+        frame: name,
+    };
     let parsed = match op {
         opcode::HELLO => {
             let magic = r.take(4, "magic")?;
@@ -147,7 +150,11 @@ fn parse_message_frame(op: u8, fl: u8, frame: Bytes) -> Result<Frame, ProtocolEr
 }
 
 /// Parses a message body; `raw` is exactly the body's bytes.
-pub(super) fn parse_body(raw: Bytes, fl: u8, frame: &'static str) -> Result<MessageBody, ProtocolError> {
+pub(super) fn parse_body(
+    raw: Bytes,
+    fl: u8,
+    frame: &'static str,
+) -> Result<MessageBody, ProtocolError> {
     let mut r = Reader {
         buf: raw.clone(),
         frame,
@@ -345,10 +352,21 @@ mod tests {
     #[test]
     fn rejects_unknown_opcode_flags_and_trailing_bytes() {
         let mut buf = BytesMut::from(&[0u8, 0, 0, 2, 0x7f, 0][..]);
-        assert_eq!(decode(&mut buf, 64), Err(ProtocolError::UnknownOpcode(0x7f)));
-        let mut buf = BytesMut::from(&[0u8, 0, 0, 10, opcode::PING, 0x80, 0, 0, 0, 0, 0, 0, 0, 1][..]);
-        assert!(matches!(decode(&mut buf, 64), Err(ProtocolError::UnknownFlags { .. })));
-        let mut buf = BytesMut::from(&[0u8, 0, 0, 11, opcode::PING, 0, 0, 0, 0, 0, 0, 0, 0, 1, 9][..]);
-        assert!(matches!(decode(&mut buf, 64), Err(ProtocolError::TrailingBytes { .. })));
+        assert_eq!(
+            decode(&mut buf, 64),
+            Err(ProtocolError::UnknownOpcode(0x7f))
+        );
+        let mut buf =
+            BytesMut::from(&[0u8, 0, 0, 10, opcode::PING, 0x80, 0, 0, 0, 0, 0, 0, 0, 1][..]);
+        assert!(matches!(
+            decode(&mut buf, 64),
+            Err(ProtocolError::UnknownFlags { .. })
+        ));
+        let mut buf =
+            BytesMut::from(&[0u8, 0, 0, 11, opcode::PING, 0, 0, 0, 0, 0, 0, 0, 0, 1, 9][..]);
+        assert!(matches!(
+            decode(&mut buf, 64),
+            Err(ProtocolError::TrailingBytes { .. })
+        ));
     }
 }

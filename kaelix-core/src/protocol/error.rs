@@ -27,7 +27,9 @@ pub enum ProtocolError {
     },
     #[error("not a Kaelix client: the HELLO frame lacks the protocol magic")]
     BadMagic,
-    #[error("no common protocol version: peer speaks {peer_min}..={peer_max}, this side {min}..={max}")]
+    #[error(
+        "no common protocol version: peer speaks {peer_min}..={peer_max}, this side {min}..={max}"
+    )]
     UnsupportedVersion {
         peer_min: u16,
         peer_max: u16,
