@@ -191,10 +191,7 @@ impl Connection {
 
     fn welcome(&mut self, hello: Frame) -> Result<(), Exit> {
         let Frame::Hello(hello) = hello else {
-            return Err(Exit::Protocol(ProtocolError::Unexpected {
-                frame: hello.name(),
-                context: "before HELLO",
-            }));
+            return Err(Exit::Protocol(ProtocolError::HelloRequired(hello.name())));
         };
         let version = hello.max_version.min(protocol::PROTOCOL_VERSION);
         if version < hello.min_version.max(protocol::MIN_PROTOCOL_VERSION) {

@@ -22,3 +22,8 @@ pub mod stats;
 pub use broker::{IntoPattern, MessageBroker, Receiver};
 pub use server::Server;
 pub use stats::BrokerStats;
+
+/// The README's Rust snippets, compiled as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct ReadmeDoctests;

@@ -72,7 +72,7 @@ async fn garbage_and_a_4gib_frame_are_refused_while_a_third_client_is_unaffected
             // Frames before HELLO.
             let mut early = RawClient::connect(&addr).await;
             early.send(&Frame::Ping(1)).await;
-            expect_error_then_close(&mut early, ErrorCode::Malformed).await;
+            expect_error_then_close(&mut early, ErrorCode::HandshakeRequired).await;
 
             // A truncated publish: its topic runs past the frame's end.
             let mut truncated = RawClient::handshake(&addr).await;

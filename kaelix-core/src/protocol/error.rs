@@ -27,6 +27,8 @@ pub enum ProtocolError {
     },
     #[error("not a Kaelix client: the HELLO frame lacks the protocol magic")]
     BadMagic,
+    #[error("the first frame must be HELLO, not {0}")]
+    HelloRequired(&'static str),
     #[error(
         "no common protocol version: peer speaks {peer_min}..={peer_max}, this side {min}..={max}"
     )]
@@ -49,7 +51,9 @@ impl ProtocolError {
         match self {
             ProtocolError::FrameTooLarge { .. } => ErrorCode::FrameTooLarge,
             ProtocolError::UnsupportedVersion { .. } => ErrorCode::UnsupportedVersion,
-            ProtocolError::BadMagic => ErrorCode::HandshakeRequired,
+            ProtocolError::BadMagic | ProtocolError::HelloRequired(_) => {
+                ErrorCode::HandshakeRequired
+            }
             _ => ErrorCode::Malformed,
         }
     }
