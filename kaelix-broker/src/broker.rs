@@ -1,7 +1,8 @@
 //! The in-process broker API. Network connections route through the same
 //! [`Router`], so what in-process code sees is what clients get.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use kaelix_core::queue::{MessageQueue, QueueReceiver};
@@ -39,6 +40,8 @@ pub struct MessageBroker {
 }
 
 pub(crate) struct Inner {
+    /// Unique per broker in this process; keys the thread-local route cache.
+    id: u64,
     pub(crate) config: MemoryStreamerConfig,
     pub(crate) router: Router,
     pub(crate) stats: Arc<Stats>,
@@ -64,8 +67,10 @@ impl MessageBroker {
     /// A broker with `config`, not yet started.
     pub fn with_config(config: MemoryStreamerConfig) -> Self {
         let stats = Arc::new(Stats::default());
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         MessageBroker {
             inner: Arc::new(Inner {
+                id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
                 router: Router::new(stats.clone()),
                 stats,
                 config,
@@ -138,30 +143,39 @@ impl MessageBroker {
         if message.topic != *topic {
             message.topic = topic.clone();
         }
-        let mut cache = RouteCache::new();
-        self.route(&mut cache, std::iter::once(message))
+        self.route(std::iter::once(message))
     }
 
     /// Publishes every message of `batch` on its own topic, waking each
     /// subscriber once for the whole batch.
     pub async fn publish_batch(&self, batch: MessageBatch) -> Result<()> {
         self.check_running()?;
-        let mut cache = RouteCache::new();
-        self.route(&mut cache, batch)
+        self.route(batch)
     }
 
-    fn route(
-        &self,
-        cache: &mut RouteCache,
-        messages: impl IntoIterator<Item = Message>,
-    ) -> Result<()> {
-        let mut batch = Batch::new(&self.inner.stats);
-        for message in messages {
-            let (topic, matches) = cache.resolve(&self.inner.router, &message.topic.to_bytes())?;
-            batch.route(&topic, &matches, &Publication::from_message(message));
+    /// Routes on the calling thread, with that thread's route cache, so
+    /// that in-process publishers share no lock on a cache hit.
+    fn route(&self, messages: impl IntoIterator<Item = Message>) -> Result<()> {
+        thread_local! {
+            static CACHE: RefCell<Option<(u64, RouteCache)>> = const { RefCell::new(None) };
         }
-        batch.finish();
-        Ok(())
+        CACHE.with(|slot| {
+            let mut slot = slot.borrow_mut();
+            if slot.as_ref().map(|(id, _)| *id) != Some(self.inner.id) {
+                *slot = Some((self.inner.id, RouteCache::new()));
+            }
+            let Some((_, cache)) = slot.as_mut() else {
+                unreachable!("set just above")
+            };
+            let mut batch = Batch::new(&self.inner.stats);
+            for message in messages {
+                let (topic, matches) =
+                    cache.resolve(&self.inner.router, &message.topic.to_bytes())?;
+                batch.route(&topic, &matches, &Publication::from_message(message));
+            }
+            batch.finish();
+            Ok(())
+        })
     }
 
     fn check_running(&self) -> Result<()> {
