@@ -4,14 +4,22 @@
 //! [`Consumer::subscribe_queue`] returns a [`Subscription`] that yields
 //! messages through [`Subscription::recv`] or as a `futures` `Stream`.
 //!
-//! ```no_run
+//! ```
 //! use kaelix_consumer::Consumer;
-//! # #[tokio::main] async fn main() -> Result<(), kaelix_core::Error> {
-//! let consumer = Consumer::connect("127.0.0.1:8080").await?;
+//! # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let broker = kaelix_broker::MessageBroker::new();
+//! # broker.start().await?;
+//! # let server = kaelix_broker::Server::bind_addr(&broker, "127.0.0.1:0").await?;
+//! # let addr = server.local_addr()?.to_string();
+//! # tokio::spawn(server.run());
+//! let consumer = Consumer::connect(&addr).await?; // addr: "127.0.0.1:8080", say
 //! let mut signups = consumer.subscribe("events.*.signup").await?;
 //! let mut jobs = consumer.subscribe_queue("jobs.>", "workers").await?;
+//! # let publisher = kaelix_publisher::Publisher::connect(&addr).await?;
+//! # publisher.publish("events.user.signup", "alice").await?;
 //! let message = signups.recv().await?;
 //! println!("{}: {:?}", message.topic, message.payload);
+//! # assert_eq!(message.payload, "alice");
 //! jobs.unsubscribe().await?;
 //! # Ok(()) }
 //! ```
@@ -28,7 +36,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use kaelix_core::client::{self, ClientOptions, FrameReader};
+use kaelix_core::client::{self, ClientOptions, CloseOnDrop, FrameReader};
 use kaelix_core::outbox::{Outbox, Pushed};
 use kaelix_core::protocol::{Frame, Subscribe, HEADER_LEN};
 use kaelix_core::queue::{MessageQueue, QueueReceiver};
@@ -66,6 +74,7 @@ impl Default for ConsumerOptions {
 #[derive(Clone, Debug)]
 pub struct Consumer {
     inner: Arc<Inner>,
+    guard: Arc<CloseOnDrop>,
 }
 
 #[derive(Debug)]
@@ -102,7 +111,10 @@ impl Consumer {
             state: Mutex::new(State::default()),
         });
         tokio::spawn(read_loop(conn.reader, inner.clone()));
-        Ok(Consumer { inner })
+        Ok(Consumer {
+            guard: Arc::new(CloseOnDrop(inner.outbox.clone())),
+            inner,
+        })
     }
 
     /// Subscribes to `pattern` (`*` matches one token, a final `>` one or
@@ -156,6 +168,7 @@ impl Consumer {
             pattern,
             rx: QueueReceiver::new(queue),
             inner: inner.clone(),
+            _guard: self.guard.clone(),
             ended: false,
         };
         if inner.outbox.push_now(HEADER_LEN + 520, |b| frame.encode(b)) == Pushed::Closed {
@@ -205,6 +218,8 @@ pub struct Subscription {
     pattern: TopicPattern,
     rx: QueueReceiver,
     inner: Arc<Inner>,
+    /// The connection stays open while a subscription lives.
+    _guard: Arc<CloseOnDrop>,
     ended: bool,
 }
 

@@ -82,3 +82,25 @@ async fn subscriptions_end_with_the_reason_when_the_broker_stops() {
     }
     assert!(consumer.subscribe("more").await.is_err());
 }
+
+#[tokio::test]
+async fn a_subscription_keeps_its_connection_after_the_consumer_is_dropped() {
+    let (broker, addr) = broker().await;
+    let mut sub = Consumer::connect(&addr)
+        .await
+        .unwrap()
+        .subscribe("kept")
+        .await
+        .unwrap();
+    publish(&broker, "kept", "still here").await;
+    assert_eq!(sub.recv().await.unwrap().payload, "still here");
+    drop(sub);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while broker.stats().connections_active != 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the connection stayed open"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}

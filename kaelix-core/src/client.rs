@@ -152,3 +152,15 @@ async fn connect_inner(addr: impl ToSocketAddrs, options: &ClientOptions) -> Res
         writer,
     })
 }
+
+/// Closes a client connection when the last handle to it is dropped. The
+/// client's reader task holds the shared state but not this guard, so an
+/// application that drops its handles does not leak the connection.
+#[derive(Debug)]
+pub struct CloseOnDrop(pub Arc<Outbox>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0.close(CloseReason::Closed, None);
+    }
+}

@@ -6,10 +6,15 @@
 //! in batches; [`Publisher::flush`] waits until the broker has handled all of
 //! them and reports any it refused.
 //!
-//! ```no_run
+//! ```
 //! use kaelix_publisher::Publisher;
-//! # #[tokio::main] async fn main() -> Result<(), kaelix_core::Error> {
-//! let publisher = Publisher::connect("127.0.0.1:8080").await?;
+//! # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let broker = kaelix_broker::MessageBroker::new();
+//! # broker.start().await?;
+//! # let server = kaelix_broker::Server::bind_addr(&broker, "127.0.0.1:0").await?;
+//! # let addr = server.local_addr()?.to_string();
+//! # tokio::spawn(server.run());
+//! let publisher = Publisher::connect(&addr).await?; // addr: "127.0.0.1:8080", say
 //! publisher.publish("events.user.signup", "alice").await?;
 //! for i in 0..1000 {
 //!     publisher.send("metrics.cpu", format!("{i}")).await?;
@@ -24,7 +29,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use kaelix_core::client::{self, ClientOptions, FrameReader};
+use kaelix_core::client::{self, ClientOptions, CloseOnDrop, FrameReader};
 use kaelix_core::outbox::{Outbox, Pushed};
 use kaelix_core::protocol::encode::publish_len;
 use kaelix_core::protocol::{encode_publish, Frame, HEADER_LEN};
@@ -40,6 +45,7 @@ pub use kaelix_core::client::ClientOptions as PublisherOptions;
 #[derive(Clone, Debug)]
 pub struct Publisher {
     inner: Arc<Inner>,
+    _guard: Arc<CloseOnDrop>,
 }
 
 #[derive(Debug)]
@@ -85,7 +91,10 @@ impl Publisher {
             state: Mutex::new(State::default()),
         });
         tokio::spawn(read_loop(conn.reader, inner.clone()));
-        Ok(Publisher { inner })
+        Ok(Publisher {
+            _guard: Arc::new(CloseOnDrop(inner.outbox.clone())),
+            inner,
+        })
     }
 
     /// Publishes `payload` on `topic` and waits for the broker's

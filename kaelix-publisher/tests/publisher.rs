@@ -97,3 +97,22 @@ async fn connecting_to_nothing_is_an_error() {
     drop(listener);
     assert!(matches!(Publisher::connect(addr).await, Err(Error::Io(_))));
 }
+
+#[tokio::test]
+async fn dropping_the_last_handle_closes_the_connection() {
+    let (broker, addr) = broker().await;
+    let publisher = Publisher::connect(&addr).await.unwrap();
+    let clone = publisher.clone();
+    drop(publisher);
+    clone.publish("a", "still open").await.unwrap();
+    assert_eq!(broker.stats().connections_active, 1);
+    drop(clone);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while broker.stats().connections_active != 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the connection stayed open"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
