@@ -168,9 +168,7 @@ impl QueueReceiver {
             return Poll::Ready(Ok(message));
         }
         let mut state = self.queue.state.lock();
-        if !state.items.is_empty() {
-            std::mem::swap(&mut state.items, &mut self.local);
-            state.bytes = 0;
+        if take_all(&mut state, &mut self.local) {
             drop(state);
             self.queue.space.notify_waiters();
             return Poll::Ready(Ok(self.local.pop_front().unwrap_or_else(|| unreachable!())));
@@ -187,9 +185,7 @@ impl QueueReceiver {
 
     fn refill(&mut self) {
         let mut state = self.queue.state.lock();
-        if !state.items.is_empty() {
-            std::mem::swap(&mut state.items, &mut self.local);
-            state.bytes = 0;
+        if take_all(&mut state, &mut self.local) {
             drop(state);
             self.queue.space.notify_waiters();
         }
@@ -199,6 +195,17 @@ impl QueueReceiver {
     pub fn queue(&self) -> &std::sync::Arc<MessageQueue> {
         &self.queue
     }
+}
+
+/// Moves everything queued into `local` (which is empty) in one swap; false
+/// if nothing was queued.
+fn take_all(state: &mut State, local: &mut VecDeque<Message>) -> bool {
+    if state.items.is_empty() {
+        return false;
+    }
+    std::mem::swap(&mut state.items, local);
+    state.bytes = 0;
+    true
 }
 
 impl Drop for QueueReceiver {
