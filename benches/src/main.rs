@@ -1,183 +1,264 @@
-//! `kaelix-bench`: end-to-end load against a running broker.
+//! `kaelix-bench`: end-to-end load against Kaelix, NATS, or a raw TCP relay.
 //!
 //! ```text
-//! cargo run --release --bin kaelix-broker &
-//! cargo run --release -p kaelix-bench -- throughput --size 16 --duration 5
+//! kaelix-bench <scenario> [--target URL] [--payload BYTES] [--duration SECS]
+//!              [--publishers N] [--subscribers N] [--rate MSGS_PER_S] [--acked]
+//!              [--pid BROKER_PID] [--json]
 //! ```
 //!
-//! `throughput` runs publishers that send fire-and-forget and subscribers on
-//! one topic, and reports what the subscribers received per second, from the
-//! first publish to the last delivery. Publishers keep at most
-//! `--window-bytes` of payload in flight ahead of the slowest subscriber, so that the figure is
-//! a rate the subscribers sustain rather than a burst that ends in a
-//! slow-consumer disconnect.
+//! Scenarios: `pubsub` (P → S on one topic), `fanout` (1 → N), `fanin`
+//! (N → 1), `queue` (1 → a queue group of N), `latency` (one message in
+//! flight, or at `--rate`), `topics` (broker memory per subscription on its
+//! own topic), `connections` (broker memory per idle connection).
+//! `report` turns `--json` lines into the medians table of
+//! docs/performance.md; `relay-server` is the relay that `--target relay`
+//! starts.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+mod driver;
+mod error;
+mod memory;
+mod payload;
+mod procfs;
+mod report;
+mod results;
+mod scenario;
+mod target;
 
-use bytes::Bytes;
-use clap::{Parser, Subcommand};
-use kaelix_consumer::Consumer;
-use kaelix_publisher::Publisher;
+use std::io::{BufRead, BufReader, IsTerminal};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use driver::Endpoint;
+use error::{BenchError, Result};
+use results::RunResult;
+use scenario::Flow;
+use target::Target;
 
 #[derive(Parser)]
 #[command(
     name = "kaelix-bench",
-    about = "End-to-end load against a Kaelix broker"
+    version,
+    about = "End-to-end load against Kaelix, NATS or a raw TCP relay"
 )]
-struct Args {
-    /// Broker address.
-    #[arg(long, short, default_value = "127.0.0.1:8080", global = true)]
-    server: String,
+struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Cmd,
 }
 
 #[derive(Subcommand)]
-enum Command {
-    /// Messages per second from publishers to subscribers over TCP.
-    Throughput {
-        /// Payload bytes per message.
-        #[arg(long, default_value_t = 16)]
-        size: usize,
-        /// Seconds to publish for.
-        #[arg(long, default_value_t = 5.0)]
-        duration: f64,
-        /// Publishing connections.
-        #[arg(long, default_value_t = 1)]
-        publishers: usize,
-        /// Subscribing connections (each gets every message).
-        #[arg(long, default_value_t = 1)]
-        subscribers: usize,
-        /// Payload bytes in flight ahead of the slowest subscriber; keep it
-        /// well under the broker's limits.max_pending_bytes.
-        #[arg(long, default_value_t = 16 << 20)]
-        window_bytes: u64,
+enum Cmd {
+    /// P publishers → S subscribers on one topic.
+    Pubsub(RunOpts),
+    /// 1 publisher → N subscribers (N = --subscribers, default 4).
+    Fanout(RunOpts),
+    /// N publishers (--publishers, default 4) → 1 subscriber.
+    Fanin(RunOpts),
+    /// 1 publisher → a queue group of N (--subscribers, default 4): each message once.
+    Queue(RunOpts),
+    /// Latency with one message in flight, or at a fixed --rate.
+    Latency(RunOpts),
+    /// Broker memory for --count subscriptions, each on its own topic.
+    Topics(RunOpts),
+    /// Broker memory for --count idle connections.
+    Connections(RunOpts),
+    /// Serve the raw TCP relay (what `--target relay` starts).
+    RelayServer {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: String,
+    },
+    /// Read `--json` lines and print the medians table with Kaelix/NATS ratios.
+    Report {
+        /// Files of JSON lines (one run per line).
+        files: Vec<PathBuf>,
     },
 }
 
-#[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let args = Args::parse();
-    match args.command {
-        Command::Throughput {
-            size,
-            duration,
-            publishers,
-            subscribers,
-            window_bytes,
-        } => {
-            let window = (window_bytes / size.max(1) as u64).max(1024);
-            let duration = Duration::from_secs_f64(duration);
-            throughput(
-                &args.server,
-                size,
-                duration,
-                publishers,
-                subscribers,
-                window,
-            )
-            .await
+#[derive(Args, Clone)]
+struct RunOpts {
+    /// kaelix://host:port, nats://host:port, relay (started here) or relay://host:port.
+    #[arg(long, default_value = "kaelix://127.0.0.1:8080")]
+    target: Target,
+    /// Payload bytes per message (at least 16: sequence number and send time).
+    #[arg(long, default_value_t = 16)]
+    payload: usize,
+    /// Seconds to publish for.
+    #[arg(long, default_value_t = 5.0)]
+    duration: f64,
+    /// Publishing connections.
+    #[arg(long)]
+    publishers: Option<usize>,
+    /// Subscribing connections.
+    #[arg(long)]
+    subscribers: Option<usize>,
+    /// Messages per second across all publishers (unpaced if absent).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Wait for an acknowledgement of every publish.
+    #[arg(long)]
+    acked: bool,
+    /// Payload bytes publishers keep in flight ahead of the slowest subscriber.
+    #[arg(long, default_value_t = 16 << 20)]
+    window_bytes: u64,
+    /// Subscriptions (topics) or connections for the memory scenarios.
+    #[arg(long, default_value_t = 10_000)]
+    count: u64,
+    /// The broker's pid, for its CPU time and memory.
+    #[arg(long)]
+    pid: Option<u32>,
+    /// A label for reports, e.g. the CPU placement.
+    #[arg(long, default_value = "")]
+    label: String,
+    /// One JSON object per run on stdout instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("kaelix-bench: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("kaelix-bench: {err}");
+            ExitCode::FAILURE
         }
     }
 }
 
-async fn throughput(
-    server: &str,
-    size: usize,
-    duration: Duration,
-    publishers: usize,
-    subscribers: usize,
-    window: u64,
-) -> Result<(), Box<dyn std::error::Error>> {
-    let topic = format!("bench.{}", std::process::id());
-    let mut subs = Vec::new();
-    for _ in 0..subscribers {
-        let consumer = Consumer::connect(server).await?;
-        let subscription = consumer.subscribe(&topic).await?;
-        subs.push((consumer, subscription));
-    }
-    let stop = Arc::new(AtomicBool::new(false));
-    // Messages received by each subscriber, and sent by all publishers.
-    let received: Arc<Vec<AtomicU64>> =
-        Arc::new((0..subscribers).map(|_| AtomicU64::new(0)).collect());
-    let sent_total = Arc::new(AtomicU64::new(0));
-    let payload = Bytes::from(vec![0x5a; size]);
-    let start = Instant::now();
-    let mut senders = Vec::new();
-    for _ in 0..publishers {
-        let publisher = Publisher::connect(server).await?;
-        let (stop, payload, topic) = (stop.clone(), payload.clone(), topic.clone());
-        let (received, sent_total) = (received.clone(), sent_total.clone());
-        senders.push(tokio::spawn(async move {
-            let mut sent = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                let slowest = received
-                    .iter()
-                    .map(|r| r.load(Ordering::Relaxed))
-                    .min()
-                    .unwrap_or(0);
-                if sent_total.load(Ordering::Relaxed).saturating_sub(slowest) > window {
-                    tokio::time::sleep(Duration::from_micros(100)).await;
-                    continue;
-                }
-                for _ in 0..1024 {
-                    publisher.send(&topic, payload.clone()).await?;
-                }
-                sent += 1024;
-                sent_total.fetch_add(1024, Ordering::Relaxed);
+async fn dispatch(cmd: Cmd) -> Result<()> {
+    let (name, opts) = match cmd {
+        Cmd::RelayServer { listen } => {
+            let listener = tokio::net::TcpListener::bind(&listen).await?;
+            println!("relay listening on {}", listener.local_addr()?);
+            return driver::relay::serve(listener).await;
+        }
+        Cmd::Report { files } => {
+            let mut runs = Vec::new();
+            for file in files {
+                let text = std::fs::read_to_string(&file)?;
+                runs.extend(report::parse_lines(&text).map_err(BenchError::Usage)?);
             }
-            publisher.flush().await?;
-            Ok::<u64, kaelix_core::Error>(sent)
-        }));
-    }
-    let mut receivers = Vec::new();
-    for (i, (consumer, mut subscription)) in subs.into_iter().enumerate() {
-        let counter = received.clone();
-        receivers.push(tokio::spawn(async move {
-            let _keep = consumer;
-            let mut n = 0u64;
-            loop {
-                // Take what is buffered without a timer per message.
-                while subscription.try_recv().is_some() {
-                    n += 1;
-                }
-                counter[i].store(n, Ordering::Relaxed);
-                let last = Instant::now();
-                match tokio::time::timeout(Duration::from_secs(2), subscription.recv()).await {
-                    Ok(Ok(_)) => n += 1,
-                    _ => return (n, last),
-                }
-            }
-        }));
-    }
-    tokio::time::sleep(duration).await;
-    stop.store(true, Ordering::Relaxed);
-    let mut sent = 0;
-    for s in senders {
-        sent += s.await??;
-    }
-    let mut delivered = 0;
-    let mut end = start;
-    for r in receivers {
-        let (n, last) = r.await?;
-        delivered += n;
-        end = end.max(last);
-    }
-    let secs = (end - start).as_secs_f64();
-    let rate = delivered as f64 / secs;
-    println!(
-        "size={size}B publishers={publishers} subscribers={subscribers} sent={sent} delivered={delivered} \
-         elapsed={secs:.2}s rate={:.0} msg/s ({:.1} MB/s payload)",
-        rate,
-        rate * size as f64 / 1e6
-    );
-    if delivered != sent * subscribers as u64 {
-        eprintln!(
-            "warning: {} messages missing",
-            sent * subscribers as u64 - delivered
+            print!("{}", report::markdown(&runs));
+            return Ok(());
+        }
+        Cmd::Pubsub(o) => ("pubsub", o),
+        Cmd::Fanout(o) => ("fanout", o),
+        Cmd::Fanin(o) => ("fanin", o),
+        Cmd::Queue(o) => ("queue", o),
+        Cmd::Latency(o) => ("latency", o),
+        Cmd::Topics(o) => ("topics", o),
+        Cmd::Connections(o) => ("connections", o),
+    };
+    let mut relay = None;
+    let (endpoint, pid) = match &opts.target {
+        Target::Kaelix(a) => (Endpoint::Kaelix(a.clone()), opts.pid),
+        Target::Nats(a) => (Endpoint::Nats(a.clone()), opts.pid),
+        Target::Relay(Some(a)) => (Endpoint::Relay(a.clone()), opts.pid),
+        Target::Relay(None) => {
+            let (child, addr) = start_relay()?;
+            let pid = child.id();
+            relay = Some(KillOnDrop(child));
+            (Endpoint::Relay(addr), Some(pid))
+        }
+    };
+    let mut result = run(name, &opts, &endpoint, pid).await?;
+    drop(relay);
+    result.target = opts.target.to_string();
+    result.label = opts.label.clone();
+    if opts.json {
+        println!(
+            "{}",
+            serde_json::to_string(&result).map_err(|e| BenchError::Usage(e.to_string()))?
         );
+    } else {
+        print!("{}", result.table());
+    }
+    if result.lost > 0 {
+        eprintln!("kaelix-bench: {} message(s) lost", result.lost);
     }
     Ok(())
+}
+
+async fn run(
+    name: &'static str,
+    opts: &RunOpts,
+    endpoint: &Endpoint,
+    pid: Option<u32>,
+) -> Result<RunResult> {
+    let duration = Duration::from_secs_f64(opts.duration);
+    let (publishers, subscribers, group) = match name {
+        "fanout" => (1, opts.subscribers.unwrap_or(4), None),
+        "fanin" => (opts.publishers.unwrap_or(4), 1, None),
+        "queue" => (
+            1,
+            opts.subscribers.unwrap_or(4),
+            Some("bench-workers".to_string()),
+        ),
+        "topics" => return memory::topics(endpoint, opts.count, pid).await,
+        "connections" => return memory::connections(endpoint, opts.count, pid).await,
+        "latency" if opts.rate.is_none() => {
+            return scenario::one_in_flight(opts.payload, duration, endpoint, pid).await
+        }
+        _ => (
+            opts.publishers.unwrap_or(1),
+            opts.subscribers.unwrap_or(1),
+            None,
+        ),
+    };
+    let flow = Flow {
+        scenario: name,
+        payload: opts.payload,
+        duration,
+        publishers,
+        subscribers,
+        group,
+        rate: opts.rate,
+        acked: opts.acked,
+        window_bytes: opts.window_bytes,
+        progress: !opts.json && std::io::stderr().is_terminal(),
+    };
+    scenario::run(&flow, endpoint, pid).await
+}
+
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `kaelix-bench relay-server` as a separate process (one hop
+/// through a process, like a broker) and returns it with its address.
+fn start_relay() -> Result<(Child, String)> {
+    let exe = std::env::current_exe()?;
+    let mut child = Command::new(exe)
+        .args(["relay-server", "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| BenchError::Usage("relay stdout".into()))?;
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line)?;
+    let addr = line
+        .trim()
+        .strip_prefix("relay listening on ")
+        .ok_or_else(|| BenchError::Usage(format!("relay said {line:?}")))?
+        .to_string();
+    Ok((child, addr))
 }

@@ -154,6 +154,14 @@ impl Publisher {
             .await
     }
 
+    /// Like [`send`](Self::send) for a topic already validated and a
+    /// borrowed payload: the payload is copied once, into the send buffer.
+    pub async fn send_slice(&self, topic: &Topic, payload: &[u8]) -> Result<()> {
+        let seq = self.inner.next_seq.fetch_add(1, Ordering::Relaxed);
+        self.enqueue(seq, false, topic, None, &Headers::new(), payload, false)
+            .await
+    }
+
     /// Queues a whole message without waiting for the broker.
     pub async fn send_message(&self, message: &Message) -> Result<()> {
         self.send_parts(
@@ -185,7 +193,7 @@ impl Publisher {
         topic: &Topic,
         partition: Option<PartitionId>,
         headers: &Headers,
-        payload: &Bytes,
+        payload: &[u8],
         wake_now: bool,
     ) -> Result<()> {
         headers.validate()?;
