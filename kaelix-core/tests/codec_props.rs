@@ -145,3 +145,43 @@ proptest! {
         while let Ok(Some(_)) = decode(&mut buf, MAX) {}
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(1000))]
+
+    #[test]
+    fn peek_agrees_with_decode(f in frame()) {
+        use kaelix_core::protocol::{peek, Peek};
+        let bytes = f.to_bytes();
+        match (peek(&bytes, MAX).unwrap(), &f) {
+            (Peek::Publish(p, len), Frame::Publish(owned)) => {
+                prop_assert_eq!(len, bytes.len());
+                prop_assert_eq!(p.seq, owned.seq);
+                prop_assert_eq!(p.ack, owned.ack);
+                prop_assert_eq!(p.body, &owned.body.raw()[..]);
+                prop_assert_eq!(p.topic, &owned.body.topic_bytes()[..]);
+            }
+            (Peek::Deliver(d, len), Frame::Message(owned)) => {
+                prop_assert_eq!(len, bytes.len());
+                prop_assert_eq!(d.sid, owned.sid);
+                prop_assert_eq!(d.body, &owned.body.raw()[..]);
+            }
+            (Peek::Other, Frame::Publish(_) | Frame::Message(_)) => prop_assert!(false, "peek missed a data frame"),
+            (Peek::Other, _) => {}
+            (other, _) => prop_assert!(false, "unexpected {:?}", other),
+        }
+    }
+
+    #[test]
+    fn peek_never_panics_and_never_accepts_what_decode_refuses(
+        bytes in proptest::collection::vec(any::<u8>(), 0..256)
+    ) {
+        use kaelix_core::protocol::{peek, Peek};
+        let peeked = peek(&bytes, 256);
+        let mut buf = BytesMut::from(&bytes[..]);
+        let decoded = decode(&mut buf, 256);
+        if let Ok(Peek::Publish(..) | Peek::Deliver(..)) = peeked {
+            prop_assert!(matches!(decoded, Ok(Some(_))), "peek accepted what decode refused: {:?}", decoded);
+        }
+    }
+}

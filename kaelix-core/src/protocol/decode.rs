@@ -1,10 +1,22 @@
 //! Bytes to frames.
 //!
-//! [`decode`] splits one complete frame off the front of a buffer and parses
-//! it without copying: topics, payloads and header blocks are slices of the
-//! received bytes.
+//! Two ways in:
+//!
+//! - [`decode`] splits one complete frame off a buffer and returns it owned;
+//!   its topic, payload and header block are slices of the received bytes,
+//!   not copies.
+//! - [`peek`] is the data path's: it looks at the frame at the front of a
+//!   buffer without taking it, and for PUBLISH and MESSAGE frames returns
+//!   views borrowed from the buffer ([`PublishRef`], [`DeliverRef`]), so that
+//!   a connection handles a whole read chunk and then advances past it once,
+//!   with no reference counting per message.
+//!
+//! Both validate everything: a body forwarded unchanged to subscribers has
+//! been checked field by field.
 
-use bytes::{Buf, Bytes, BytesMut};
+use std::ops::Range;
+
+use bytes::{Bytes, BytesMut};
 
 use super::error::{ErrorCode, ProtocolError};
 use super::frame::*;
@@ -42,11 +54,98 @@ pub fn frame_len(buf: &[u8], max_frame_bytes: usize) -> Result<Option<usize>, Pr
     Ok((buf.len() >= 4 + len as usize).then_some(len as usize))
 }
 
+/// A PUBLISH frame borrowed from a read buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PublishRef<'a> {
+    pub seq: u64,
+    pub ack: bool,
+    /// The body's flag bits ([`flags::BODY`]).
+    pub body_flags: u8,
+    /// The whole message body, as forwarded in MESSAGE frames.
+    pub body: &'a [u8],
+    /// The topic, not yet validated.
+    pub topic: &'a [u8],
+}
+
+/// A MESSAGE frame borrowed from a read buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeliverRef<'a> {
+    pub sid: u32,
+    pub body_flags: u8,
+    pub body: &'a [u8],
+}
+
+/// What is at the front of a buffer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Peek<'a> {
+    /// Not a whole frame yet.
+    Incomplete,
+    /// A valid PUBLISH of `len` bytes (prefix included).
+    Publish(PublishRef<'a>, usize),
+    /// A valid MESSAGE of `len` bytes (prefix included).
+    Deliver(DeliverRef<'a>, usize),
+    /// A whole frame of another kind: take it with [`decode`].
+    Other,
+}
+
+/// Looks at the frame at the front of `buf` without taking it.
+pub fn peek(buf: &[u8], max_frame_bytes: usize) -> Result<Peek<'_>, ProtocolError> {
+    let Some(len) = frame_len(buf, max_frame_bytes)? else {
+        return Ok(Peek::Incomplete);
+    };
+    let (op, fl) = (buf[4], buf[5]);
+    let body = &buf[HEADER_LEN..4 + len];
+    match op {
+        opcode::PUBLISH => {
+            check_flags("PUBLISH", fl, flags::ACK | flags::BODY)?;
+            let mut r = Reader::new(body, "PUBLISH");
+            let seq = r.u64("seq")?;
+            let body = r.rest();
+            let layout = body_layout(body, fl, "PUBLISH")?;
+            Ok(Peek::Publish(
+                PublishRef {
+                    seq,
+                    ack: fl & flags::ACK != 0,
+                    body_flags: fl & flags::BODY,
+                    body,
+                    topic: &body[layout.topic],
+                },
+                4 + len,
+            ))
+        }
+        opcode::MESSAGE => {
+            check_flags("MESSAGE", fl, flags::BODY)?;
+            let mut r = Reader::new(body, "MESSAGE");
+            let sid = r.u32("sid")?;
+            let body = r.rest();
+            body_layout(body, fl, "MESSAGE")?;
+            Ok(Peek::Deliver(
+                DeliverRef {
+                    sid,
+                    body_flags: fl & flags::BODY,
+                    body,
+                },
+                4 + len,
+            ))
+        }
+        _ => Ok(Peek::Other),
+    }
+}
+
+fn check_flags(frame: &'static str, fl: u8, allowed: u8) -> Result<(), ProtocolError> {
+    if fl & !allowed != 0 {
+        return Err(ProtocolError::UnknownFlags {
+            frame,
+            flags: fl & !allowed,
+        });
+    }
+    Ok(())
+}
+
 /// Parses one whole frame, length prefix included.
-fn parse(mut frame: Bytes) -> Result<Frame, ProtocolError> {
+fn parse(frame: Bytes) -> Result<Frame, ProtocolError> {
     let op = frame[4];
     let fl = frame[5];
-    frame.advance(HEADER_LEN);
     let name = opcode_name(op).ok_or(ProtocolError::UnknownOpcode(op))?;
     let allowed = match op {
         opcode::PUBLISH => flags::ACK | flags::BODY,
@@ -54,23 +153,12 @@ fn parse(mut frame: Bytes) -> Result<Frame, ProtocolError> {
         opcode::SUBSCRIBE => flags::QUEUE,
         _ => 0,
     };
-    if fl & !allowed != 0 {
-        return Err(ProtocolError::UnknownFlags {
-            frame: name,
-            flags: fl & !allowed,
-        });
-    }
-    if op == opcode::PUBLISH || op == opcode::MESSAGE {
-        return parse_message_frame(op, fl, frame);
-    }
-    let mut r = Reader {
-        buf: frame,
-        frame: name,
-    };
+    check_flags(name, fl, allowed)?;
+    let body = frame.slice(HEADER_LEN..);
+    let mut r = Reader::new(&body, name);
     let parsed = match op {
         opcode::HELLO => {
-            let magic = r.take(4, "magic")?;
-            if magic[..] != MAGIC {
+            if r.take(4, "magic")? != MAGIC {
                 return Err(ProtocolError::BadMagic);
             }
             Frame::Hello(Hello {
@@ -92,6 +180,23 @@ fn parse(mut frame: Bytes) -> Result<Frame, ProtocolError> {
             code: ErrorCode::from_u16(r.u16("code")?),
             reason: r.str16("reason")?,
         }),
+        opcode::PUBLISH => {
+            let seq = r.u64("seq")?;
+            let start = r.pos;
+            return Ok(Frame::Publish(Publish {
+                seq,
+                ack: fl & flags::ACK != 0,
+                body: parse_body(body.slice(start..), fl, "PUBLISH")?,
+            }));
+        }
+        opcode::MESSAGE => {
+            let sid = r.u32("sid")?;
+            let start = r.pos;
+            return Ok(Frame::Message(Deliver {
+                sid,
+                body: parse_body(body.slice(start..), fl, "MESSAGE")?,
+            }));
+        }
         opcode::PUB_ACK => Frame::PubAck(r.u64("seq")?),
         opcode::PUB_NACK => Frame::PubNack(Nack {
             id: r.u64("seq")?,
@@ -100,15 +205,15 @@ fn parse(mut frame: Bytes) -> Result<Frame, ProtocolError> {
         }),
         opcode::SUBSCRIBE => {
             let sid = r.u32("sid")?;
-            let pattern = r.bytes8("pattern")?;
+            let pattern = r.range8("pattern")?;
             let group = if fl & flags::QUEUE != 0 {
-                Some(r.bytes8("group")?)
+                Some(body.slice(r.range8("group")?))
             } else {
                 None
             };
             Frame::Subscribe(Subscribe {
                 sid,
-                pattern,
+                pattern: body.slice(pattern),
                 group,
             })
         }
@@ -125,28 +230,40 @@ fn parse(mut frame: Bytes) -> Result<Frame, ProtocolError> {
     Ok(parsed)
 }
 
-fn parse_message_frame(op: u8, fl: u8, frame: Bytes) -> Result<Frame, ProtocolError> {
-    if op == opcode::PUBLISH {
-        let mut r = Reader {
-            buf: frame,
-            frame: "PUBLISH",
-        };
-        let seq = r.u64("seq")?;
-        let body = parse_body(r.buf, fl, "PUBLISH")?;
-        Ok(Frame::Publish(Publish {
-            seq,
-            ack: fl & flags::ACK != 0,
-            body,
-        }))
+/// Where a message body's fields are.
+struct BodyLayout {
+    topic: Range<usize>,
+    partition: Option<u32>,
+    headers: Option<Range<usize>>,
+    payload: usize,
+}
+
+/// Checks a message body field by field and says where each field is.
+fn body_layout(body: &[u8], fl: u8, frame: &'static str) -> Result<BodyLayout, ProtocolError> {
+    let mut r = Reader::new(body, frame);
+    let topic = r.range8("topic")?;
+    let partition = if fl & flags::PARTITION != 0 {
+        Some(r.u32("partition")?)
     } else {
-        let mut r = Reader {
-            buf: frame,
-            frame: "MESSAGE",
-        };
-        let sid = r.u32("sid")?;
-        let body = parse_body(r.buf, fl, "MESSAGE")?;
-        Ok(Frame::Message(Deliver { sid, body }))
-    }
+        None
+    };
+    let headers = if fl & flags::HEADERS != 0 {
+        let start = r.pos;
+        let count = r.u16("header count")?;
+        for _ in 0..count {
+            r.str8_ref("header name")?;
+            r.str16_ref("header value")?;
+        }
+        Some(start..r.pos)
+    } else {
+        None
+    };
+    Ok(BodyLayout {
+        topic,
+        partition,
+        headers,
+        payload: r.pos,
+    })
 }
 
 /// Parses a message body; `raw` is exactly the body's bytes.
@@ -155,44 +272,41 @@ pub(super) fn parse_body(
     fl: u8,
     frame: &'static str,
 ) -> Result<MessageBody, ProtocolError> {
-    let mut r = Reader {
-        buf: raw.clone(),
-        frame,
-    };
-    let topic = r.bytes8("topic")?;
-    let partition = if fl & flags::PARTITION != 0 {
-        Some(r.u32("partition")?)
-    } else {
-        None
-    };
-    let headers = if fl & flags::HEADERS != 0 {
-        let start = r.buf.clone();
-        let count = r.u16("header count")?;
-        for _ in 0..count {
-            r.str8_ref("header name")?;
-            r.str16_ref("header value")?;
-        }
-        let block_len = start.len() - r.buf.len();
-        Some(start.slice(..block_len))
-    } else {
-        None
-    };
+    let layout = body_layout(&raw, fl, frame)?;
     Ok(MessageBody {
         flags: fl & flags::BODY,
+        topic: raw.slice(layout.topic),
+        partition: layout.partition,
+        headers: layout.headers.map(|h| raw.slice(h)),
+        payload: raw.slice(layout.payload..),
         raw,
-        topic,
-        partition,
-        headers,
-        payload: r.buf,
     })
 }
 
-/// The name/value pairs of a headers block that [`parse_body`] validated.
-pub(super) fn header_pairs(block: &Bytes) -> impl Iterator<Item = (String, String)> + '_ {
-    let mut r = Reader {
-        buf: block.clone(),
-        frame: "MESSAGE",
-    };
+/// The parts of a body [`peek`] validated: topic, partition, header block
+/// (if any) and payload.
+pub fn body_parts(body: &[u8], body_flags: u8) -> Result<BodyParts<'_>, ProtocolError> {
+    let layout = body_layout(body, body_flags, "MESSAGE")?;
+    Ok(BodyParts {
+        topic: &body[layout.topic],
+        partition: layout.partition,
+        headers: layout.headers.map(|h| &body[h]),
+        payload: &body[layout.payload..],
+    })
+}
+
+/// The fields of a message body, borrowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BodyParts<'a> {
+    pub topic: &'a [u8],
+    pub partition: Option<u32>,
+    pub headers: Option<&'a [u8]>,
+    pub payload: &'a [u8],
+}
+
+/// The name/value pairs of a headers block that was validated.
+pub fn header_pairs(block: &[u8]) -> impl Iterator<Item = (String, String)> + '_ {
+    let mut r = Reader::new(block, "MESSAGE");
     let count = r.u16("header count").unwrap_or(0);
     (0..count).map_while(move |_| {
         let name = r.str8("header name").ok()?;
@@ -221,20 +335,33 @@ fn opcode_name(op: u8) -> Option<&'static str> {
 }
 
 /// A cursor over a frame's body that names the field it failed on.
-struct Reader {
-    buf: Bytes,
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
     frame: &'static str,
 }
 
-impl Reader {
-    fn take(&mut self, n: usize, field: &'static str) -> Result<Bytes, ProtocolError> {
-        if self.buf.len() < n {
+impl<'a> Reader<'a> {
+    fn new(buf: &'a [u8], frame: &'static str) -> Self {
+        Reader { buf, pos: 0, frame }
+    }
+
+    fn take(&mut self, n: usize, field: &'static str) -> Result<&'a [u8], ProtocolError> {
+        let end = self.pos + n;
+        let Some(bytes) = self.buf.get(self.pos..end) else {
             return Err(ProtocolError::Truncated {
                 frame: self.frame,
                 field,
             });
-        }
-        Ok(self.buf.split_to(n))
+        };
+        self.pos = end;
+        Ok(bytes)
+    }
+
+    fn rest(&mut self) -> &'a [u8] {
+        let rest = &self.buf[self.pos..];
+        self.pos = self.buf.len();
+        rest
     }
 
     fn u16(&mut self, field: &'static str) -> Result<u16, ProtocolError> {
@@ -250,22 +377,30 @@ impl Reader {
     fn u64(&mut self, field: &'static str) -> Result<u64, ProtocolError> {
         let b = self.take(8, field)?;
         let mut a = [0u8; 8];
-        a.copy_from_slice(&b);
+        a.copy_from_slice(b);
         Ok(u64::from_be_bytes(a))
     }
 
-    fn bytes8(&mut self, field: &'static str) -> Result<Bytes, ProtocolError> {
-        let b = self.take(1, field)?;
-        self.take(usize::from(b[0]), field)
+    /// A `u8`-length field, as a range of the buffer.
+    fn range8(&mut self, field: &'static str) -> Result<Range<usize>, ProtocolError> {
+        let n = usize::from(self.take(1, field)?[0]);
+        let start = self.pos;
+        self.take(n, field)?;
+        Ok(start..start + n)
     }
 
-    fn bytes16(&mut self, field: &'static str) -> Result<Bytes, ProtocolError> {
+    fn bytes8(&mut self, field: &'static str) -> Result<&'a [u8], ProtocolError> {
+        let n = usize::from(self.take(1, field)?[0]);
+        self.take(n, field)
+    }
+
+    fn bytes16(&mut self, field: &'static str) -> Result<&'a [u8], ProtocolError> {
         let n = self.u16(field)?;
         self.take(usize::from(n), field)
     }
 
-    fn utf8(&self, bytes: Bytes, field: &'static str) -> Result<String, ProtocolError> {
-        String::from_utf8(bytes.to_vec()).map_err(|_| ProtocolError::InvalidUtf8 {
+    fn utf8(&self, bytes: &'a [u8], field: &'static str) -> Result<&'a str, ProtocolError> {
+        std::str::from_utf8(bytes).map_err(|_| ProtocolError::InvalidUtf8 {
             frame: self.frame,
             field,
         })
@@ -273,39 +408,29 @@ impl Reader {
 
     fn str8(&mut self, field: &'static str) -> Result<String, ProtocolError> {
         let b = self.bytes8(field)?;
-        self.utf8(b, field)
+        Ok(self.utf8(b, field)?.to_owned())
     }
 
     fn str16(&mut self, field: &'static str) -> Result<String, ProtocolError> {
         let b = self.bytes16(field)?;
-        self.utf8(b, field)
+        Ok(self.utf8(b, field)?.to_owned())
     }
 
-    /// Checks a string field without copying it out.
     fn str8_ref(&mut self, field: &'static str) -> Result<(), ProtocolError> {
         let b = self.bytes8(field)?;
-        self.check_utf8(&b, field)
+        self.utf8(b, field).map(|_| ())
     }
 
     fn str16_ref(&mut self, field: &'static str) -> Result<(), ProtocolError> {
         let b = self.bytes16(field)?;
-        self.check_utf8(&b, field)
-    }
-
-    fn check_utf8(&self, b: &[u8], field: &'static str) -> Result<(), ProtocolError> {
-        std::str::from_utf8(b)
-            .map(|_| ())
-            .map_err(|_| ProtocolError::InvalidUtf8 {
-                frame: self.frame,
-                field,
-            })
+        self.utf8(b, field).map(|_| ())
     }
 
     fn properties(&mut self) -> Result<Vec<(String, String)>, ProtocolError> {
         let count = self.u16("property count")?;
         // Each property takes at least 3 bytes, which bounds the allocation
         // by the frame that was already received.
-        let mut props = Vec::with_capacity(usize::from(count).min(self.buf.len() / 3));
+        let mut props = Vec::with_capacity(usize::from(count).min((self.buf.len() - self.pos) / 3));
         for _ in 0..count {
             props.push((self.str8("property name")?, self.str16("property value")?));
         }
@@ -313,12 +438,12 @@ impl Reader {
     }
 
     fn finish(self) -> Result<(), ProtocolError> {
-        if self.buf.is_empty() {
+        if self.pos == self.buf.len() {
             Ok(())
         } else {
             Err(ProtocolError::TrailingBytes {
                 frame: self.frame,
-                extra: self.buf.len(),
+                extra: self.buf.len() - self.pos,
             })
         }
     }
@@ -327,11 +452,13 @@ impl Reader {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{Headers, PartitionId, Topic};
 
     #[test]
     fn incomplete_is_not_an_error() {
         let mut buf = BytesMut::from(&[0u8, 0, 0, 10, opcode::PING][..]);
         assert_eq!(decode(&mut buf, 1024), Ok(None));
+        assert_eq!(peek(&buf, 1024), Ok(Peek::Incomplete));
         assert_eq!(buf.len(), 5);
     }
 
@@ -339,13 +466,12 @@ mod tests {
     fn huge_length_is_refused_before_allocation() {
         let mut buf = BytesMut::from(&[0xffu8, 0xff, 0xff, 0xff][..]);
         let cap = buf.capacity();
-        assert_eq!(
-            decode(&mut buf, 1 << 20),
-            Err(ProtocolError::FrameTooLarge {
-                len: u64::from(u32::MAX),
-                max: 1 << 20
-            })
-        );
+        let expected = ProtocolError::FrameTooLarge {
+            len: u64::from(u32::MAX),
+            max: 1 << 20,
+        };
+        assert_eq!(peek(&buf, 1 << 20), Err(expected.clone()));
+        assert_eq!(decode(&mut buf, 1 << 20), Err(expected));
         assert_eq!(buf.capacity(), cap);
     }
 
@@ -368,5 +494,42 @@ mod tests {
             decode(&mut buf, 64),
             Err(ProtocolError::TrailingBytes { .. })
         ));
+    }
+
+    #[test]
+    fn peek_borrows_publish_and_deliver() {
+        let topic = Topic::new("a.b").unwrap();
+        let headers: Headers = [("k", "v")].into_iter().collect();
+        let mut buf = BytesMut::new();
+        super::super::encode_publish(
+            &mut buf,
+            7,
+            true,
+            &topic,
+            Some(PartitionId::new(3)),
+            &headers,
+            b"hi",
+        );
+        let Ok(Peek::Publish(p, len)) = peek(&buf, 1024) else {
+            panic!("expected a publish")
+        };
+        assert_eq!(
+            (p.seq, p.ack, p.topic, len),
+            (7, true, &b"a.b"[..], buf.len())
+        );
+        let parts = body_parts(p.body, p.body_flags).unwrap();
+        assert_eq!((parts.partition, parts.payload), (Some(3), &b"hi"[..]));
+        assert_eq!(
+            header_pairs(parts.headers.unwrap()).collect::<Vec<_>>(),
+            [("k".into(), "v".into())]
+        );
+
+        let mut out = BytesMut::new();
+        super::super::encode::encode_deliver_raw(&mut out, 9, p.body_flags, p.body);
+        let Ok(Peek::Deliver(d, _)) = peek(&out, 1024) else {
+            panic!("expected a delivery")
+        };
+        assert_eq!((d.sid, d.body), (9, p.body));
+        assert_eq!(peek(&Frame::Ping(1).to_bytes(), 1024), Ok(Peek::Other));
     }
 }

@@ -114,18 +114,28 @@ pub fn publish_len(
 
 /// Writes a MESSAGE frame: the subscription id, then `body` unchanged.
 pub fn encode_deliver(buf: &mut BytesMut, sid: u32, body: &MessageBody) {
-    let raw = body.raw();
-    buf.reserve(super::HEADER_LEN + 4 + raw.len());
-    buf.put_u32((2 + 4 + raw.len()) as u32);
+    encode_deliver_raw(buf, sid, body.flags(), body.raw());
+}
+
+/// Writes a MESSAGE frame around an encoded body (as borrowed from a
+/// PUBLISH by [`peek`](super::decode::peek)).
+pub fn encode_deliver_raw(buf: &mut BytesMut, sid: u32, body_flags: u8, body: &[u8]) {
+    buf.reserve(deliver_len_raw(body));
+    buf.put_u32((2 + 4 + body.len()) as u32);
     buf.put_u8(opcode::MESSAGE);
-    buf.put_u8(body.flags());
+    buf.put_u8(body_flags & flags::BODY);
     buf.put_u32(sid);
-    buf.put_slice(raw);
+    buf.put_slice(body);
 }
 
 /// The bytes a MESSAGE frame with `body` occupies.
 pub fn deliver_len(body: &MessageBody) -> usize {
-    super::HEADER_LEN + 4 + body.raw().len()
+    deliver_len_raw(body.raw())
+}
+
+/// The bytes a MESSAGE frame around an encoded body occupies.
+pub fn deliver_len_raw(body: &[u8]) -> usize {
+    super::HEADER_LEN + 4 + body.len()
 }
 
 pub(super) fn body_flags(partition: Option<PartitionId>, headers: &Headers) -> u8 {

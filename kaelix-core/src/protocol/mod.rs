@@ -18,8 +18,8 @@ pub mod encode;
 pub mod error;
 pub mod frame;
 
-pub use decode::decode;
-pub use encode::{encode_deliver, encode_publish};
+pub use decode::{decode, peek, Peek};
+pub use encode::{encode_deliver, encode_deliver_raw, encode_publish};
 pub use error::{ErrorCode, ProtocolError};
 pub use frame::{
     Deliver, ErrorFrame, Frame, Hello, MessageBody, Nack, Publish, Subscribe, Welcome,
