@@ -167,11 +167,11 @@ impl MessageBroker {
             let Some((_, cache)) = slot.as_mut() else {
                 unreachable!("set just above")
             };
-            let mut batch = Batch::new(&self.inner.stats);
+            let mut batch = Batch::new(self.inner.stats.clone());
             for message in messages {
                 let (topic, matches) =
-                    cache.resolve(&self.inner.router, &message.topic.to_bytes())?;
-                batch.route(&topic, &matches, &Publication::from_message(message));
+                    cache.resolve(&self.inner.router, message.topic.as_bytes())?;
+                batch.route(topic, matches, &Publication::from_message(message));
             }
             batch.finish();
             Ok(())

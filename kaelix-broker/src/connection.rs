@@ -15,11 +15,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use foldhash::HashMap;
 use kaelix_core::outbox::{Outbox, Pushed};
+use kaelix_core::protocol::decode::PublishRef;
 use kaelix_core::protocol::{
-    self, ErrorCode, ErrorFrame, Frame, Nack, ProtocolError, Publish, Subscribe, Welcome,
+    self, ErrorCode, ErrorFrame, Frame, Nack, Peek, ProtocolError, Subscribe, Welcome,
 };
 use kaelix_core::topic::check_group;
 use kaelix_core::{CloseReason, Timestamp, TopicPattern};
@@ -118,6 +119,7 @@ pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, broker: Arc<Inner
         outbox: outbox.clone(),
         subs: HashMap::default(),
         cache: RouteCache::new(),
+        batch: Batch::new(broker.stats.clone()),
         client: String::new(),
     };
     let exit = conn.run(&mut rd).await;
@@ -147,6 +149,7 @@ struct Connection {
     outbox: Arc<Outbox>,
     subs: HashMap<u32, Arc<Subscriber>>,
     cache: RouteCache,
+    batch: Batch,
     client: String,
 }
 
@@ -215,39 +218,55 @@ impl Connection {
         Ok(())
     }
 
-    /// Decodes and handles every complete frame in `buf`, then wakes every
-    /// outbox it touched, once.
+    /// Handles every complete frame in `buf`, then hands the staged
+    /// deliveries to their outboxes and wakes each of them once.
+    ///
+    /// PUBLISH frames are handled in place ([`protocol::peek`]): nothing is
+    /// copied or reference-counted per message until a subscriber's staging
+    /// buffer; the buffer is advanced past them once at the end.
     fn process(&mut self, buf: &mut BytesMut, max_frame: usize) -> Result<(), Exit> {
-        let broker = self.broker.clone();
-        let mut batch = Batch::new(&broker.stats);
         let now = Timestamp::now();
         let mut replied = false;
+        let mut used = 0;
         let result = loop {
-            match protocol::decode(buf, max_frame) {
-                Ok(Some(frame)) => match self.handle(frame, &mut batch, now) {
-                    Ok(r) => replied |= r,
-                    Err(exit) => break Err(exit),
-                },
-                Ok(None) => break Ok(()),
+            match protocol::peek(&buf[used..], max_frame) {
+                Ok(Peek::Incomplete) => break Ok(()),
+                Ok(Peek::Publish(publish, len)) => {
+                    used += len;
+                    replied |= self.publish(publish, now);
+                }
+                Ok(Peek::Deliver(..)) => {
+                    break Err(Exit::Protocol(ProtocolError::Unexpected {
+                        frame: "MESSAGE",
+                        context: "from a client",
+                    }))
+                }
+                Ok(Peek::Other) => {
+                    buf.advance(used);
+                    used = 0;
+                    match protocol::decode(buf, max_frame) {
+                        Ok(Some(frame)) => match self.handle(frame) {
+                            Ok(r) => replied |= r,
+                            Err(exit) => break Err(exit),
+                        },
+                        Ok(None) => break Ok(()),
+                        Err(err) => break Err(Exit::Protocol(err)),
+                    }
+                }
                 Err(err) => break Err(Exit::Protocol(err)),
             }
         };
-        batch.finish();
+        buf.advance(used);
+        self.batch.finish();
         if replied {
             self.outbox.wake();
         }
         result
     }
 
-    /// Handles one frame; returns whether a reply was queued.
-    fn handle(
-        &mut self,
-        frame: Frame,
-        batch: &mut Batch<'_>,
-        now: Timestamp,
-    ) -> Result<bool, Exit> {
+    /// Handles one frame other than PUBLISH; returns whether a reply was queued.
+    fn handle(&mut self, frame: Frame) -> Result<bool, Exit> {
         match frame {
-            Frame::Publish(publish) => Ok(self.publish(publish, batch, now)),
             Frame::Subscribe(subscribe) => Ok(self.subscribe(subscribe)),
             Frame::Unsubscribe(sid) => {
                 if let Some(sub) = self.subs.remove(&sid) {
@@ -264,18 +283,18 @@ impl Connection {
         }
     }
 
-    fn publish(&mut self, publish: Publish, batch: &mut Batch<'_>, now: Timestamp) -> bool {
-        let Publish { seq, ack, body } = publish;
-        batch.add_bytes_in(body.raw().len());
-        match self.cache.resolve(&self.broker.router, body.topic_bytes()) {
+    fn publish(&mut self, publish: PublishRef<'_>, now: Timestamp) -> bool {
+        self.batch.add_bytes_in(publish.body.len());
+        match self.cache.resolve(&self.broker.router, publish.topic) {
             Ok((topic, matches)) => {
-                batch.route(&topic, &matches, &Publication::from_wire(body, now));
-                ack && self.reply(&Frame::PubAck(seq))
+                let publication = Publication::from_wire(publish.body_flags, publish.body, now);
+                self.batch.route(topic, matches, &publication);
+                publish.ack && self.reply(&Frame::PubAck(publish.seq))
             }
             Err(err) => {
                 self.broker.stats.refused.fetch_add(1, Ordering::Relaxed);
                 self.reply(&Frame::PubNack(Nack {
-                    id: seq,
+                    id: publish.seq,
                     code: ErrorCode::InvalidTopic,
                     reason: err.to_string(),
                 }))

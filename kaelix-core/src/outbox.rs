@@ -10,6 +10,7 @@
 //! ```
 
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::BytesMut;
 use parking_lot::Mutex;
@@ -38,6 +39,8 @@ pub struct Outbox {
     ready: Notify,
     space: Notify,
     closing: Notify,
+    /// Set with `State::closed`, readable without the lock.
+    closed_flag: AtomicBool,
     limit: usize,
 }
 
@@ -59,6 +62,7 @@ impl Outbox {
             ready: Notify::new(),
             space: Notify::new(),
             closing: Notify::new(),
+            closed_flag: AtomicBool::new(false),
             limit,
         }
     }
@@ -80,6 +84,32 @@ impl Outbox {
         } else {
             Pushed::More
         }
+    }
+
+    /// Appends everything in `data` with one lock; `data` is left empty
+    /// (when the outbox was empty the two buffers are swapped, not copied).
+    /// The caller wakes the writer on [`Pushed::First`].
+    pub fn append(&self, data: &mut BytesMut) -> Pushed {
+        let mut state = self.state.lock();
+        if state.closed.is_some() {
+            return Pushed::Closed;
+        }
+        if state.buf.is_empty() {
+            std::mem::swap(&mut state.buf, data);
+            return Pushed::First;
+        }
+        if state.buf.len() + data.len() > self.limit {
+            return Pushed::Full;
+        }
+        state.buf.extend_from_slice(data);
+        data.clear();
+        Pushed::More
+    }
+
+    /// Whether closing has begun, without taking the lock: a hint for
+    /// routing, which re-checks under the lock when it appends.
+    pub fn is_closed_hint(&self) -> bool {
+        self.closed_flag.load(Ordering::Relaxed)
     }
 
     /// Appends and wakes the writer at once: for control frames.
@@ -128,6 +158,7 @@ impl Outbox {
                 state.buf.extend_from_slice(last);
             }
             state.closed = Some(reason);
+            self.closed_flag.store(true, Ordering::Relaxed);
         }
         self.ready.notify_one();
         self.space.notify_waiters();
@@ -229,6 +260,22 @@ mod tests {
             .unwrap();
         assert_eq!(got, b"abcdef!");
         assert_eq!(outbox.closed().await, CloseReason::Closed);
+    }
+
+    #[test]
+    fn append_swaps_into_an_empty_buffer_and_respects_the_limit() {
+        let outbox = Outbox::new(8);
+        let mut data = BytesMut::from(&b"abcdef"[..]);
+        assert_eq!(outbox.append(&mut data), Pushed::First);
+        assert!(data.is_empty());
+        let mut more = BytesMut::from(&b"gh"[..]);
+        assert_eq!(outbox.append(&mut more), Pushed::More);
+        let mut too_much = BytesMut::from(&b"i"[..]);
+        assert_eq!(outbox.append(&mut too_much), Pushed::Full);
+        assert_eq!(outbox.pending_bytes(), 8);
+        outbox.close(CloseReason::Closed, None);
+        assert!(outbox.is_closed_hint());
+        assert_eq!(outbox.append(&mut too_much), Pushed::Closed);
     }
 
     #[tokio::test]

@@ -16,11 +16,11 @@ use std::cell::OnceCell;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use foldhash::HashMap;
 use kaelix_core::outbox::{Outbox, Pushed};
-use kaelix_core::protocol::encode::deliver_len;
-use kaelix_core::protocol::{encode_deliver, ErrorCode, ErrorFrame, Frame, MessageBody};
+use kaelix_core::protocol::decode::{body_parts, header_pairs};
+use kaelix_core::protocol::{encode_deliver_raw, ErrorCode, ErrorFrame, Frame, MessageBody};
 use kaelix_core::queue::MessageQueue;
 use kaelix_core::{CloseReason, Message, Timestamp, Topic, TopicPattern};
 use parking_lot::RwLock;
@@ -45,15 +45,6 @@ pub(crate) struct Subscriber {
     pub(crate) pattern: TopicPattern,
     pub(crate) group: Option<Arc<str>>,
     pub(crate) sink: Sink,
-}
-
-impl Subscriber {
-    fn is_open(&self) -> bool {
-        match &self.sink {
-            Sink::Net(outbox) => !outbox.is_closed(),
-            Sink::Local(queue) => !queue.is_closed(),
-        }
-    }
 }
 
 /// The subscribers of one topic.
@@ -162,6 +153,9 @@ impl Router {
 pub(crate) struct RouteCache {
     generation: u64,
     map: HashMap<Topic, Arc<Matches>>,
+    /// The last topic resolved: a run of publishes to one topic skips the
+    /// hash lookup.
+    last: Option<(Topic, Arc<Matches>)>,
 }
 
 /// Past this many topics, a publisher's cache starts over.
@@ -172,6 +166,7 @@ impl RouteCache {
         RouteCache {
             generation: u64::MAX,
             map: HashMap::default(),
+            last: None,
         }
     }
 
@@ -180,90 +175,131 @@ impl RouteCache {
     pub(crate) fn resolve(
         &mut self,
         router: &Router,
-        topic: &Bytes,
-    ) -> kaelix_core::Result<(Topic, Arc<Matches>)> {
+        topic: &[u8],
+    ) -> kaelix_core::Result<(&Topic, &Matches)> {
         let generation = router.generation();
         if generation != self.generation {
             self.map.clear();
+            self.last = None;
             self.generation = generation;
         }
-        if let Some((topic, matches)) = self.map.get_key_value(&topic[..]) {
-            return Ok((topic.clone(), matches.clone()));
+        let hit = matches!(&self.last, Some((t, _)) if t.as_bytes() == topic);
+        if !hit {
+            let entry = match self.map.get_key_value(topic) {
+                Some((t, m)) => (t.clone(), m.clone()),
+                None => {
+                    let t = Topic::from_bytes(Bytes::copy_from_slice(topic))?;
+                    let m = router.lookup(&t);
+                    if self.map.len() >= CACHE_CAP {
+                        self.map.clear();
+                    }
+                    self.map.insert(t.clone(), m.clone());
+                    (t, m)
+                }
+            };
+            self.last = Some(entry);
         }
-        let topic = Topic::from_bytes(topic.clone())?;
-        let matches = router.lookup(&topic);
-        if self.map.len() >= CACHE_CAP {
-            self.map.clear();
+        match &self.last {
+            Some((t, m)) => Ok((t, m)),
+            None => unreachable!("set above"),
         }
-        self.map.insert(topic.clone(), matches.clone());
-        Ok((topic, matches))
     }
 }
 
-/// One message being routed: its wire body and its in-process form, each
-/// made when first needed and then shared by every subscriber.
-pub(crate) struct Publication {
+/// One message being routed. A message from the wire is forwarded as the
+/// bytes it arrived in; its in-process form is made only if an in-process
+/// subscriber wants it. An in-process message is encoded for the wire only
+/// if a network subscriber wants it.
+pub(crate) struct Publication<'a> {
+    wire: Option<(u8, &'a [u8])>,
     body: OnceCell<MessageBody>,
     message: OnceCell<Message>,
     timestamp: Timestamp,
 }
 
-impl Publication {
-    pub(crate) fn from_wire(body: MessageBody, timestamp: Timestamp) -> Self {
+impl<'a> Publication<'a> {
+    /// A PUBLISH body (validated by the decoder) and its flags.
+    pub(crate) fn from_wire(body_flags: u8, body: &'a [u8], timestamp: Timestamp) -> Self {
         Publication {
-            body: OnceCell::from(body),
+            wire: Some((body_flags, body)),
+            body: OnceCell::new(),
             message: OnceCell::new(),
             timestamp,
         }
     }
 
-    pub(crate) fn from_message(message: Message) -> Self {
+    pub(crate) fn from_message(message: Message) -> Publication<'static> {
         Publication {
+            wire: None,
             timestamp: message.timestamp,
             body: OnceCell::new(),
             message: OnceCell::from(message),
         }
     }
 
-    fn body(&self) -> &MessageBody {
-        self.body.get_or_init(|| {
+    /// The encoded body and its flags.
+    fn wire_body(&self) -> (u8, &[u8]) {
+        if let Some(wire) = self.wire {
+            return wire;
+        }
+        let body = self.body.get_or_init(|| {
             MessageBody::from_message(self.message.get().unwrap_or_else(|| unreachable!()))
-        })
+        });
+        (body.flags(), body.raw())
     }
 
     fn message(&self, topic: &Topic) -> Message {
         self.message
             .get_or_init(|| {
-                let body = self.body.get().unwrap_or_else(|| unreachable!());
+                let (flags, body) = self.wire.unwrap_or_else(|| unreachable!());
+                // The decoder validated this body; a failure here is a bug.
+                let parts = body_parts(body, flags).unwrap_or_else(|e| unreachable!("{e}"));
                 Message {
                     id: kaelix_core::MessageId::next(),
                     topic: topic.clone(),
-                    payload: body.payload().clone(),
+                    payload: Bytes::copy_from_slice(parts.payload),
                     timestamp: self.timestamp,
-                    partition: body.partition(),
+                    partition: parts.partition.map(kaelix_core::PartitionId::new),
                     offset: None,
-                    headers: body.headers(),
+                    headers: parts
+                        .headers
+                        .map(|h| header_pairs(h).collect())
+                        .unwrap_or_default(),
                 }
             })
             .clone()
     }
 }
 
-/// The state of routing one batch: buffers to wake and counts to publish.
-pub(crate) struct Batch<'a> {
-    stats: &'a Stats,
-    wake_outboxes: Vec<Arc<Outbox>>,
+/// MESSAGE frames for one subscriber connection, gathered during a batch
+/// and handed to its outbox in one append.
+struct Staged {
+    outbox: Arc<Outbox>,
+    frames: BytesMut,
+}
+
+/// Routing state of one publisher: frames staged per subscriber, receivers
+/// to wake, and counts, all handed on once per batch by [`finish`](Self::finish).
+pub(crate) struct Batch {
+    stats: Arc<Stats>,
+    staged: Vec<Staged>,
+    /// Outbox address → index in `staged`.
+    index: HashMap<usize, usize>,
+    /// Emptied staging buffers, kept for reuse.
+    spare: Vec<BytesMut>,
     wake_queues: Vec<Arc<MessageQueue>>,
     published: u64,
     delivered: u64,
     bytes_in: u64,
 }
 
-impl<'a> Batch<'a> {
-    pub(crate) fn new(stats: &'a Stats) -> Self {
+impl Batch {
+    pub(crate) fn new(stats: Arc<Stats>) -> Self {
         Batch {
             stats,
-            wake_outboxes: Vec::new(),
+            staged: Vec::new(),
+            index: HashMap::default(),
+            spare: Vec::new(),
             wake_queues: Vec::new(),
             published: 0,
             delivered: 0,
@@ -273,7 +309,12 @@ impl<'a> Batch<'a> {
 
     /// Delivers `publication` on `topic` to every plain subscriber and to one
     /// member of each queue group.
-    pub(crate) fn route(&mut self, topic: &Topic, matches: &Matches, publication: &Publication) {
+    pub(crate) fn route(
+        &mut self,
+        topic: &Topic,
+        matches: &Matches,
+        publication: &Publication<'_>,
+    ) {
         self.published += 1;
         for sub in &matches.plain {
             self.deliver(sub, topic, publication);
@@ -294,44 +335,66 @@ impl<'a> Batch<'a> {
         self.bytes_in += n as u64;
     }
 
-    fn deliver(&mut self, sub: &Subscriber, topic: &Topic, publication: &Publication) -> bool {
-        if !sub.is_open() {
-            return false;
-        }
-        let pushed = match &sub.sink {
+    fn deliver(&mut self, sub: &Subscriber, topic: &Topic, publication: &Publication<'_>) -> bool {
+        let ok = match &sub.sink {
             Sink::Net(outbox) => {
-                let body = publication.body();
-                let pushed = outbox.push(deliver_len(body), |b| encode_deliver(b, sub.sid, body));
-                match pushed {
-                    Pushed::First => self.wake_outboxes.push(outbox.clone()),
-                    Pushed::Full => slow_consumer_net(outbox, self.stats),
-                    Pushed::More | Pushed::Closed => {}
+                if outbox.is_closed_hint() {
+                    false
+                } else {
+                    let (flags, body) = publication.wire_body();
+                    encode_deliver_raw(self.stage(outbox), sub.sid, flags, body);
+                    true
                 }
-                pushed
             }
-            Sink::Local(queue) => {
-                let pushed = queue.push(publication.message(topic));
-                match pushed {
-                    Pushed::First => self.wake_queues.push(queue.clone()),
-                    Pushed::Full => {
-                        queue.close(CloseReason::SlowConsumer);
-                        self.stats.slow_consumers.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Pushed::More | Pushed::Closed => {}
+            Sink::Local(queue) => match queue.push(publication.message(topic)) {
+                Pushed::First => {
+                    self.wake_queues.push(queue.clone());
+                    true
                 }
-                pushed
-            }
+                Pushed::More => true,
+                Pushed::Full => {
+                    queue.close(CloseReason::SlowConsumer);
+                    self.stats.slow_consumers.fetch_add(1, Ordering::Relaxed);
+                    false
+                }
+                Pushed::Closed => false,
+            },
         };
-        let ok = matches!(pushed, Pushed::First | Pushed::More);
         self.delivered += u64::from(ok);
         ok
     }
 
-    /// Wakes every buffer this batch filled and publishes the counts.
+    /// The staging buffer for `outbox`.
+    fn stage(&mut self, outbox: &Arc<Outbox>) -> &mut BytesMut {
+        let key = Arc::as_ptr(outbox) as usize;
+        let at = match self.index.get(&key) {
+            Some(&at) => at,
+            None => {
+                let frames = self.spare.pop().unwrap_or_default();
+                self.staged.push(Staged {
+                    outbox: outbox.clone(),
+                    frames,
+                });
+                self.index.insert(key, self.staged.len() - 1);
+                self.staged.len() - 1
+            }
+        };
+        &mut self.staged[at].frames
+    }
+
+    /// Appends the staged frames to their outboxes, wakes every buffer that
+    /// went from empty to non-empty, and publishes the counts.
     pub(crate) fn finish(&mut self) {
-        for outbox in self.wake_outboxes.drain(..) {
-            outbox.wake();
+        for mut staged in self.staged.drain(..) {
+            match staged.outbox.append(&mut staged.frames) {
+                Pushed::First => staged.outbox.wake(),
+                Pushed::Full => slow_consumer_net(&staged.outbox, &self.stats),
+                Pushed::More | Pushed::Closed => {}
+            }
+            staged.frames.clear();
+            self.spare.push(staged.frames);
         }
+        self.index.clear();
         for queue in self.wake_queues.drain(..) {
             queue.wake();
         }
@@ -343,7 +406,7 @@ impl<'a> Batch<'a> {
     }
 }
 
-impl Drop for Batch<'_> {
+impl Drop for Batch {
     fn drop(&mut self) {
         self.finish();
     }
@@ -383,13 +446,10 @@ mod tests {
     }
 
     fn publish(router: &Router, cache: &mut RouteCache, topic: &str) {
-        let stats = Stats::default();
-        let mut batch = Batch::new(&stats);
-        let (topic, matches) = cache
-            .resolve(router, &Bytes::copy_from_slice(topic.as_bytes()))
-            .unwrap();
+        let mut batch = Batch::new(Arc::new(Stats::default()));
+        let (topic, matches) = cache.resolve(router, topic.as_bytes()).unwrap();
         let message = Message::new(topic.clone(), "x").unwrap();
-        batch.route(&topic, &matches, &Publication::from_message(message));
+        batch.route(topic, matches, &Publication::from_message(message));
     }
 
     #[test]
@@ -442,10 +502,7 @@ mod tests {
     fn invalid_topic_is_refused() {
         let router = router();
         let mut cache = RouteCache::new();
-        let err = cache
-            .resolve(&router, &Bytes::from_static(b"a..b"))
-            .err()
-            .unwrap();
+        let err = cache.resolve(&router, b"a..b").err().unwrap();
         assert!(err
             .to_string()
             .starts_with("Topic name contains invalid characters"));
