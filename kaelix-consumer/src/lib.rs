@@ -35,13 +35,15 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes, BytesMut};
 use kaelix_core::client::{self, ClientOptions, CloseOnDrop, FrameReader};
 use kaelix_core::outbox::{Outbox, Pushed};
-use kaelix_core::protocol::{Frame, Subscribe, HEADER_LEN};
-use kaelix_core::queue::{MessageQueue, QueueReceiver};
+use kaelix_core::protocol::{self, Frame, Peek, Subscribe, HEADER_LEN};
 use kaelix_core::topic::check_group;
-use kaelix_core::{CloseReason, Error, Message, Result, Timestamp, TopicPattern};
+use kaelix_core::{CloseReason, Error, Message, Result, TopicPattern};
+
+mod inbox;
+use inbox::Inbox;
 use parking_lot::Mutex;
 use tokio::net::ToSocketAddrs;
 use tokio::sync::oneshot;
@@ -87,7 +89,7 @@ struct Inner {
 
 #[derive(Debug, Default)]
 struct State {
-    subs: HashMap<u32, Arc<MessageQueue>>,
+    subs: HashMap<u32, Arc<Inbox>>,
     pending: HashMap<u32, oneshot::Sender<Result<()>>>,
     closed: Option<CloseReason>,
 }
@@ -144,7 +146,7 @@ impl Consumer {
     ) -> Result<Subscription> {
         let inner = &self.inner;
         let sid = inner.next_sid.fetch_add(1, Ordering::Relaxed);
-        let queue = Arc::new(MessageQueue::new(
+        let inbox = Arc::new(Inbox::new(
             inner.options.max_pending_messages,
             inner.options.max_pending_bytes,
         ));
@@ -155,7 +157,7 @@ impl Consumer {
                 return Err(Error::Closed(reason.clone()));
             }
             // Registered before the request goes out, so no early message is lost.
-            state.subs.insert(sid, queue.clone());
+            state.subs.insert(sid, inbox.clone());
             state.pending.insert(sid, tx);
         }
         let frame = Frame::Subscribe(Subscribe {
@@ -166,7 +168,8 @@ impl Consumer {
         let subscription = Subscription {
             sid,
             pattern,
-            rx: QueueReceiver::new(queue),
+            inbox,
+            rx: inbox::Receiver::new(),
             inner: inner.clone(),
             _guard: self.guard.clone(),
             ended: false,
@@ -202,8 +205,8 @@ impl Inner {
 
     fn end(&self, sid: u32) {
         let removed = self.state.lock().subs.remove(&sid);
-        if let Some(queue) = removed {
-            queue.close(CloseReason::Closed);
+        if let Some(inbox) = removed {
+            inbox.close(CloseReason::Closed);
             let frame = Frame::Unsubscribe(sid);
             self.outbox.push_now(HEADER_LEN + 4, |b| frame.encode(b));
         }
@@ -216,7 +219,8 @@ impl Inner {
 pub struct Subscription {
     sid: u32,
     pattern: TopicPattern,
-    rx: QueueReceiver,
+    inbox: Arc<Inbox>,
+    rx: inbox::Receiver,
     inner: Arc<Inner>,
     /// The connection stays open while a subscription lives.
     _guard: Arc<CloseOnDrop>,
@@ -228,12 +232,12 @@ impl Subscription {
     /// [`Error::Closed`] with the reason (unsubscribed, broker shutting
     /// down, connection lost), after every message already received.
     pub async fn recv(&mut self) -> Result<Message> {
-        self.rx.recv().await.map_err(Error::Closed)
+        self.rx.recv(&self.inbox).await.map_err(Error::Closed)
     }
 
     /// The next message if one is buffered now.
     pub fn try_recv(&mut self) -> Option<Message> {
-        self.rx.try_recv()
+        self.rx.try_recv(&self.inbox)
     }
 
     /// The pattern subscribed to.
@@ -263,85 +267,23 @@ impl futures_core::Stream for Subscription {
     /// Yields messages until the subscription ends; [`Subscription::recv`]
     /// tells why it ended.
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Message>> {
-        self.get_mut().rx.poll_recv(cx).map(Result::ok)
+        let this = self.get_mut();
+        this.rx.poll_recv(&this.inbox, cx).map(Result::ok)
     }
 }
 
 async fn read_loop(mut reader: FrameReader, inner: Arc<Inner>) {
-    let mut frames = Vec::new();
-    let mut queues: HashMap<u32, Arc<MessageQueue>> = HashMap::new();
-    let mut to_wake: Vec<Arc<MessageQueue>> = Vec::new();
-    let reason = 'read: loop {
-        if let Err(reason) = reader.read_batch(&mut frames).await {
+    let mut staging = Staging::default();
+    let reason = loop {
+        if let Err(reason) = reader.fill().await {
             break reason;
         }
-        let now = Timestamp::now();
-        for frame in frames.drain(..) {
-            match frame {
-                Frame::Message(delivery) => {
-                    let queue = match queues.get(&delivery.sid) {
-                        Some(q) if !q.is_closed() => q.clone(),
-                        _ => match inner.state.lock().subs.get(&delivery.sid) {
-                            Some(q) => {
-                                queues.insert(delivery.sid, q.clone());
-                                q.clone()
-                            }
-                            // Unsubscribed while the message was in flight.
-                            None => continue,
-                        },
-                    };
-                    let message = match delivery.body.to_message(now) {
-                        Ok(m) => m,
-                        Err(err) => {
-                            break 'read CloseReason::Protocol(format!(
-                                "the broker delivered {err}"
-                            ));
-                        }
-                    };
-                    deliver(&queue, message, &mut to_wake).await;
-                }
-                Frame::SubAck(sid) => {
-                    if let Some(tx) = inner.state.lock().pending.remove(&sid) {
-                        let _ = tx.send(Ok(()));
-                    }
-                }
-                Frame::SubNack(nack) => {
-                    let sid = nack.id as u32;
-                    let mut state = inner.state.lock();
-                    state.subs.remove(&sid);
-                    if let Some(tx) = state.pending.remove(&sid) {
-                        let _ = tx.send(Err(Error::Refused {
-                            code: nack.code,
-                            reason: nack.reason,
-                        }));
-                    }
-                }
-                Frame::Ping(token) => {
-                    let pong = Frame::Pong(token);
-                    inner.outbox.push_now(HEADER_LEN + 8, |b| pong.encode(b));
-                }
-                Frame::Pong(_) => {}
-                Frame::Error(e) => {
-                    break 'read CloseReason::Server {
-                        code: e.code,
-                        reason: e.reason,
-                    }
-                }
-                other => {
-                    break 'read CloseReason::Protocol(format!(
-                        "unexpected {} frame from the broker",
-                        other.name()
-                    ))
-                }
-            }
+        if let Err(reason) = handle_buffer(&mut reader, &inner, &mut staging) {
+            break reason;
         }
-        for queue in to_wake.drain(..) {
-            queue.wake();
-        }
+        staging.hand_over().await;
     };
-    for queue in to_wake.drain(..) {
-        queue.wake();
-    }
+    staging.hand_over().await;
     let reason = inner
         .outbox
         .close_reason()
@@ -349,8 +291,8 @@ async fn read_loop(mut reader: FrameReader, inner: Arc<Inner>) {
         .unwrap_or(reason);
     let mut state = inner.state.lock();
     state.closed = Some(reason.clone());
-    for (_, queue) in state.subs.drain() {
-        queue.close(reason.clone());
+    for (_, inbox) in state.subs.drain() {
+        inbox.close(reason.clone());
     }
     for (_, tx) in state.pending.drain() {
         let _ = tx.send(Err(Error::Closed(reason.clone())));
@@ -359,25 +301,113 @@ async fn read_loop(mut reader: FrameReader, inner: Arc<Inner>) {
     inner.outbox.close(reason, None);
 }
 
-/// Appends to a subscription's queue, waiting for the application when it
-/// is full (which in turn stops reading from the socket).
-async fn deliver(
-    queue: &Arc<MessageQueue>,
-    message: Message,
-    to_wake: &mut Vec<Arc<MessageQueue>>,
-) {
-    let mut message = message;
-    loop {
-        match queue.try_push(message) {
-            Ok(Pushed::First) => return to_wake.push(queue.clone()),
-            Ok(_) => return,
-            Err(back) => {
-                for q in to_wake.drain(..) {
-                    q.wake();
-                }
-                queue.wait_for_space().await;
-                message = back;
+/// MESSAGE bodies gathered per subscription during one read, handed to the
+/// inboxes once per read.
+#[derive(Default)]
+struct Staging {
+    /// sid → (inbox, staged entries, count).
+    by_sid: HashMap<u32, (Arc<Inbox>, BytesMut, usize)>,
+}
+
+impl Staging {
+    async fn hand_over(&mut self) {
+        for (inbox, staged, count) in self.by_sid.values_mut() {
+            if *count == 0 {
+                continue;
             }
+            // A full inbox makes the reader wait, so the socket stops being read.
+            while inbox.append(staged, *count) == Pushed::Full {
+                inbox.wait_for_space().await;
+            }
+            *count = 0;
+        }
+        self.by_sid.retain(|_, (inbox, _, _)| !inbox.is_closed());
+    }
+}
+
+/// Handles every complete frame in the reader's buffer.
+fn handle_buffer(
+    reader: &mut FrameReader,
+    inner: &Inner,
+    staging: &mut Staging,
+) -> Result<(), CloseReason> {
+    let max_frame = reader.max_frame_bytes();
+    let buf = reader.buffer();
+    let mut used = 0;
+    loop {
+        match protocol::peek(&buf[used..], max_frame) {
+            Ok(Peek::Incomplete) => break,
+            Ok(Peek::Deliver(delivery, len)) => {
+                used += len;
+                let entry = match staging.by_sid.entry(delivery.sid) {
+                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(e) => {
+                        match inner.state.lock().subs.get(&delivery.sid) {
+                            Some(inbox) => e.insert((inbox.clone(), BytesMut::new(), 0)),
+                            // Unsubscribed while the message was in flight.
+                            None => continue,
+                        }
+                    }
+                };
+                inbox::stage(&mut entry.1, delivery.body_flags, delivery.body);
+                entry.2 += 1;
+            }
+            Ok(Peek::Publish(..)) => {
+                return Err(CloseReason::Protocol(
+                    "unexpected PUBLISH frame from the broker".into(),
+                ))
+            }
+            Ok(Peek::Other) => {
+                buf.advance(used);
+                used = 0;
+                match protocol::decode(buf, max_frame) {
+                    Ok(Some(frame)) => handle_control(frame, inner)?,
+                    Ok(None) => break,
+                    Err(err) => return Err(CloseReason::Protocol(err.to_string())),
+                }
+            }
+            Err(err) => return Err(CloseReason::Protocol(err.to_string())),
         }
     }
+    buf.advance(used);
+    Ok(())
+}
+
+fn handle_control(frame: Frame, inner: &Inner) -> Result<(), CloseReason> {
+    match frame {
+        Frame::SubAck(sid) => {
+            if let Some(tx) = inner.state.lock().pending.remove(&sid) {
+                let _ = tx.send(Ok(()));
+            }
+        }
+        Frame::SubNack(nack) => {
+            let sid = nack.id as u32;
+            let mut state = inner.state.lock();
+            state.subs.remove(&sid);
+            if let Some(tx) = state.pending.remove(&sid) {
+                let _ = tx.send(Err(Error::Refused {
+                    code: nack.code,
+                    reason: nack.reason,
+                }));
+            }
+        }
+        Frame::Ping(token) => {
+            let pong = Frame::Pong(token);
+            inner.outbox.push_now(HEADER_LEN + 8, |b| pong.encode(b));
+        }
+        Frame::Pong(_) => {}
+        Frame::Error(e) => {
+            return Err(CloseReason::Server {
+                code: e.code,
+                reason: e.reason,
+            })
+        }
+        other => {
+            return Err(CloseReason::Protocol(format!(
+                "unexpected {} frame from the broker",
+                other.name()
+            )))
+        }
+    }
+    Ok(())
 }

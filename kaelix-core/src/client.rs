@@ -62,6 +62,29 @@ pub struct FrameReader {
 }
 
 impl FrameReader {
+    /// Reads once more into the buffer (for callers that [`peek`](crate::protocol::peek)
+    /// at frames in place).
+    pub async fn fill(&mut self) -> Result<(), CloseReason> {
+        if self.buf.capacity() - self.buf.len() < self.read_size / 2 {
+            self.buf.reserve(self.read_size);
+        }
+        match self.rd.read_buf(&mut self.buf).await {
+            Ok(0) => Err(CloseReason::PeerClosed),
+            Ok(_) => Ok(()),
+            Err(err) => Err(CloseReason::Io(err.to_string())),
+        }
+    }
+
+    /// The bytes read and not yet consumed.
+    pub fn buffer(&mut self) -> &mut BytesMut {
+        &mut self.buf
+    }
+
+    /// The largest frame this reader accepts.
+    pub fn max_frame_bytes(&self) -> usize {
+        self.max_frame_bytes
+    }
+
     /// Reads once and appends every complete frame to `out`. An error frame
     /// from the broker is returned as a frame; the stream ending or breaking
     /// is returned as the reason.
