@@ -5,7 +5,9 @@
 
 use bytes::{Bytes, BytesMut};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use kaelix_core::protocol::{decode, encode_deliver, encode_publish, Frame, MessageBody};
+use kaelix_core::protocol::{
+    decode, encode_deliver, encode_publish, peek, Frame, MessageBody, Peek,
+};
 use kaelix_core::{Headers, Topic};
 
 const FRAMES: usize = 1000;
@@ -49,6 +51,27 @@ fn bench_decode(c: &mut Criterion) {
     group.finish();
 }
 
+/// The broker's path: borrowed views of each PUBLISH, no copy, no
+/// reference counting; the buffer is advanced once.
+fn bench_peek(c: &mut Criterion) {
+    let mut group = c.benchmark_group("peek_publish");
+    for size in [16usize, 128, 1024] {
+        let wire = publishes(size);
+        group.throughput(Throughput::Elements(FRAMES as u64));
+        group.bench_with_input(BenchmarkId::from_parameter(size), &wire, |b, wire| {
+            b.iter(|| {
+                let (mut at, mut n) = (0, 0);
+                while let Ok(Peek::Publish(p, len)) = peek(&wire[at..], 1 << 20) {
+                    n += p.body.len();
+                    at += len;
+                }
+                n
+            })
+        });
+    }
+    group.finish();
+}
+
 fn bench_encode(c: &mut Criterion) {
     let topic = Topic::new("bench.codec.topic").unwrap();
     let payload = Bytes::from(vec![0xabu8; 16]);
@@ -78,5 +101,5 @@ fn bench_encode(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_decode, bench_encode);
+criterion_group!(benches, bench_decode, bench_peek, bench_encode);
 criterion_main!(benches);

@@ -71,5 +71,81 @@ fn bench_route(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_pattern, bench_route);
+/// Matching on a route-cache miss: 10,000 wildcard subscriptions
+/// (`w.N.*`), messages to 10,000 distinct topics in turn, so that almost
+/// every lookup walks the trie.
+fn bench_wildcard_miss(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let broker = MessageBroker::new();
+    runtime.block_on(broker.start()).unwrap();
+    let mut receivers = Vec::new();
+    for i in 0..10_000 {
+        receivers.push(
+            runtime
+                .block_on(broker.subscribe(format!("w.{i}.*").as_str()))
+                .unwrap(),
+        );
+    }
+    let topics: Vec<Topic> = (0..10_000)
+        .map(|i| Topic::new(format!("w.{i}.x")).unwrap())
+        .collect();
+    let mut group = c.benchmark_group("match_wildcard_among_10000");
+    group.throughput(Throughput::Elements(1000));
+    let mut at = 0;
+    group.bench_function("cache_miss_1000_msgs", |b| {
+        b.iter(|| {
+            let batch: MessageBatch = (0..1000)
+                .map(|k| {
+                    Message::new(topics[(at + k * 7) % topics.len()].clone(), &b"x"[..]).unwrap()
+                })
+                .collect();
+            at += 1;
+            runtime.block_on(broker.publish_batch(batch)).unwrap();
+            for r in &mut receivers {
+                while r.try_recv().is_some() {}
+            }
+        })
+    });
+    group.finish();
+}
+
+/// One topic with 100 in-process subscribers: each message is delivered
+/// 100 times.
+fn bench_fanout_100(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let broker = MessageBroker::new();
+    runtime.block_on(broker.start()).unwrap();
+    let topic = Topic::new("fan.out").unwrap();
+    let mut receivers: Vec<_> = (0..100)
+        .map(|_| runtime.block_on(broker.subscribe(&topic)).unwrap())
+        .collect();
+    let batch: MessageBatch = (0..1000)
+        .map(|_| Message::new(topic.clone(), &b"0123456789abcdef"[..]).unwrap())
+        .collect();
+    let mut group = c.benchmark_group("router_fanout_100");
+    group.throughput(Throughput::Elements(100 * 1000));
+    group.bench_function("deliveries", |b| {
+        b.iter(|| {
+            runtime
+                .block_on(broker.publish_batch(batch.clone()))
+                .unwrap();
+            for r in &mut receivers {
+                while r.try_recv().is_some() {}
+            }
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    bench_pattern,
+    bench_route,
+    bench_wildcard_miss,
+    bench_fanout_100
+);
 criterion_main!(benches);

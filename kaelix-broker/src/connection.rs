@@ -31,6 +31,9 @@ use tokio::net::TcpStream;
 use crate::broker::Inner;
 use crate::router::{Batch, Publication, RouteCache, Sink, Subscriber};
 
+/// Bytes of a connection's first reads; see `Connection::run`.
+const INITIAL_READ: usize = 1024;
+
 /// Why a connection ended.
 #[derive(Debug)]
 pub(crate) enum Exit {
@@ -158,7 +161,11 @@ impl Connection {
         let config = &self.broker.config;
         let read_size = config.network.read_buffer_bytes.max(4096);
         let max_frame = config.limits.max_frame_bytes;
-        let mut buf = BytesMut::with_capacity(read_size);
+        // Reads start small and double while they fill the buffer, up to
+        // network.read_buffer_bytes: an idle connection holds a few hundred
+        // bytes, a busy one reads in large chunks.
+        let mut want = INITIAL_READ;
+        let mut buf = BytesMut::new();
 
         let handshake = Duration::from_millis(config.network.handshake_timeout_ms);
         let hello = match tokio::time::timeout(handshake, read_first(rd, &mut buf, max_frame)).await
@@ -176,15 +183,17 @@ impl Connection {
             if let Err(exit) = self.process(&mut buf, max_frame) {
                 return exit;
             }
-            if buf.capacity() - buf.len() < read_size / 2 {
-                buf.reserve(read_size);
+            if buf.capacity() - buf.len() < want / 2 {
+                buf.reserve(want);
             }
+            let room = buf.capacity() - buf.len();
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return Exit::ShuttingDown,
                 reason = self.outbox.closed() => return Exit::Outbox(reason),
                 read = rd.read_buf(&mut buf) => match read {
                     Ok(0) => return Exit::ClientClosed,
+                    Ok(n) if n == room => want = (want * 2).min(read_size),
                     Ok(_) => {}
                     Err(err) => return Exit::ReadError(err),
                 },
@@ -411,7 +420,7 @@ async fn read_first(
             Ok(None) => {}
             Err(err) => return Err(Exit::Protocol(err)),
         }
-        buf.reserve(4096);
+        buf.reserve(INITIAL_READ);
         match rd.read_buf(buf).await {
             Ok(0) => return Err(Exit::ClientClosed),
             Ok(_) => {}

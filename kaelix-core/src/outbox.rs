@@ -56,7 +56,8 @@ impl Outbox {
     pub fn new(limit: usize) -> Self {
         Outbox {
             state: Mutex::new(State {
-                buf: BytesMut::with_capacity(8 * 1024),
+                // Grown on first use: an idle connection holds no buffer.
+                buf: BytesMut::new(),
                 closed: None,
             }),
             ready: Notify::new(),
@@ -196,7 +197,7 @@ impl Outbox {
     /// The writer loop: sends whatever is queued, one write per swap, until
     /// the outbox is closed and empty. A write error closes the outbox.
     pub async fn write_to<W: AsyncWrite + Unpin>(&self, writer: &mut W) -> io::Result<CloseReason> {
-        let mut spare = BytesMut::with_capacity(8 * 1024);
+        let mut spare = BytesMut::new();
         loop {
             let closed = {
                 let mut state = self.state.lock();
