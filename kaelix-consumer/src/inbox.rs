@@ -204,6 +204,52 @@ impl Receiver {
         true
     }
 
+    /// Waits until messages are buffered (or the inbox closes), then hands
+    /// each buffered message to `f` as a borrowed view. Returns how many.
+    pub(crate) async fn recv_batch<F: FnMut(MessageView<'_>)>(
+        &mut self,
+        inbox: &Inbox,
+        f: &mut F,
+    ) -> Result<usize, CloseReason> {
+        poll_fn(|cx| {
+            if !self.local.is_empty() || self.take(inbox, Some(cx)) {
+                return Poll::Ready(Ok(()));
+            }
+            let state = inbox.state.lock();
+            match &state.closed {
+                Some(reason) if state.count == 0 => Poll::Ready(Err(reason.clone())),
+                _ => Poll::Pending,
+            }
+        })
+        .await?;
+        let mut n = 0;
+        let mut rest = &self.local[..];
+        while rest.len() >= ENTRY_HEADER {
+            let flags = rest[0];
+            let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
+            let Some(body) = rest.get(ENTRY_HEADER..ENTRY_HEADER + len) else {
+                break;
+            };
+            rest = &rest[ENTRY_HEADER + len..];
+            let Ok(parts) = body_parts(body, flags) else {
+                continue;
+            };
+            let Ok(topic) = std::str::from_utf8(parts.topic) else {
+                continue;
+            };
+            f(MessageView {
+                topic,
+                payload: parts.payload,
+                partition: parts.partition.map(PartitionId::new),
+                headers: parts.headers,
+                received_at: self.received_at,
+            });
+            n += 1;
+        }
+        self.local.clear();
+        Ok(n)
+    }
+
     fn next_message(&mut self) -> Option<Message> {
         if self.local.len() < ENTRY_HEADER {
             return None;
@@ -290,6 +336,49 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn batches_are_borrowed_views() {
+        let inbox = Inbox::new(100, 1 << 20);
+        let mut rx = Receiver::new();
+        let mut staged = BytesMut::new();
+        let headers: Headers = [("k", "v")].into_iter().collect();
+        let b = MessageBody::new(
+            &Topic::new("x.y").unwrap(),
+            Some(PartitionId::new(2)),
+            &headers,
+            &Bytes::from_static(b"pp"),
+        );
+        stage(&mut staged, b.flags(), b.raw());
+        let plain = body("x.z", "q");
+        stage(&mut staged, plain.flags(), plain.raw());
+        inbox.append(&mut staged, 2);
+        let mut seen = Vec::new();
+        let n = rx
+            .recv_batch(&inbox, &mut |m| {
+                seen.push((
+                    m.topic.to_string(),
+                    m.payload.to_vec(),
+                    m.partition,
+                    m.header("k"),
+                ));
+                assert_eq!(m.to_message().unwrap().payload, m.payload);
+            })
+            .await
+            .unwrap();
+        assert_eq!(n, 2);
+        assert_eq!(
+            seen[0],
+            (
+                "x.y".into(),
+                b"pp".to_vec(),
+                Some(PartitionId::new(2)),
+                Some("v".into())
+            )
+        );
+        assert_eq!(seen[1], ("x.z".into(), b"q".to_vec(), None, None));
+        assert!(rx.try_recv(&inbox).is_none());
+    }
+
     #[test]
     fn a_full_inbox_refuses_until_taken() {
         let inbox = Inbox::new(2, 1 << 20);
@@ -303,5 +392,45 @@ mod tests {
         assert_eq!(inbox.append(&mut staged, 1), Pushed::Full);
         assert!(rx.try_recv(&inbox).is_some());
         assert_eq!(inbox.append(&mut staged, 1), Pushed::More);
+    }
+}
+
+/// A message borrowed from a subscription's buffer, valid while the
+/// callback of [`Subscription::recv_batch`](crate::Subscription::recv_batch)
+/// runs: nothing is copied or allocated to make it.
+#[derive(Debug, Clone, Copy)]
+pub struct MessageView<'a> {
+    /// The topic it was published on.
+    pub topic: &'a str,
+    /// The payload.
+    pub payload: &'a [u8],
+    /// The partition the publisher chose, if any.
+    pub partition: Option<PartitionId>,
+    headers: Option<&'a [u8]>,
+    received_at: Timestamp,
+}
+
+impl MessageView<'_> {
+    /// The value of header `name`, if set.
+    pub fn header(&self, name: &str) -> Option<String> {
+        header_pairs(self.headers?)
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v)
+    }
+
+    /// An owned [`Message`] with the same contents.
+    pub fn to_message(&self) -> Option<Message> {
+        Some(Message {
+            id: MessageId::next(),
+            topic: Topic::new(self.topic).ok()?,
+            payload: Bytes::copy_from_slice(self.payload),
+            timestamp: self.received_at,
+            partition: self.partition,
+            offset: None,
+            headers: self
+                .headers
+                .map(|h| header_pairs(h).collect())
+                .unwrap_or_default(),
+        })
     }
 }

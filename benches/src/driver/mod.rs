@@ -149,17 +149,10 @@ impl Sub {
     ) -> Result<usize> {
         match self {
             Sub::Kaelix { subscription, .. } => {
-                let first = match tokio::time::timeout(idle, subscription.recv()).await {
-                    Err(_) => return Ok(0),
-                    Ok(message) => message?,
-                };
-                f(&first.payload);
-                let mut n = 1;
-                while let Some(m) = subscription.try_recv() {
-                    f(&m.payload);
-                    n += 1;
+                match tokio::time::timeout(idle, subscription.recv_batch(|m| f(m.payload))).await {
+                    Err(_) => Ok(0),
+                    Ok(n) => Ok(n?),
                 }
-                Ok(n)
             }
             Sub::Nats(conn) => match tokio::time::timeout(idle, conn.recv_batch(f)).await {
                 Err(_) => Ok(0),
