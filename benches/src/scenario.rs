@@ -206,9 +206,13 @@ async fn subscribe(
     let mut idle_since_done = 0u32;
     loop {
         let mut batch = 0u64;
+        // One clock reading per received batch, as an application would.
+        let mut now = 0;
         let n = sub
             .recv_batch(Duration::from_millis(100), &mut |p| {
-                let now = now_ns();
+                if now == 0 {
+                    now = now_ns();
+                }
                 if let Some((publisher, seq, sent)) = payload::read(p) {
                     let _ = report.latency.record(now.saturating_sub(sent).max(1));
                     if let Some(bits) = report.seen.get_mut(publisher as usize) {
@@ -253,6 +257,7 @@ async fn subscribe(
 
 async fn publish(mut conn: Pub, index: u16, flow: Flow, shared: Arc<Shared>) -> Result<u64> {
     let mut buf = vec![0x5au8; flow.payload];
+    let mut burst_buf = vec![0x5au8; flow.payload * 256];
     let queue = flow.group.is_some();
     let window = (flow.window_bytes / flow.payload as u64).max(1024);
     let per_publisher_rate = flow.rate.map(|r| r / flow.publishers as f64);
@@ -278,11 +283,20 @@ async fn publish(mut conn: Pub, index: u16, flow: Flow, shared: Arc<Shared>) -> 
             tokio::time::sleep(Duration::from_micros(100)).await;
             continue;
         }
-        for _ in 0..burst {
-            payload::stamp(&mut buf, index, seq, now_ns());
-            conn.send(&buf).await?;
+        // One clock reading per burst when unpaced (a burst takes a few
+        // microseconds); every message gets its own when paced.
+        let burst_ns = now_ns();
+        let flat = &mut burst_buf[..burst as usize * flow.payload];
+        for chunk in flat.chunks_mut(flow.payload) {
+            let at = if per_publisher_rate.is_some() {
+                now_ns()
+            } else {
+                burst_ns
+            };
+            payload::stamp(chunk, index, seq, at);
             seq += 1;
         }
+        conn.send_burst(flat, flow.payload).await?;
         shared.sent.fetch_add(burst, Ordering::Relaxed);
         conn.push().await?;
     }

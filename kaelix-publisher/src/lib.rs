@@ -162,6 +162,67 @@ impl Publisher {
             .await
     }
 
+    /// Queues many payloads on one topic with a single append to the send
+    /// buffer: the cheapest way to publish a burst. Like [`send`](Self::send),
+    /// refusals are reported by the next [`flush`](Self::flush).
+    ///
+    /// ```
+    /// # use kaelix_publisher::Publisher;
+    /// # use kaelix_core::Topic;
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let broker = kaelix_broker::MessageBroker::new();
+    /// # broker.start().await?;
+    /// # let server = kaelix_broker::Server::bind_addr(&broker, "127.0.0.1:0").await?;
+    /// # let addr = server.local_addr()?.to_string();
+    /// # tokio::spawn(server.run());
+    /// # let mut receiver = broker.subscribe("prices.eurusd").await?;
+    /// let publisher = Publisher::connect(&addr).await?;
+    /// let topic = Topic::new("prices.eurusd")?;
+    /// publisher.send_batch(&topic, &["1.0841", "1.0842", "1.0840"]).await?;
+    /// publisher.flush().await?;
+    /// # assert_eq!(receiver.recv().await?.payload, "1.0841");
+    /// # Ok(()) }
+    /// ```
+    pub async fn send_batch<P: AsRef<[u8]>>(&self, topic: &Topic, payloads: &[P]) -> Result<()> {
+        let headers = Headers::new();
+        let mut total = 0;
+        for payload in payloads {
+            let frame_len = publish_len(topic, None, &headers, payload.as_ref());
+            if frame_len > self.inner.max_frame_bytes {
+                return Err(Error::PayloadTooLarge {
+                    size: payload.as_ref().len(),
+                    max: self
+                        .inner
+                        .max_frame_bytes
+                        .saturating_sub(frame_len - payload.as_ref().len()),
+                });
+            }
+            total += 4 + frame_len;
+        }
+        let first = self
+            .inner
+            .next_seq
+            .fetch_add(payloads.len() as u64, Ordering::Relaxed);
+        let outbox = &self.inner.outbox;
+        loop {
+            let pushed = outbox.push(total, |b| {
+                for (i, payload) in payloads.iter().enumerate() {
+                    let seq = first + i as u64;
+                    encode_publish(b, seq, false, topic, None, &headers, payload.as_ref());
+                }
+            });
+            match pushed {
+                Pushed::First => {
+                    outbox.wake();
+                    return Ok(());
+                }
+                Pushed::More => return Ok(()),
+                Pushed::Full => outbox.wait_for_space(total).await,
+                Pushed::Closed => return Err(self.closed_error()),
+            }
+        }
+    }
+
     /// Queues a whole message without waiting for the broker.
     pub async fn send_message(&self, message: &Message) -> Result<()> {
         self.send_parts(

@@ -48,6 +48,24 @@ impl Pub {
         })
     }
 
+    /// Queues payloads of `len` bytes each, laid end to end in `flat`
+    /// (fire-and-forget). Kaelix takes them in one call, the others one by one
+    /// into their own write buffers.
+    pub async fn send_burst(&mut self, flat: &[u8], len: usize) -> Result<()> {
+        match self {
+            Pub::Kaelix { publisher, topic } => {
+                let payloads: Vec<&[u8]> = flat.chunks(len).collect();
+                publisher.send_batch(topic, &payloads).await?;
+            }
+            _ => {
+                for payload in flat.chunks(len) {
+                    self.send(payload).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Queues one message (fire-and-forget).
     pub async fn send(&mut self, payload: &[u8]) -> Result<()> {
         match self {
