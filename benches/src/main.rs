@@ -8,8 +8,9 @@
 //!
 //! Scenarios: `pubsub` (P → S on one topic), `fanout` (1 → N), `fanin`
 //! (N → 1), `queue` (1 → a queue group of N), `latency` (one message in
-//! flight, or at `--rate`), `topics` (broker memory per subscription on its
-//! own topic), `connections` (broker memory per idle connection).
+//! flight, or at `--rate`), `inprocess` (the in-process `MessageBroker`'s
+//! publish → receive latency), `topics` (broker memory per subscription on
+//! its own topic), `connections` (broker memory per idle connection).
 //! `report` turns `--json` lines into the medians table of
 //! docs/performance.md; `relay-server` is the relay that `--target relay`
 //! starts.
@@ -60,6 +61,8 @@ enum Cmd {
     Queue(RunOpts),
     /// Latency with one message in flight, or at a fixed --rate.
     Latency(RunOpts),
+    /// In-process MessageBroker publish → receive latency (no network; --target is ignored).
+    Inprocess(RunOpts),
     /// Broker memory for --count subscriptions, each on its own topic.
     Topics(RunOpts),
     /// Broker memory for --count idle connections.
@@ -158,6 +161,22 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
         Cmd::Fanin(o) => ("fanin", o),
         Cmd::Queue(o) => ("queue", o),
         Cmd::Latency(o) => ("latency", o),
+        Cmd::Inprocess(o) => {
+            let runs = scenario::in_process(o.payload, Duration::from_secs_f64(o.duration)).await?;
+            for mut r in runs {
+                r.target = "inprocess".into();
+                r.label = o.label.clone();
+                if o.json {
+                    println!(
+                        "{}",
+                        serde_json::to_string(&r).map_err(|e| BenchError::Usage(e.to_string()))?
+                    );
+                } else {
+                    print!("{}", r.table());
+                }
+            }
+            return Ok(());
+        }
         Cmd::Topics(o) => ("topics", o),
         Cmd::Connections(o) => ("connections", o),
     };

@@ -397,6 +397,97 @@ pub async fn one_in_flight(
     Ok(result)
 }
 
+/// In-process `MessageBroker` publish → receive latency, one message in
+/// flight: with the receiver polled by the publishing task (the path's own
+/// cost), and with the receiver in its own task (a wake-up included).
+pub async fn in_process(payload_len: usize, duration: Duration) -> Result<Vec<RunResult>> {
+    use kaelix_broker::MessageBroker;
+    use kaelix_core::{Message, Topic};
+
+    if payload_len < STAMP_LEN {
+        return Err(BenchError::Usage(format!(
+            "--payload must be at least {STAMP_LEN} bytes"
+        )));
+    }
+    let broker = MessageBroker::new();
+    broker.start().await?;
+    let topic = Topic::new("bench.inprocess")?;
+    let mut results = Vec::new();
+    for separate_task in [false, true] {
+        let mut receiver = broker.subscribe(&topic).await?;
+        let mut buf = vec![0x5au8; payload_len];
+        let start = now_ns();
+        let deadline = start + duration.as_nanos() as u64 / 2;
+        let mut sent = 0u64;
+        let latency = if separate_task {
+            let (ack_tx, mut ack_rx) = tokio::sync::mpsc::channel::<()>(1);
+            let recorder = tokio::spawn(async move {
+                let mut h = results::histogram();
+                while let Ok(m) = receiver.recv().await {
+                    let now = now_ns();
+                    if let Some((_, _, at)) = payload::read(&m.payload) {
+                        let _ = h.record(now.saturating_sub(at).max(1));
+                    }
+                    if ack_tx.send(()).await.is_err() {
+                        break;
+                    }
+                }
+                h
+            });
+            while now_ns() < deadline {
+                payload::stamp(&mut buf, 0, sent, now_ns());
+                broker
+                    .publish(&topic, Message::new(topic.clone(), buf.clone())?)
+                    .await?;
+                sent += 1;
+                if ack_rx.recv().await.is_none() {
+                    break;
+                }
+            }
+            drop(ack_rx);
+            broker.shutdown().await?;
+            recorder
+                .await
+                .map_err(|e| BenchError::Usage(e.to_string()))?
+        } else {
+            let mut h = results::histogram();
+            while now_ns() < deadline {
+                payload::stamp(&mut buf, 0, sent, now_ns());
+                broker
+                    .publish(&topic, Message::new(topic.clone(), buf.clone())?)
+                    .await?;
+                sent += 1;
+                let m = receiver.recv().await?;
+                if let Some((_, _, at)) = payload::read(&m.payload) {
+                    let _ = h.record(now_ns().saturating_sub(at).max(1));
+                }
+            }
+            h
+        };
+        let elapsed_s = (now_ns() - start) as f64 / 1e9;
+        let mut result = RunResult {
+            scenario: if separate_task {
+                "inprocess-task"
+            } else {
+                "inprocess"
+            }
+            .into(),
+            payload_bytes: payload_len,
+            publishers: 1,
+            subscribers: 1,
+            msgs_per_s: latency.len() as f64 / elapsed_s,
+            sent,
+            received: latency.len(),
+            lost: sent.saturating_sub(latency.len()),
+            elapsed_s,
+            ..Default::default()
+        };
+        result.set_latency(&latency);
+        results.push(result);
+    }
+    Ok(results)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
