@@ -118,6 +118,11 @@ for placement in default pinned; do
     done
     stop "$KAELIX_PID"; stop "$NATS_PID"
 
+    echo "   in-process latency"
+    for run in $(seq 1 "$RUNS"); do
+        $(prefix "$placement") "$BENCH" inprocess --label "$placement" --json --duration "$DURATION" >>"$RESULTS"
+    done
+
     echo "   memory"
     for run in $(seq 1 "$RUNS"); do
         # Fresh brokers for each memory run, so that freed memory is not reused.

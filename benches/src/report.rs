@@ -28,8 +28,12 @@ pub fn median(values: &mut [f64]) -> Option<f64> {
     })
 }
 
+/// The column a target's figures go in; in-process runs are Kaelix's.
 fn kind(target: &str) -> &str {
-    target.split("://").next().unwrap_or(target)
+    match target.split("://").next().unwrap_or(target) {
+        "inprocess" => "kaelix",
+        other => other,
+    }
 }
 
 type Metric = (&'static str, fn(&RunResult) -> Option<f64>);
@@ -40,7 +44,7 @@ fn metrics(scenario: &str) -> Vec<Metric> {
             ("broker bytes per item", |r| r.bytes_per_item),
             ("registration s", |r| r.register_s),
         ],
-        "latency" => vec![
+        "latency" | "inprocess" | "inprocess-task" => vec![
             ("p50 µs", |r| Some(r.p50_us)),
             ("p99 µs", |r| Some(r.p99_us)),
             ("lost", |r| Some(r.lost as f64)),

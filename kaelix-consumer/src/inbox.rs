@@ -1,25 +1,27 @@
-//! A subscription's inbox: the MESSAGE bodies the connection's reader
-//! received for it, appended as bytes once per read, and turned into
-//! [`Message`]s by the application's own task when it receives them.
+//! A subscription's inbox: the MESSAGE frames the connection's reader
+//! received for it, handed over as chunks of raw frames once per read, and
+//! turned into [`Message`]s (or borrowed [`MessageView`]s) by the
+//! application's own task when it receives them.
 //!
-//! Keeping the per-message work (slicing, topic lookup, message ids) on the
-//! receiving task means the reader does one copy and one lock per read, and
-//! no reference count is shared between two threads per message.
-//!
-//! Entry layout in the buffer: `u8` body flags, `u32` body length, body.
+//! When a read holds frames for one subscription only — the common case —
+//! the chunk is the read buffer itself: no copy. Otherwise the reader copies
+//! each frame into a chunk of its subscription. Either way the reader takes
+//! one lock per read, and no reference count is shared between two threads
+//! per message.
 
+use std::collections::VecDeque;
 use std::future::poll_fn;
-use std::task::{Context, Poll, Waker};
+use std::task::{ready, Context, Poll, Waker};
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use kaelix_core::outbox::Pushed;
 use kaelix_core::protocol::decode::{body_parts, header_pairs};
 use kaelix_core::{CloseReason, Message, MessageId, PartitionId, Timestamp, Topic};
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
-/// Bytes of an entry before its body.
-const ENTRY_HEADER: usize = 5;
+/// Bytes of a MESSAGE frame before its body: length, opcode, flags, sid.
+const FRAME_HEADER: usize = 10;
 
 /// The shared half, written by the reader.
 #[derive(Debug)]
@@ -32,8 +34,9 @@ pub(crate) struct Inbox {
 
 #[derive(Debug, Default)]
 struct State {
-    buf: BytesMut,
+    chunks: VecDeque<Bytes>,
     count: usize,
+    bytes: usize,
     waker: Option<Waker>,
     closed: Option<CloseReason>,
 }
@@ -48,28 +51,25 @@ impl Inbox {
         }
     }
 
-    /// Appends `count` staged entries. Returns [`Pushed::Full`] (appending
-    /// nothing) when they do not fit and the inbox is not empty.
-    pub(crate) fn append(&self, staged: &mut BytesMut, count: usize) -> Pushed {
+    /// Moves `chunks` (holding `count` frames) into the inbox. Returns
+    /// [`Pushed::Full`], moving nothing, when they do not fit and the inbox
+    /// is not empty.
+    pub(crate) fn append(&self, chunks: &mut Vec<Bytes>, count: usize) -> Pushed {
+        let bytes: usize = chunks.iter().map(Bytes::len).sum();
         let waker = {
             let mut state = self.state.lock();
             if state.closed.is_some() {
-                staged.clear();
+                chunks.clear();
                 return Pushed::Closed;
             }
             if state.count > 0
-                && (state.count + count > self.max_messages
-                    || state.buf.len() + staged.len() > self.max_bytes)
+                && (state.count + count > self.max_messages || state.bytes + bytes > self.max_bytes)
             {
                 return Pushed::Full;
             }
-            if state.buf.is_empty() {
-                std::mem::swap(&mut state.buf, staged);
-            } else {
-                state.buf.extend_from_slice(staged);
-                staged.clear();
-            }
+            state.chunks.extend(chunks.drain(..));
             state.count += count;
+            state.bytes += bytes;
             state.waker.take()
         };
         if let Some(waker) = waker {
@@ -113,21 +113,20 @@ impl Inbox {
     }
 }
 
-/// Appends one MESSAGE body to a reader's staging buffer.
-pub(crate) fn stage(staged: &mut BytesMut, body_flags: u8, body: &[u8]) {
-    staged.reserve(ENTRY_HEADER + body.len());
-    staged.put_u8(body_flags);
-    staged.put_u32(body.len() as u32);
-    staged.put_slice(body);
+/// The frame at the front of `chunk`: its body flags and body range. The
+/// reader puts only whole, validated MESSAGE frames in chunks.
+fn frame_at(chunk: &[u8]) -> Option<(u8, std::ops::Range<usize>)> {
+    let header = chunk.get(..FRAME_HEADER)?;
+    let len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]) as usize;
+    let end = 4 + len;
+    (end >= FRAME_HEADER && end <= chunk.len()).then_some((header[5], FRAME_HEADER..end))
 }
 
-/// The receiving half: what was taken from the inbox, turned into messages
-/// one at a time.
+/// The receiving half: the chunks taken from the inbox, turned into
+/// messages one at a time.
 #[derive(Debug)]
 pub(crate) struct Receiver {
-    local: Bytes,
-    /// Emptied buffers handed back to the inbox for reuse.
-    spare: BytesMut,
+    chunks: VecDeque<Bytes>,
     received_at: Timestamp,
     last_topic: Option<Topic>,
 }
@@ -135,8 +134,7 @@ pub(crate) struct Receiver {
 impl Receiver {
     pub(crate) fn new() -> Self {
         Receiver {
-            local: Bytes::new(),
-            spare: BytesMut::new(),
+            chunks: VecDeque::new(),
             received_at: Timestamp::now(),
             last_topic: None,
         }
@@ -147,7 +145,7 @@ impl Receiver {
     }
 
     pub(crate) fn try_recv(&mut self, inbox: &Inbox) -> Option<Message> {
-        if self.local.is_empty() && !self.take(inbox, None) {
+        if self.chunks.is_empty() && !self.take(inbox, None) {
             return None;
         }
         self.next_message()
@@ -158,33 +156,32 @@ impl Receiver {
         inbox: &Inbox,
         cx: &mut Context<'_>,
     ) -> Poll<Result<Message, CloseReason>> {
-        if self.local.is_empty() && !self.take(inbox, Some(cx)) {
-            let state = inbox.state.lock();
-            if let Some(reason) = &state.closed {
-                if state.count == 0 {
-                    return Poll::Ready(Err(reason.clone()));
-                }
-            }
-            return Poll::Pending;
+        if let Err(reason) = ready!(self.poll_ready(inbox, cx)) {
+            return Poll::Ready(Err(reason));
         }
         match self.next_message() {
             Some(message) => Poll::Ready(Ok(message)),
-            // An entry the reader staged always parses; treat the impossible as a close.
-            None => Poll::Ready(Err(CloseReason::Protocol("corrupt inbox entry".into()))),
+            // A chunk the reader built always parses; treat the impossible as a close.
+            None => Poll::Ready(Err(CloseReason::Protocol("corrupt inbox chunk".into()))),
+        }
+    }
+
+    /// Ready when something is buffered, or with the reason once the inbox
+    /// is closed and drained.
+    fn poll_ready(&mut self, inbox: &Inbox, cx: &mut Context<'_>) -> Poll<Result<(), CloseReason>> {
+        if !self.chunks.is_empty() || self.take(inbox, Some(cx)) {
+            return Poll::Ready(Ok(()));
+        }
+        let state = inbox.state.lock();
+        match &state.closed {
+            Some(reason) if state.count == 0 => Poll::Ready(Err(reason.clone())),
+            _ => Poll::Pending,
         }
     }
 
     /// Takes everything queued in one swap; registers `cx` when there is
     /// nothing (and the inbox is open).
     fn take(&mut self, inbox: &Inbox, cx: Option<&mut Context<'_>>) -> bool {
-        // Reuse the last buffer when every message made from it is gone.
-        let old = std::mem::take(&mut self.local);
-        if let Ok(mut reusable) = old.try_into_mut() {
-            reusable.clear();
-            if reusable.capacity() > self.spare.capacity() {
-                self.spare = reusable;
-            }
-        }
         let mut state = inbox.state.lock();
         if state.count == 0 {
             if let (Some(cx), None) = (cx, &state.closed) {
@@ -195,11 +192,11 @@ impl Receiver {
             }
             return false;
         }
-        std::mem::swap(&mut state.buf, &mut self.spare);
+        std::mem::swap(&mut state.chunks, &mut self.chunks);
         state.count = 0;
+        state.bytes = 0;
         drop(state);
         inbox.space.notify_waiters();
-        self.local = std::mem::take(&mut self.spare).freeze();
         self.received_at = Timestamp::now();
         true
     }
@@ -211,54 +208,40 @@ impl Receiver {
         inbox: &Inbox,
         f: &mut F,
     ) -> Result<usize, CloseReason> {
-        poll_fn(|cx| {
-            if !self.local.is_empty() || self.take(inbox, Some(cx)) {
-                return Poll::Ready(Ok(()));
-            }
-            let state = inbox.state.lock();
-            match &state.closed {
-                Some(reason) if state.count == 0 => Poll::Ready(Err(reason.clone())),
-                _ => Poll::Pending,
-            }
-        })
-        .await?;
+        poll_fn(|cx| self.poll_ready(inbox, cx)).await?;
         let mut n = 0;
-        let mut rest = &self.local[..];
-        while rest.len() >= ENTRY_HEADER {
-            let flags = rest[0];
-            let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
-            let Some(body) = rest.get(ENTRY_HEADER..ENTRY_HEADER + len) else {
-                break;
-            };
-            rest = &rest[ENTRY_HEADER + len..];
-            let Ok(parts) = body_parts(body, flags) else {
-                continue;
-            };
-            let Ok(topic) = std::str::from_utf8(parts.topic) else {
-                continue;
-            };
-            f(MessageView {
-                topic,
-                payload: parts.payload,
-                partition: parts.partition.map(PartitionId::new),
-                headers: parts.headers,
-                received_at: self.received_at,
-            });
-            n += 1;
+        for chunk in self.chunks.drain(..) {
+            let mut rest = &chunk[..];
+            while let Some((flags, body)) = frame_at(rest) {
+                let body_bytes = &rest[body.clone()];
+                rest = &rest[body.end..];
+                let Ok(parts) = body_parts(body_bytes, flags) else {
+                    continue;
+                };
+                let Ok(topic) = std::str::from_utf8(parts.topic) else {
+                    continue;
+                };
+                f(MessageView {
+                    topic,
+                    payload: parts.payload,
+                    partition: parts.partition.map(PartitionId::new),
+                    headers: parts.headers,
+                    received_at: self.received_at,
+                });
+                n += 1;
+            }
         }
-        self.local.clear();
         Ok(n)
     }
 
     fn next_message(&mut self) -> Option<Message> {
-        if self.local.len() < ENTRY_HEADER {
-            return None;
+        let chunk = self.chunks.front_mut()?;
+        let (flags, body) = frame_at(chunk)?;
+        let frame = chunk.split_to(body.end);
+        if chunk.is_empty() {
+            self.chunks.pop_front();
         }
-        let flags = self.local[0];
-        let len = u32::from_be_bytes([self.local[1], self.local[2], self.local[3], self.local[4]])
-            as usize;
-        self.local.advance(ENTRY_HEADER);
-        let body = self.local.split_to(len.min(self.local.len()));
+        let body = frame.slice(body);
         let parts = body_parts(&body, flags).ok()?;
         let topic = match &self.last_topic {
             Some(t) if t.as_bytes() == parts.topic => t.clone(),
@@ -282,116 +265,6 @@ impl Receiver {
                 .map(|h| header_pairs(h).collect())
                 .unwrap_or_default(),
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use kaelix_core::protocol::MessageBody;
-    use kaelix_core::Headers;
-
-    fn body(topic: &str, payload: &str) -> MessageBody {
-        MessageBody::new(
-            &Topic::new(topic).unwrap(),
-            None,
-            &Headers::new(),
-            &Bytes::copy_from_slice(payload.as_bytes()),
-        )
-    }
-
-    #[tokio::test]
-    async fn entries_become_messages_in_order_then_the_reason() {
-        let inbox = Inbox::new(100, 1 << 20);
-        let mut rx = Receiver::new();
-        let mut staged = BytesMut::new();
-        for (t, p) in [("a.b", "1"), ("a.b", "2"), ("a.c", "3")] {
-            let b = body(t, p);
-            stage(&mut staged, b.flags(), b.raw());
-        }
-        assert_eq!(inbox.append(&mut staged, 3), Pushed::More);
-        assert!(staged.is_empty());
-        inbox.close(CloseReason::ShuttingDown);
-        let got: Vec<(String, String)> = [0, 1, 2]
-            .iter()
-            .map(|_| rx.try_recv(&inbox).unwrap())
-            .map(|m| {
-                (
-                    m.topic.to_string(),
-                    String::from_utf8(m.payload.to_vec()).unwrap(),
-                )
-            })
-            .collect();
-        assert_eq!(
-            got,
-            [
-                ("a.b".into(), "1".into()),
-                ("a.b".into(), "2".into()),
-                ("a.c".into(), "3".into())
-            ]
-        );
-        assert_eq!(
-            rx.recv(&inbox).await.unwrap_err(),
-            CloseReason::ShuttingDown
-        );
-    }
-
-    #[tokio::test]
-    async fn batches_are_borrowed_views() {
-        let inbox = Inbox::new(100, 1 << 20);
-        let mut rx = Receiver::new();
-        let mut staged = BytesMut::new();
-        let headers: Headers = [("k", "v")].into_iter().collect();
-        let b = MessageBody::new(
-            &Topic::new("x.y").unwrap(),
-            Some(PartitionId::new(2)),
-            &headers,
-            &Bytes::from_static(b"pp"),
-        );
-        stage(&mut staged, b.flags(), b.raw());
-        let plain = body("x.z", "q");
-        stage(&mut staged, plain.flags(), plain.raw());
-        inbox.append(&mut staged, 2);
-        let mut seen = Vec::new();
-        let n = rx
-            .recv_batch(&inbox, &mut |m| {
-                seen.push((
-                    m.topic.to_string(),
-                    m.payload.to_vec(),
-                    m.partition,
-                    m.header("k"),
-                ));
-                assert_eq!(m.to_message().unwrap().payload, m.payload);
-            })
-            .await
-            .unwrap();
-        assert_eq!(n, 2);
-        assert_eq!(
-            seen[0],
-            (
-                "x.y".into(),
-                b"pp".to_vec(),
-                Some(PartitionId::new(2)),
-                Some("v".into())
-            )
-        );
-        assert_eq!(seen[1], ("x.z".into(), b"q".to_vec(), None, None));
-        assert!(rx.try_recv(&inbox).is_none());
-    }
-
-    #[test]
-    fn a_full_inbox_refuses_until_taken() {
-        let inbox = Inbox::new(2, 1 << 20);
-        let mut rx = Receiver::new();
-        let b = body("t", "x");
-        let mut staged = BytesMut::new();
-        stage(&mut staged, b.flags(), b.raw());
-        stage(&mut staged, b.flags(), b.raw());
-        assert_eq!(inbox.append(&mut staged, 2), Pushed::More);
-        stage(&mut staged, b.flags(), b.raw());
-        assert_eq!(inbox.append(&mut staged, 1), Pushed::Full);
-        assert!(rx.try_recv(&inbox).is_some());
-        assert_eq!(inbox.append(&mut staged, 1), Pushed::More);
     }
 }
 
@@ -432,5 +305,119 @@ impl MessageView<'_> {
                 .map(|h| header_pairs(h).collect())
                 .unwrap_or_default(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::BytesMut;
+    use kaelix_core::protocol::{encode_deliver, MessageBody};
+    use kaelix_core::Headers;
+
+    fn frame(sid: u32, body: &MessageBody) -> Bytes {
+        let mut b = BytesMut::new();
+        encode_deliver(&mut b, sid, body);
+        b.freeze()
+    }
+
+    fn body(topic: &str, payload: &str) -> MessageBody {
+        MessageBody::new(
+            &Topic::new(topic).unwrap(),
+            None,
+            &Headers::new(),
+            &Bytes::copy_from_slice(payload.as_bytes()),
+        )
+    }
+
+    #[tokio::test]
+    async fn frames_become_messages_in_order_then_the_reason() {
+        let inbox = Inbox::new(100, 1 << 20);
+        let mut rx = Receiver::new();
+        let mut two = BytesMut::new();
+        two.extend_from_slice(&frame(1, &body("a.b", "1")));
+        two.extend_from_slice(&frame(1, &body("a.b", "2")));
+        let mut chunks = vec![two.freeze(), frame(1, &body("a.c", "3"))];
+        assert_eq!(inbox.append(&mut chunks, 3), Pushed::More);
+        assert!(chunks.is_empty());
+        inbox.close(CloseReason::ShuttingDown);
+        let got: Vec<(String, String)> = [0, 1, 2]
+            .iter()
+            .map(|_| rx.try_recv(&inbox).unwrap())
+            .map(|m| {
+                (
+                    m.topic.to_string(),
+                    String::from_utf8(m.payload.to_vec()).unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("a.b".into(), "1".into()),
+                ("a.b".into(), "2".into()),
+                ("a.c".into(), "3".into())
+            ]
+        );
+        assert_eq!(
+            rx.recv(&inbox).await.unwrap_err(),
+            CloseReason::ShuttingDown
+        );
+    }
+
+    #[tokio::test]
+    async fn batches_are_borrowed_views() {
+        let inbox = Inbox::new(100, 1 << 20);
+        let mut rx = Receiver::new();
+        let headers: Headers = [("k", "v")].into_iter().collect();
+        let b = MessageBody::new(
+            &Topic::new("x.y").unwrap(),
+            Some(PartitionId::new(2)),
+            &headers,
+            &Bytes::from_static(b"pp"),
+        );
+        let mut chunks = vec![frame(4, &b), frame(4, &body("x.z", "q"))];
+        inbox.append(&mut chunks, 2);
+        let mut seen = Vec::new();
+        let n = rx
+            .recv_batch(&inbox, &mut |m| {
+                seen.push((
+                    m.topic.to_string(),
+                    m.payload.to_vec(),
+                    m.partition,
+                    m.header("k"),
+                ));
+                assert_eq!(m.to_message().unwrap().payload, m.payload);
+            })
+            .await
+            .unwrap();
+        assert_eq!(n, 2);
+        assert_eq!(
+            seen[0],
+            (
+                "x.y".into(),
+                b"pp".to_vec(),
+                Some(PartitionId::new(2)),
+                Some("v".into())
+            )
+        );
+        assert_eq!(seen[1], ("x.z".into(), b"q".to_vec(), None, None));
+        assert!(rx.try_recv(&inbox).is_none());
+    }
+
+    #[test]
+    fn a_full_inbox_refuses_until_taken() {
+        let inbox = Inbox::new(2, 1 << 20);
+        let mut rx = Receiver::new();
+        let f = frame(1, &body("t", "x"));
+        assert_eq!(
+            inbox.append(&mut vec![f.clone(), f.clone()], 2),
+            Pushed::More
+        );
+        let mut more = vec![f.clone()];
+        assert_eq!(inbox.append(&mut more, 1), Pushed::Full);
+        assert_eq!(more.len(), 1);
+        assert!(rx.try_recv(&inbox).is_some());
+        assert_eq!(inbox.append(&mut more, 1), Pushed::More);
     }
 }

@@ -35,7 +35,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use kaelix_core::client::{self, ClientOptions, CloseOnDrop, FrameReader};
 use kaelix_core::outbox::{Outbox, Pushed};
 use kaelix_core::protocol::{self, Frame, Peek, Subscribe, HEADER_LEN};
@@ -331,28 +331,103 @@ async fn read_loop(mut reader: FrameReader, inner: Arc<Inner>) {
     inner.outbox.close(reason, None);
 }
 
-/// MESSAGE bodies gathered per subscription during one read, handed to the
-/// inboxes once per read.
+/// MESSAGE frames gathered per subscription during one read, handed to
+/// the inboxes once per read.
 #[derive(Default)]
 struct Staging {
-    /// sid → (inbox, staged entries, count).
-    by_sid: HashMap<u32, (Arc<Inbox>, BytesMut, usize)>,
+    by_sid: HashMap<u32, Staged>,
+}
+
+struct Staged {
+    inbox: Arc<Inbox>,
+    /// Chunks of whole frames ready to hand over.
+    chunks: Vec<Bytes>,
+    /// Frames copied out of mixed reads, not yet a chunk.
+    copied: BytesMut,
+    count: usize,
 }
 
 impl Staging {
+    /// The staging of `sid`, if the subscription still exists.
+    fn get(&mut self, sid: u32, inner: &Inner) -> Option<&mut Staged> {
+        match self.by_sid.entry(sid) {
+            std::collections::hash_map::Entry::Occupied(e) => Some(e.into_mut()),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let inbox = inner.state.lock().subs.get(&sid)?.clone();
+                Some(e.insert(Staged {
+                    inbox,
+                    chunks: Vec::new(),
+                    copied: BytesMut::new(),
+                    count: 0,
+                }))
+            }
+        }
+    }
+
     async fn hand_over(&mut self) {
-        for (inbox, staged, count) in self.by_sid.values_mut() {
-            if *count == 0 {
+        for staged in self.by_sid.values_mut() {
+            if !staged.copied.is_empty() {
+                staged.chunks.push(staged.copied.split().freeze());
+            }
+            if staged.count == 0 {
                 continue;
             }
             // A full inbox makes the reader wait, so the socket stops being read.
-            while inbox.append(staged, *count) == Pushed::Full {
-                inbox.wait_for_space().await;
+            while staged.inbox.append(&mut staged.chunks, staged.count) == Pushed::Full {
+                staged.inbox.wait_for_space().await;
             }
-            *count = 0;
+            staged.count = 0;
         }
-        self.by_sid.retain(|_, (inbox, _, _)| !inbox.is_closed());
+        self.by_sid.retain(|_, staged| !staged.inbox.is_closed());
     }
+}
+
+/// A run of MESSAGE frames at the front of the read buffer.
+#[derive(Default)]
+struct Run {
+    len: usize,
+    count: usize,
+    /// The one sid of the run, while it has only one.
+    sid: Option<u32>,
+    mixed: bool,
+}
+
+/// Hands a run of MESSAGE frames at the front of `buf` to the staging:
+/// whole, without a copy, when they are all for one subscription; frame by
+/// frame otherwise.
+fn take_run(
+    buf: &mut BytesMut,
+    run: &mut Run,
+    staging: &mut Staging,
+    inner: &Inner,
+    max_frame: usize,
+) {
+    if run.count == 0 {
+        return;
+    }
+    let frames = buf.split_to(run.len);
+    match (run.sid, run.mixed) {
+        (Some(sid), false) => {
+            if let Some(staged) = staging.get(sid, inner) {
+                if !staged.copied.is_empty() {
+                    staged.chunks.push(staged.copied.split().freeze());
+                }
+                staged.chunks.push(frames.freeze());
+                staged.count += run.count;
+            }
+        }
+        _ => {
+            let mut at = 0;
+            while let Ok(Peek::Deliver(d, len)) = protocol::peek(&frames[at..], max_frame) {
+                if let Some(staged) = staging.get(d.sid, inner) {
+                    staged.copied.extend_from_slice(&frames[at..at + len]);
+                    staged.count += 1;
+                }
+                at += len;
+            }
+        }
+    }
+    *run = Run::default();
 }
 
 /// Handles every complete frame in the reader's buffer.
@@ -363,24 +438,18 @@ fn handle_buffer(
 ) -> Result<(), CloseReason> {
     let max_frame = reader.max_frame_bytes();
     let buf = reader.buffer();
-    let mut used = 0;
+    let mut run = Run::default();
     loop {
-        match protocol::peek(&buf[used..], max_frame) {
+        match protocol::peek(&buf[run.len..], max_frame) {
             Ok(Peek::Incomplete) => break,
             Ok(Peek::Deliver(delivery, len)) => {
-                used += len;
-                let entry = match staging.by_sid.entry(delivery.sid) {
-                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                    std::collections::hash_map::Entry::Vacant(e) => {
-                        match inner.state.lock().subs.get(&delivery.sid) {
-                            Some(inbox) => e.insert((inbox.clone(), BytesMut::new(), 0)),
-                            // Unsubscribed while the message was in flight.
-                            None => continue,
-                        }
-                    }
-                };
-                inbox::stage(&mut entry.1, delivery.body_flags, delivery.body);
-                entry.2 += 1;
+                match run.sid {
+                    None if run.count == 0 => run.sid = Some(delivery.sid),
+                    Some(sid) if sid == delivery.sid => {}
+                    _ => run.mixed = true,
+                }
+                run.len += len;
+                run.count += 1;
             }
             Ok(Peek::Publish(..)) => {
                 return Err(CloseReason::Protocol(
@@ -388,8 +457,7 @@ fn handle_buffer(
                 ))
             }
             Ok(Peek::Other) => {
-                buf.advance(used);
-                used = 0;
+                take_run(buf, &mut run, staging, inner, max_frame);
                 match protocol::decode(buf, max_frame) {
                     Ok(Some(frame)) => handle_control(frame, inner)?,
                     Ok(None) => break,
@@ -399,7 +467,7 @@ fn handle_buffer(
             Err(err) => return Err(CloseReason::Protocol(err.to_string())),
         }
     }
-    buf.advance(used);
+    take_run(buf, &mut run, staging, inner, max_frame);
     Ok(())
 }
 

@@ -67,6 +67,9 @@ fn init_logging(config: &MemoryStreamerConfig) {
 }
 
 async fn run(config: MemoryStreamerConfig) -> Result<(), String> {
+    // Handlers first: a supervisor may signal as soon as it reads the
+    // listening line.
+    let signals = Signals::install()?;
     let (host, port) = (config.network.host.clone(), config.network.port);
     let broker = MessageBroker::with_config(config);
     broker.start().await.map_err(|e| e.to_string())?;
@@ -77,7 +80,7 @@ async fn run(config: MemoryStreamerConfig) -> Result<(), String> {
     println!("kaelix-broker listening on {addr}");
     let serving = tokio::spawn(server.run());
 
-    wait_for_signal().await?;
+    signals.wait().await;
     tracing::info!("signal received: draining connections and shutting down");
     broker.shutdown().await.map_err(|e| e.to_string())?;
     match serving.await {
@@ -89,13 +92,26 @@ async fn run(config: MemoryStreamerConfig) -> Result<(), String> {
     Ok(())
 }
 
-async fn wait_for_signal() -> Result<(), String> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
-    let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+/// SIGTERM and SIGINT, both of which stop the broker gracefully.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Signals, String> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let install = |kind| signal(kind).map_err(|e| format!("cannot handle signals: {e}"));
+        Ok(Signals {
+            term: install(SignalKind::terminate())?,
+            int: install(SignalKind::interrupt())?,
+        })
     }
-    Ok(())
+
+    async fn wait(mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
 }
