@@ -281,3 +281,47 @@ fn start_relay() -> Result<(Child, String)> {
         .to_string();
     Ok((child, addr))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_documented_interface() {
+        let cli = Cli::try_parse_from([
+            "kaelix-bench",
+            "fanout",
+            "--target",
+            "nats://127.0.0.1:4222",
+            "--payload",
+            "128",
+            "--duration",
+            "2.5",
+            "--subscribers",
+            "8",
+            "--rate",
+            "1000",
+            "--json",
+        ])
+        .unwrap();
+        let Cmd::Fanout(o) = cli.command else {
+            panic!("expected fanout")
+        };
+        assert_eq!(o.target, Target::Nats("127.0.0.1:4222".into()));
+        assert_eq!(
+            (o.payload, o.duration, o.subscribers, o.rate, o.json),
+            (128, 2.5, Some(8), Some(1000.0), true)
+        );
+        assert_eq!(o.publishers, None);
+
+        let cli = Cli::try_parse_from(["kaelix-bench", "latency"]).unwrap();
+        let Cmd::Latency(o) = cli.command else {
+            panic!("expected latency")
+        };
+        assert_eq!(o.target, Target::Kaelix("127.0.0.1:8080".into()));
+        assert!(!o.json && !o.acked);
+
+        assert!(Cli::try_parse_from(["kaelix-bench", "pubsub", "--target", "ftp://x:1"]).is_err());
+        assert!(Cli::try_parse_from(["kaelix-bench", "nosuch"]).is_err());
+    }
+}

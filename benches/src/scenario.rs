@@ -154,15 +154,20 @@ pub async fn run(flow: &Flow, endpoint: &Endpoint, pid: Option<u32>) -> Result<R
         sent,
         received,
         elapsed_s,
-        broker_cpu_s_per_m: match (cpu_before, cpu_after) {
-            (Some(a), Some(b)) if received > 0 => Some((b - a) / (received as f64 / 1e6)),
-            _ => None,
-        },
+        broker_cpu_s_per_m: cpu_per_million(cpu_before, cpu_after, received),
         broker_rss_bytes: pid.and_then(procfs::rss_bytes),
         ..Default::default()
     };
     result.set_latency(&results::merge(reports.into_iter().map(|r| r.latency)));
     Ok(result)
+}
+
+/// Broker CPU seconds per million messages received, from two readings.
+fn cpu_per_million(before: Option<f64>, after: Option<f64>, received: u64) -> Option<f64> {
+    match (before, after) {
+        (Some(a), Some(b)) if received > 0 => Some((b - a) / (received as f64 / 1e6)),
+        _ => None,
+    }
 }
 
 /// Lost and duplicated messages of a queue group: every sequence number of
@@ -386,10 +391,7 @@ pub async fn one_in_flight(
         sent,
         received,
         elapsed_s,
-        broker_cpu_s_per_m: match (cpu_before, cpu_after) {
-            (Some(a), Some(b)) if received > 0 => Some((b - a) / (received as f64 / 1e6)),
-            _ => None,
-        },
+        broker_cpu_s_per_m: cpu_per_million(cpu_before, cpu_after, received),
         broker_rss_bytes: pid.and_then(procfs::rss_bytes),
         ..Default::default()
     };
