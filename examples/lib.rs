@@ -15,9 +15,7 @@ pub async fn broker_address() -> Result<String, Box<dyn std::error::Error>> {
     }
     let broker = MessageBroker::new();
     broker.start().await?;
-    let server = Server::bind_addr(&broker, "127.0.0.1:0").await?;
-    let addr = server.local_addr()?.to_string();
-    tokio::spawn(server.run());
+    let addr = Server::spawn(&broker, "127.0.0.1:0").await?.to_string();
     println!("(started an embedded broker on {addr}; set KAELIX_SERVER to use your own)");
     Ok(addr)
 }

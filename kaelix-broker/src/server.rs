@@ -38,6 +38,24 @@ impl Server {
         })
     }
 
+    /// Binds to `addr` and serves in a background task until the broker
+    /// shuts down; returns the address it listens on. For embedding a
+    /// broker in a program or a test:
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() -> std::io::Result<()> {
+    /// let broker = kaelix_broker::MessageBroker::new();
+    /// let addr = kaelix_broker::Server::spawn(&broker, "127.0.0.1:0").await?;
+    /// assert_ne!(addr.port(), 0);
+    /// # Ok(()) }
+    /// ```
+    pub async fn spawn(broker: &MessageBroker, addr: impl ToSocketAddrs) -> io::Result<SocketAddr> {
+        let server = Self::bind_addr(broker, addr).await?;
+        let local = server.local_addr()?;
+        tokio::spawn(server.run());
+        Ok(local)
+    }
+
     /// The address the server listens on.
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.listener.local_addr()

@@ -9,9 +9,7 @@
 //! # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! # let broker = kaelix_broker::MessageBroker::new();
 //! # broker.start().await?;
-//! # let server = kaelix_broker::Server::bind_addr(&broker, "127.0.0.1:0").await?;
-//! # let addr = server.local_addr()?.to_string();
-//! # tokio::spawn(server.run());
+//! # let addr = kaelix_broker::Server::spawn(&broker, "127.0.0.1:0").await?.to_string();
 //! let consumer = Consumer::connect(&addr).await?; // addr: "127.0.0.1:8080", say
 //! let mut signups = consumer.subscribe("events.*.signup").await?;
 //! let mut jobs = consumer.subscribe_queue("jobs.>", "workers").await?;
@@ -251,9 +249,7 @@ impl Subscription {
     /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
     /// # let broker = kaelix_broker::MessageBroker::new();
     /// # broker.start().await?;
-    /// # let server = kaelix_broker::Server::bind_addr(&broker, "127.0.0.1:0").await?;
-    /// # let addr = server.local_addr()?.to_string();
-    /// # tokio::spawn(server.run());
+    /// # let addr = kaelix_broker::Server::spawn(&broker, "127.0.0.1:0").await?.to_string();
     /// let consumer = Consumer::connect(&addr).await?;
     /// let mut ticks = consumer.subscribe("ticks.>").await?;
     /// # let publisher = kaelix_publisher::Publisher::connect(&addr).await?;

@@ -11,9 +11,7 @@
 //! # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! # let broker = kaelix_broker::MessageBroker::new();
 //! # broker.start().await?;
-//! # let server = kaelix_broker::Server::bind_addr(&broker, "127.0.0.1:0").await?;
-//! # let addr = server.local_addr()?.to_string();
-//! # tokio::spawn(server.run());
+//! # let addr = kaelix_broker::Server::spawn(&broker, "127.0.0.1:0").await?.to_string();
 //! let publisher = Publisher::connect(&addr).await?; // addr: "127.0.0.1:8080", say
 //! publisher.publish("events.user.signup", "alice").await?;
 //! for i in 0..1000 {
@@ -172,9 +170,7 @@ impl Publisher {
     /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
     /// # let broker = kaelix_broker::MessageBroker::new();
     /// # broker.start().await?;
-    /// # let server = kaelix_broker::Server::bind_addr(&broker, "127.0.0.1:0").await?;
-    /// # let addr = server.local_addr()?.to_string();
-    /// # tokio::spawn(server.run());
+    /// # let addr = kaelix_broker::Server::spawn(&broker, "127.0.0.1:0").await?.to_string();
     /// # let mut receiver = broker.subscribe("prices.eurusd").await?;
     /// let publisher = Publisher::connect(&addr).await?;
     /// let topic = Topic::new("prices.eurusd")?;

@@ -10,9 +10,10 @@ use kaelix_publisher::Publisher;
 async fn broker() -> (MessageBroker, String) {
     let broker = MessageBroker::new();
     broker.start().await.unwrap();
-    let server = Server::bind_addr(&broker, "127.0.0.1:0").await.unwrap();
-    let addr = server.local_addr().unwrap().to_string();
-    tokio::spawn(server.run());
+    let addr = Server::spawn(&broker, "127.0.0.1:0")
+        .await
+        .unwrap()
+        .to_string();
     (broker, addr)
 }
 
