@@ -8,6 +8,7 @@
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, Waker};
 
 use parking_lot::Mutex;
@@ -22,6 +23,8 @@ pub use crate::outbox::Pushed;
 pub struct MessageQueue {
     state: Mutex<State>,
     space: Notify,
+    /// Set with `State::closed`, readable without the lock.
+    closed_flag: AtomicBool,
     max_messages: usize,
     max_bytes: usize,
 }
@@ -42,6 +45,7 @@ impl MessageQueue {
         MessageQueue {
             state: Mutex::new(State::default()),
             space: Notify::new(),
+            closed_flag: AtomicBool::new(false),
             max_messages: max_messages.max(1),
             max_bytes,
         }
@@ -76,6 +80,41 @@ impl MessageQueue {
         })
     }
 
+    /// Appends all of `messages` with one lock, or none of them: returns
+    /// [`Pushed::Full`] when they do not fit (and the queue is not empty).
+    /// `messages` is left empty unless the answer is `Full`.
+    pub fn push_all(&self, messages: &mut Vec<Message>) -> Pushed {
+        let mut state = self.state.lock();
+        if state.closed.is_some() {
+            messages.clear();
+            return Pushed::Closed;
+        }
+        let size: usize = messages.iter().map(|m| m.payload.len()).sum();
+        let was_empty = state.items.is_empty();
+        if !was_empty
+            && (state.items.len() + messages.len() > self.max_messages
+                || state.bytes + size > self.max_bytes)
+        {
+            return Pushed::Full;
+        }
+        if was_empty && messages.len() > self.max_messages {
+            return Pushed::Full;
+        }
+        state.items.extend(messages.drain(..));
+        state.bytes += size;
+        if was_empty {
+            Pushed::First
+        } else {
+            Pushed::More
+        }
+    }
+
+    /// Whether the queue is closed, without taking the lock: a hint for
+    /// routing, which re-checks under the lock when it appends.
+    pub fn is_closed_hint(&self) -> bool {
+        self.closed_flag.load(Ordering::Relaxed)
+    }
+
     /// Wakes the receiver if it is waiting.
     pub fn wake(&self) {
         let waker = self.state.lock().waker.take();
@@ -108,6 +147,7 @@ impl MessageQueue {
             let mut state = self.state.lock();
             if state.closed.is_none() {
                 state.closed = Some(reason);
+                self.closed_flag.store(true, Ordering::Relaxed);
             }
             state.waker.take()
         };
@@ -237,6 +277,20 @@ mod tests {
             assert_eq!(rx.recv().await.unwrap().payload, format!("{i}"));
         }
         assert_eq!(rx.recv().await.unwrap_err(), CloseReason::SlowConsumer);
+    }
+
+    #[test]
+    fn push_all_is_all_or_nothing() {
+        let queue = MessageQueue::new(3, 1 << 20);
+        assert_eq!(queue.push_all(&mut vec![msg(0), msg(1)]), Pushed::First);
+        let mut two = vec![msg(2), msg(3)];
+        assert_eq!(queue.push_all(&mut two), Pushed::Full);
+        assert_eq!((two.len(), queue.len()), (2, 2));
+        assert_eq!(queue.push_all(&mut vec![msg(2)]), Pushed::More);
+        queue.close(CloseReason::Closed);
+        assert!(queue.is_closed_hint());
+        assert_eq!(queue.push_all(&mut two), Pushed::Closed);
+        assert!(two.is_empty());
     }
 
     #[tokio::test]

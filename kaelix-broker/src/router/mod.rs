@@ -276,6 +276,7 @@ impl<'a> Publication<'a> {
 struct Staged {
     outbox: Arc<Outbox>,
     frames: BytesMut,
+    count: u64,
 }
 
 /// Routing state of one publisher: frames staged per subscriber, receivers
@@ -287,7 +288,10 @@ pub(crate) struct Batch {
     index: HashMap<usize, usize>,
     /// Emptied staging buffers, kept for reuse.
     spare: Vec<BytesMut>,
-    wake_queues: Vec<Arc<MessageQueue>>,
+    /// Messages for in-process receivers, appended once per batch.
+    local: Vec<(Arc<MessageQueue>, Vec<Message>)>,
+    /// Queue address → index in `local`.
+    local_index: HashMap<usize, usize>,
     published: u64,
     delivered: u64,
     bytes_in: u64,
@@ -300,7 +304,8 @@ impl Batch {
             staged: Vec::new(),
             index: HashMap::default(),
             spare: Vec::new(),
-            wake_queues: Vec::new(),
+            local: Vec::new(),
+            local_index: HashMap::default(),
             published: 0,
             delivered: 0,
             bytes_in: 0,
@@ -346,22 +351,32 @@ impl Batch {
                     true
                 }
             }
-            Sink::Local(queue) => match queue.push(publication.message(topic)) {
-                Pushed::First => {
-                    self.wake_queues.push(queue.clone());
+            Sink::Local(queue) => {
+                if queue.is_closed_hint() {
+                    false
+                } else {
+                    let message = publication.message(topic);
+                    self.stage_local(queue).push(message);
                     true
                 }
-                Pushed::More => true,
-                Pushed::Full => {
-                    queue.close(CloseReason::SlowConsumer);
-                    self.stats.slow_consumers.fetch_add(1, Ordering::Relaxed);
-                    false
-                }
-                Pushed::Closed => false,
-            },
+            }
         };
         self.delivered += u64::from(ok);
         ok
+    }
+
+    /// The messages staged for an in-process receiver's `queue`.
+    fn stage_local(&mut self, queue: &Arc<MessageQueue>) -> &mut Vec<Message> {
+        let key = Arc::as_ptr(queue) as usize;
+        let at = match self.local_index.get(&key) {
+            Some(&at) => at,
+            None => {
+                self.local.push((queue.clone(), Vec::new()));
+                self.local_index.insert(key, self.local.len() - 1);
+                self.local.len() - 1
+            }
+        };
+        &mut self.local[at].1
     }
 
     /// The staging buffer for `outbox`.
@@ -374,12 +389,15 @@ impl Batch {
                 self.staged.push(Staged {
                     outbox: outbox.clone(),
                     frames,
+                    count: 0,
                 });
                 self.index.insert(key, self.staged.len() - 1);
                 self.staged.len() - 1
             }
         };
-        &mut self.staged[at].frames
+        let staged = &mut self.staged[at];
+        staged.count += 1;
+        &mut staged.frames
     }
 
     /// Appends the staged frames to their outboxes, wakes every buffer that
@@ -388,16 +406,31 @@ impl Batch {
         for mut staged in self.staged.drain(..) {
             match staged.outbox.append(&mut staged.frames) {
                 Pushed::First => staged.outbox.wake(),
-                Pushed::Full => slow_consumer_net(&staged.outbox, &self.stats),
-                Pushed::More | Pushed::Closed => {}
+                Pushed::More => {}
+                Pushed::Full => {
+                    slow_consumer_net(&staged.outbox, &self.stats);
+                    self.delivered -= staged.count;
+                }
+                Pushed::Closed => self.delivered -= staged.count,
             }
             staged.frames.clear();
             self.spare.push(staged.frames);
         }
         self.index.clear();
-        for queue in self.wake_queues.drain(..) {
-            queue.wake();
+        for (queue, mut messages) in self.local.drain(..) {
+            let n = messages.len() as u64;
+            match queue.push_all(&mut messages) {
+                Pushed::First => queue.wake(),
+                Pushed::More => {}
+                Pushed::Full => {
+                    queue.close(CloseReason::SlowConsumer);
+                    self.stats.slow_consumers.fetch_add(1, Ordering::Relaxed);
+                    self.delivered -= n;
+                }
+                Pushed::Closed => self.delivered -= n,
+            }
         }
+        self.local_index.clear();
         self.stats
             .add_routed(self.published, self.delivered, self.bytes_in);
         self.published = 0;
