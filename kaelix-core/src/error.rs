@@ -61,6 +61,26 @@ pub enum Error {
     #[error("timed out after {0:?} waiting for {1}")]
     Timeout(std::time::Duration, &'static str),
 
+    /// Every worker's queue for this priority is full (`runtime.task_queue_depth`).
+    #[error("Worker pool exhausted: every worker already queues runtime.task_queue_depth = {depth} {priority} tasks")]
+    WorkerPoolExhausted {
+        priority: crate::runtime::TaskPriority,
+        depth: usize,
+    },
+
+    /// The runtime could not do what was asked; the text says why.
+    #[error("runtime error: {0}")]
+    Runtime(String),
+
+    /// A spawned task was cancelled (aborted, or the runtime shut down)
+    /// before it completed.
+    #[error("the task was cancelled before it completed")]
+    TaskCancelled,
+
+    /// A spawned task panicked; the runtime carried on.
+    #[error("the task panicked: {0}")]
+    TaskPanicked(String),
+
     /// The configuration could not be loaded or is invalid.
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),

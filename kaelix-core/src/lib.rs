@@ -13,6 +13,8 @@
 //! - [`client`]: connecting and reading frames, shared by the client crates.
 //! - [`outbox`]: the bounded, batching write buffer in front of a socket.
 //! - [`queue`]: the bounded message queue behind every receiver.
+//! - [`runtime`]: [`OptimizedRuntime`](runtime::OptimizedRuntime), the
+//!   NUMA-aware priority runtime with core pinning that the broker runs on.
 //! - [`error`]: [`Error`] and [`Result`].
 
 pub mod batch;
@@ -24,6 +26,7 @@ pub mod outbox;
 pub mod pool;
 pub mod protocol;
 pub mod queue;
+pub mod runtime;
 pub mod topic;
 
 pub use batch::MessageBatch;

@@ -44,14 +44,8 @@ impl Default for NetworkConfig {
     }
 }
 
-/// `[runtime]`: the threads the broker runs on.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
-pub struct RuntimeSection {
-    /// Worker threads; unset means one per CPU.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub worker_threads: Option<usize>,
-}
+/// `[runtime]`: the workers the broker runs on; see [`RuntimeConfig`].
+pub type RuntimeSection = crate::runtime::RuntimeConfig;
 
 /// `[limits]`: what one client may take from the broker.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
