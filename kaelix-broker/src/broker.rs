@@ -3,9 +3,10 @@
 
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use kaelix_core::queue::{MessageQueue, QueueReceiver};
+use kaelix_core::runtime::Handle;
 use kaelix_core::topic::check_group;
 use kaelix_core::{
     CloseReason, Error, MemoryStreamerConfig, Message, MessageBatch, Result, Topic, TopicPattern,
@@ -14,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::router::{Batch, Publication, RouteCache, Router, Sink, Subscriber};
-use crate::stats::{BrokerStats, Stats};
+use crate::stats::{BrokerStats, RuntimeStats, Stats};
 
 /// A broker: subscriptions, routing and counters. Cheap to clone; clones
 /// share one broker.
@@ -50,6 +51,8 @@ pub(crate) struct Inner {
     pub(crate) shutdown: CancellationToken,
     /// Every connection task, so that shutdown can wait for them.
     pub(crate) tasks: TaskTracker,
+    /// The runtime connections run on; without one they run on tokio.
+    pub(crate) runtime: OnceLock<Handle>,
 }
 
 impl Default for MessageBroker {
@@ -77,6 +80,7 @@ impl MessageBroker {
                 running: AtomicBool::new(false),
                 shutdown: CancellationToken::new(),
                 tasks: TaskTracker::new(),
+                runtime: OnceLock::new(),
             }),
         }
     }
@@ -84,6 +88,20 @@ impl MessageBroker {
     /// The configuration the broker was made with.
     pub fn config(&self) -> &MemoryStreamerConfig {
         &self.inner.config
+    }
+
+    /// Runs the broker's network work (listeners, connections) on
+    /// `runtime` from now on: connection I/O and routing at High priority,
+    /// accepting at Critical. Without it, a [`Server`](crate::Server) spawns
+    /// on the tokio runtime it is run on. Only the first call counts; it
+    /// returns false for any later one.
+    pub fn use_runtime(&self, runtime: Handle) -> bool {
+        self.inner.runtime.set(runtime).is_ok()
+    }
+
+    /// The runtime given to [`use_runtime`](Self::use_runtime), if any.
+    pub fn runtime(&self) -> Option<&Handle> {
+        self.inner.runtime.get()
     }
 
     /// Starts accepting publishes. A broker that was shut down stays down.
@@ -188,7 +206,16 @@ impl MessageBroker {
 
     /// The broker's counters now.
     pub fn stats(&self) -> BrokerStats {
-        self.inner.stats.snapshot()
+        let mut stats = self.inner.stats.snapshot();
+        if let Some(runtime) = self.inner.runtime.get() {
+            let metrics = runtime.metrics();
+            stats.runtime = Some(RuntimeStats {
+                workers: metrics.workers.len(),
+                placement: metrics.placement_summary(),
+                health: runtime.health().status(),
+            });
+        }
+        stats
     }
 
     /// Stops the broker: no more publishes, listeners stop accepting, network

@@ -22,6 +22,7 @@ use kaelix_core::protocol::decode::PublishRef;
 use kaelix_core::protocol::{
     self, ErrorCode, ErrorFrame, Frame, Nack, Peek, ProtocolError, Subscribe, Welcome,
 };
+use kaelix_core::runtime::TaskPriority;
 use kaelix_core::topic::check_group;
 use kaelix_core::{CloseReason, Timestamp, TopicPattern};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -29,10 +30,14 @@ use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::TcpStream;
 
 use crate::broker::Inner;
+use crate::exec;
 use crate::router::{Batch, Publication, RouteCache, Sink, Subscriber};
 
 /// Bytes of a connection's first reads; see `Connection::run`.
 const INITIAL_READ: usize = 1024;
+
+/// Reads a connection makes before it lets other tasks on its worker run.
+const READS_PER_YIELD: u32 = 16;
 
 /// Why a connection ended.
 #[derive(Debug)]
@@ -102,11 +107,22 @@ pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, broker: Arc<Inner
     let outbox = Arc::new(Outbox::new(broker.config.limits.max_pending_bytes));
     let writer = {
         let outbox = outbox.clone();
-        tokio::spawn(async move {
+        exec::spawn(broker.runtime.get(), TaskPriority::High, async move {
             let result = outbox.write_to(&mut wr).await;
             let _ = wr.shutdown().await;
             result
         })
+    };
+    let writer = match writer {
+        Ok(writer) => writer,
+        Err(err) => {
+            broker
+                .stats
+                .connections_rejected
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%peer, error = %err, "connection refused");
+            return;
+        }
     };
     broker
         .stats
@@ -131,9 +147,9 @@ pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, broker: Arc<Inner
     outbox.close(exit.close_reason(), last.as_deref());
 
     let grace = Duration::from_millis(broker.config.network.shutdown_grace_ms);
-    let abort = writer.abort_handle();
-    if tokio::time::timeout(grace, writer).await.is_err() {
-        abort.abort();
+    let mut writer = writer;
+    if tokio::time::timeout(grace, &mut writer).await.is_err() {
+        writer.abort();
     }
     broker
         .stats
@@ -179,9 +195,16 @@ impl Connection {
         }
 
         let shutdown = self.broker.shutdown.clone();
+        let mut reads: u32 = 0;
         loop {
             if let Err(exit) = self.process(&mut buf, max_frame) {
                 return exit;
+            }
+            reads = reads.wrapping_add(1);
+            if reads % READS_PER_YIELD == 0 {
+                // A socket that is always readable would otherwise keep
+                // this worker to itself.
+                kaelix_core::runtime::yield_now().await;
             }
             if buf.capacity() - buf.len() < want / 2 {
                 buf.reserve(want);

@@ -8,6 +8,8 @@
 //!   routing, replies, and the named reason it ended.
 //! - `router`: subscription state (exact topics in a map, wildcards in a
 //!   trie), per-publisher route caches, delivery into subscriber buffers.
+//! - `exec`: spawning on the broker's [`OptimizedRuntime`](kaelix_core::runtime::OptimizedRuntime),
+//!   or on tokio for a broker embedded without one.
 //! - [`stats`]: counters and the [`BrokerStats`] snapshot.
 //!
 //! The binaries `kaelix-broker` (the server) and `kaelix` (a command-line
@@ -15,13 +17,14 @@
 
 pub mod broker;
 mod connection;
+mod exec;
 mod router;
 pub mod server;
 pub mod stats;
 
 pub use broker::{IntoPattern, MessageBroker, Receiver};
 pub use server::Server;
-pub use stats::BrokerStats;
+pub use stats::{BrokerStats, RuntimeStats};
 
 /// The README's Rust snippets, compiled as doctests.
 #[cfg(doctest)]

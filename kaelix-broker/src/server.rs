@@ -9,12 +9,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kaelix_core::protocol::{ErrorCode, ErrorFrame, Frame};
+use kaelix_core::runtime::TaskPriority;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream, ToSocketAddrs};
 use tokio::sync::Semaphore;
 
 use crate::broker::MessageBroker;
 use crate::connection;
+use crate::exec;
 
 /// A bound listener serving a [`MessageBroker`] over TCP.
 pub struct Server {
@@ -52,7 +54,8 @@ impl Server {
     pub async fn spawn(broker: &MessageBroker, addr: impl ToSocketAddrs) -> io::Result<SocketAddr> {
         let server = Self::bind_addr(broker, addr).await?;
         let local = server.local_addr()?;
-        tokio::spawn(server.run());
+        exec::spawn(broker.runtime(), TaskPriority::Critical, server.run())
+            .map_err(io::Error::other)?;
         Ok(local)
     }
 
@@ -81,21 +84,63 @@ impl Server {
                     continue;
                 }
             };
-            match limit.clone().try_acquire_owned() {
-                Ok(permit) => {
+            let Ok(permit) = limit.clone().try_acquire_owned() else {
+                inner
+                    .stats
+                    .connections_rejected
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%peer, "connection refused: network.max_connections reached");
+                spawn_refusal(&inner, stream, CONNECTION_LIMIT);
+                continue;
+            };
+            match inner.runtime.get() {
+                None => {
                     let inner = inner.clone();
                     inner.tasks.clone().spawn(async move {
                         connection::serve(stream, peer, inner).await;
                         drop(permit);
                     });
                 }
-                Err(_) => {
-                    inner
-                        .stats
-                        .connections_rejected
-                        .fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(%peer, "connection refused: network.max_connections reached");
-                    inner.tasks.spawn(refuse(stream));
+                Some(runtime) => {
+                    // The connection goes to the least busy worker and
+                    // registers its socket with that worker's reactor, so
+                    // its reads are noticed where it runs.
+                    let worker = runtime.next_worker();
+                    let stream = match stream.into_std() {
+                        Ok(stream) => stream,
+                        Err(err) => {
+                            tracing::warn!(%peer, error = %err, "cannot hand the connection to a worker");
+                            continue;
+                        }
+                    };
+                    let slot = Arc::new(parking_lot::Mutex::new(Some(stream)));
+                    let task = {
+                        let tracker = inner.tasks.clone();
+                        let inner = inner.clone();
+                        let slot = slot.clone();
+                        tracker.track_future(async move {
+                            let Some(stream) = slot.lock().take() else {
+                                return;
+                            };
+                            match TcpStream::from_std(stream) {
+                                Ok(stream) => connection::serve(stream, peer, inner).await,
+                                Err(err) => {
+                                    tracing::warn!(%peer, error = %err, "cannot register the connection")
+                                }
+                            }
+                            drop(permit);
+                        })
+                    };
+                    if let Err(err) = runtime.spawn_on(worker, TaskPriority::High, task) {
+                        inner
+                            .stats
+                            .connections_rejected
+                            .fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(%peer, error = %err, "connection refused");
+                        if let Some(stream) = slot.lock().take() {
+                            refuse_now(stream, RUNTIME_BUSY);
+                        }
+                    }
                 }
             }
         }
@@ -106,16 +151,42 @@ impl Server {
     }
 }
 
-async fn refuse(mut stream: TcpStream) {
-    let frame = Frame::Error(ErrorFrame {
+const CONNECTION_LIMIT: &str =
+    "the broker is serving as many connections as network.max_connections allows";
+const RUNTIME_BUSY: &str =
+    "the broker is overloaded: its runtime queues are full (runtime.task_queue_depth)";
+
+/// Refuses a connection from a task of its own: an error frame, then close.
+fn spawn_refusal(inner: &Arc<crate::broker::Inner>, stream: TcpStream, reason: &'static str) {
+    let refusal = inner.tasks.track_future(refuse(stream, reason));
+    if let Err(err) = exec::spawn(inner.runtime.get(), TaskPriority::Normal, refusal) {
+        // The future, and the socket with it, is dropped: closed unanswered.
+        tracing::debug!(error = %err, "refusal not sent");
+    }
+}
+
+fn error_frame(reason: &str) -> Vec<u8> {
+    Frame::Error(ErrorFrame {
         code: ErrorCode::ConnectionLimit,
-        reason: "the broker is serving as many connections as network.max_connections allows"
-            .into(),
+        reason: reason.into(),
     })
-    .to_bytes();
+    .to_bytes()
+    .to_vec()
+}
+
+async fn refuse(mut stream: TcpStream, reason: &'static str) {
+    let frame = error_frame(reason);
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
         let _ = stream.write_all(&frame).await;
         let _ = stream.shutdown().await;
     })
     .await;
+}
+
+/// Refuses without a task: one non-blocking write of the error frame (a
+/// fresh socket's buffer has room for it), then close.
+fn refuse_now(mut stream: std::net::TcpStream, reason: &str) {
+    use std::io::Write;
+    let _ = stream.write(&error_frame(reason));
+    let _ = stream.shutdown(std::net::Shutdown::Both);
 }

@@ -3,6 +3,8 @@
 use std::fmt;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
+use kaelix_core::runtime::HealthStatus;
+
 /// Live counters, shared by every connection.
 #[derive(Debug, Default)]
 pub(crate) struct Stats {
@@ -42,12 +44,13 @@ impl Stats {
             connections_active: self.connections_active.load(Ordering::Relaxed).max(0) as u64,
             connections_total: get(&self.connections_total),
             connections_rejected: get(&self.connections_rejected),
+            runtime: None,
         }
     }
 }
 
 /// A snapshot of the broker's counters; see [`MessageBroker::stats`](crate::MessageBroker::stats).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct BrokerStats {
     /// Messages accepted for routing.
     pub messages_published: u64,
@@ -65,8 +68,22 @@ pub struct BrokerStats {
     pub connections_active: u64,
     /// Network connections accepted since start.
     pub connections_total: u64,
-    /// Connections refused at the connection limit.
+    /// Connections refused at the connection limit (or with the runtime's
+    /// queues full).
     pub connections_rejected: u64,
+    /// The runtime the broker runs on, when it has one.
+    pub runtime: Option<RuntimeStats>,
+}
+
+/// Where the broker's runtime placed its workers, and its health.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuntimeStats {
+    /// Worker threads.
+    pub workers: usize,
+    /// `w0:cpu0,w1:cpu1`: each worker and the CPUs it may run on.
+    pub placement: String,
+    /// The runtime's health now.
+    pub health: HealthStatus,
 }
 
 impl fmt::Display for BrokerStats {
@@ -84,6 +101,14 @@ impl fmt::Display for BrokerStats {
             self.connections_active,
             self.connections_total,
             self.connections_rejected,
-        )
+        )?;
+        if let Some(runtime) = &self.runtime {
+            write!(
+                f,
+                " workers={} placement={} health={}",
+                runtime.workers, runtime.placement, runtime.health
+            )?;
+        }
+        Ok(())
     }
 }

@@ -19,6 +19,9 @@ use tokio::sync::Notify;
 
 use crate::error::CloseReason;
 
+/// Writes the writer makes before it lets other tasks on its worker run.
+const WRITES_PER_YIELD: u32 = 16;
+
 /// What became of an append.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pushed {
@@ -198,6 +201,7 @@ impl Outbox {
     /// the outbox is closed and empty. A write error closes the outbox.
     pub async fn write_to<W: AsyncWrite + Unpin>(&self, writer: &mut W) -> io::Result<CloseReason> {
         let mut spare = BytesMut::new();
+        let mut writes: u32 = 0;
         loop {
             let closed = {
                 let mut state = self.state.lock();
@@ -218,6 +222,11 @@ impl Outbox {
             }
             spare.clear();
             self.space.notify_waiters();
+            writes = writes.wrapping_add(1);
+            if writes % WRITES_PER_YIELD == 0 {
+                // Producers on other cores could keep this loop busy for good.
+                crate::runtime::yield_now().await;
+            }
         }
     }
 }

@@ -3,12 +3,17 @@
 //! Configuration: built-in defaults, then `--config PATH` (or `./kaelix.toml`
 //! if present), then `KAELIX_*` environment variables. Prints one line with
 //! the address it listens on; SIGINT or SIGTERM stops it gracefully.
+//!
+//! The broker runs on an `OptimizedRuntime` configured by `[runtime]`:
+//! connections at High priority, the listener at Critical, health
+//! housekeeping at Background.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
 use kaelix_broker::{MessageBroker, Server};
+use kaelix_core::runtime::{HealthMonitor, HealthStatus, OptimizedRuntime, TaskPriority};
 use kaelix_core::MemoryStreamerConfig;
 use tracing_subscriber::EnvFilter;
 
@@ -34,19 +39,19 @@ fn main() -> ExitCode {
         }
     };
     init_logging(&config);
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    runtime.enable_all().thread_name("kaelix-worker");
-    if let Some(threads) = config.runtime.worker_threads {
-        runtime.worker_threads(threads.max(1));
-    }
-    let runtime = match runtime.build() {
+    // This thread waits for signals; the broker's work runs on the
+    // OptimizedRuntime's pinned workers.
+    let main = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(err) => {
-            eprintln!("kaelix-broker: cannot start the runtime: {err}");
+            eprintln!("kaelix-broker: cannot start: {err}");
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(config)) {
+    match main.block_on(run(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("kaelix-broker: {err}");
@@ -70,15 +75,43 @@ async fn run(config: MemoryStreamerConfig) -> Result<(), String> {
     // Handlers first: a supervisor may signal as soon as it reads the
     // listening line.
     let signals = Signals::install()?;
+    let runtime = OptimizedRuntime::new(config.runtime.clone()).map_err(|e| e.to_string())?;
+    runtime.start().await.map_err(|e| e.to_string())?;
     let (host, port) = (config.network.host.clone(), config.network.port);
     let broker = MessageBroker::with_config(config);
+    broker.use_runtime(runtime.handle());
     broker.start().await.map_err(|e| e.to_string())?;
-    let server = Server::bind(&broker)
-        .await
-        .map_err(|e| format!("cannot listen on {host}:{port}: {e}"))?;
-    let addr = server.local_addr().map_err(|e| e.to_string())?;
+
+    // The listener is bound on a worker, so that its readiness is noticed
+    // there; accepting is control work and runs at Critical.
+    let (bound_tx, bound) = tokio::sync::oneshot::channel();
+    let serving = {
+        let broker = broker.clone();
+        runtime
+            .spawn_with_priority(TaskPriority::Critical, async move {
+                let server = match Server::bind(&broker).await {
+                    Ok(server) => server,
+                    Err(err) => {
+                        let _ = bound_tx.send(Err(err));
+                        return Ok(());
+                    }
+                };
+                let _ = bound_tx.send(server.local_addr());
+                server.run().await
+            })
+            .await
+            .map_err(|e| e.to_string())?
+    };
+    let addr = match bound.await {
+        Ok(Ok(addr)) => addr,
+        Ok(Err(err)) => return Err(format!("cannot listen on {host}:{port}: {err}")),
+        Err(_) => return Err("the listener task ended before binding".into()),
+    };
     println!("kaelix-broker listening on {addr}");
-    let serving = tokio::spawn(server.run());
+    let housekeeping = runtime
+        .spawn_with_priority(TaskPriority::Background, watch_health(runtime.health()))
+        .await
+        .map_err(|e| e.to_string())?;
 
     signals.wait().await;
     tracing::info!("signal received: draining connections and shutting down");
@@ -88,8 +121,31 @@ async fn run(config: MemoryStreamerConfig) -> Result<(), String> {
         Ok(Err(err)) => return Err(format!("listener failed: {err}")),
         Err(err) => return Err(format!("listener task failed: {err}")),
     }
+    housekeeping.abort();
     tracing::info!(stats = %broker.stats(), "stopped");
+    runtime.shutdown().await.map_err(|e| e.to_string())?;
     Ok(())
+}
+
+/// Background housekeeping: logs each change of the runtime's health, with
+/// its reason.
+async fn watch_health(health: HealthMonitor) {
+    let mut last = health.status();
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let report = health.report();
+        if report.status == last {
+            continue;
+        }
+        match report.status {
+            HealthStatus::Healthy => {
+                tracing::info!(reason = %report.reason, "runtime healthy again")
+            }
+            status => tracing::warn!(%status, reason = %report.reason, "runtime health changed"),
+        }
+        last = report.status;
+    }
 }
 
 /// SIGTERM and SIGINT, both of which stop the broker gracefully.

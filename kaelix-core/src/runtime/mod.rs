@@ -751,3 +751,20 @@ impl<T> fmt::Debug for JoinHandle<T> {
             .finish()
     }
 }
+
+/// Yields once to the scheduler, letting other tasks (and, on this
+/// runtime, the worker's I/O polling) run: for loops that could otherwise
+/// stay busy, such as a connection whose socket is always readable. Works
+/// on any executor.
+pub async fn yield_now() {
+    let mut yielded = false;
+    std::future::poll_fn(move |cx| {
+        if yielded {
+            return Poll::Ready(());
+        }
+        yielded = true;
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    })
+    .await
+}
