@@ -201,7 +201,7 @@ impl Connection {
                 return exit;
             }
             reads = reads.wrapping_add(1);
-            if reads % READS_PER_YIELD == 0 {
+            if reads.is_multiple_of(READS_PER_YIELD) {
                 // A socket that is always readable would otherwise keep
                 // this worker to itself.
                 kaelix_core::runtime::yield_now().await;

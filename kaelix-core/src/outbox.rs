@@ -223,7 +223,7 @@ impl Outbox {
             spare.clear();
             self.space.notify_waiters();
             writes = writes.wrapping_add(1);
-            if writes % WRITES_PER_YIELD == 0 {
+            if writes.is_multiple_of(WRITES_PER_YIELD) {
                 // Producers on other cores could keep this loop busy for good.
                 crate::runtime::yield_now().await;
             }
