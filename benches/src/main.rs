@@ -10,7 +10,9 @@
 //! (N → 1), `queue` (1 → a queue group of N), `latency` (one message in
 //! flight, or at `--rate`), `inprocess` (the in-process `MessageBroker`'s
 //! publish → receive latency), `topics` (broker memory per subscription on
-//! its own topic), `connections` (broker memory per idle connection).
+//! its own topic), `connections` (broker memory per idle connection),
+//! `scheduling` (urgent tasks' scheduling delay under a CPU-bound flood, on
+//! the OptimizedRuntime beside plain tokio).
 //! `report` turns `--json` lines into the medians table of
 //! docs/performance.md; `relay-server` is the relay that `--target relay`
 //! starts.
@@ -23,6 +25,7 @@ mod procfs;
 mod report;
 mod results;
 mod scenario;
+mod scheduling;
 mod target;
 
 use std::io::{BufRead, BufReader, IsTerminal};
@@ -67,6 +70,31 @@ enum Cmd {
     Topics(RunOpts),
     /// Broker memory for --count idle connections.
     Connections(RunOpts),
+    /// Scheduling delay of urgent tasks while CPU-bound background tasks
+    /// flood the workers: the OptimizedRuntime beside plain tokio.
+    Scheduling {
+        /// Worker threads of both runtimes.
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+        /// CPU-bound background tasks.
+        #[arg(long, default_value_t = 64)]
+        flood: usize,
+        /// Microseconds of CPU each background task burns between yields.
+        #[arg(long, default_value_t = 20)]
+        slice_us: u64,
+        /// Probe tasks spawned per second.
+        #[arg(long, default_value_t = 1000.0)]
+        rate: f64,
+        /// Seconds per runtime.
+        #[arg(long, default_value_t = 5.0)]
+        duration: f64,
+        /// A label for reports.
+        #[arg(long, default_value = "")]
+        label: String,
+        /// One JSON object per result instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Serve the raw TCP relay (what `--target relay` starts).
     RelayServer {
         #[arg(long, default_value = "127.0.0.1:0")]
@@ -146,6 +174,48 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
             let listener = tokio::net::TcpListener::bind(&listen).await?;
             println!("relay listening on {}", listener.local_addr()?);
             return driver::relay::serve(listener).await;
+        }
+        Cmd::Scheduling {
+            workers,
+            flood,
+            slice_us,
+            rate,
+            duration,
+            label,
+            json,
+        } => {
+            if workers == 0 || rate <= 0.0 || duration <= 0.0 {
+                return Err(BenchError::Usage(
+                    "--workers, --rate and --duration must be positive".into(),
+                ));
+            }
+            let settings = scheduling::Settings {
+                workers,
+                flood_tasks: flood,
+                slice: Duration::from_micros(slice_us),
+                probes_per_s: rate,
+                duration: Duration::from_secs_f64(duration),
+            };
+            let mut results = scheduling::kaelix(settings).await?;
+            results.push(
+                tokio::task::spawn_blocking(move || scheduling::tokio(settings))
+                    .await
+                    .map_err(|e| BenchError::Usage(e.to_string()))??,
+            );
+            for r in &mut results {
+                r.label = label.clone();
+            }
+            if json {
+                for r in &results {
+                    println!(
+                        "{}",
+                        serde_json::to_string(r).map_err(|e| BenchError::Usage(e.to_string()))?
+                    );
+                }
+            } else {
+                print!("{}", scheduling::table(&results));
+            }
+            return Ok(());
         }
         Cmd::Report { files } => {
             let mut runs = Vec::new();

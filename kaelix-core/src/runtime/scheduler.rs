@@ -358,9 +358,14 @@ pub(crate) async fn run(shared: Arc<Shared>, me: usize) {
         }
         if ran > 0 {
             last_work = Instant::now();
-            // Lets tokio poll for I/O (without blocking) and run timers.
-            tokio::task::yield_now().await;
-            continue;
+            if !worker.is_empty() {
+                // More to run: let tokio poll for I/O (without blocking)
+                // and fire timers in between, then carry on.
+                tokio::task::yield_now().await;
+                continue;
+            }
+            // Nothing queued: parking below lets tokio poll for I/O in the
+            // same epoll_wait that would otherwise follow a yield.
         }
         if shared.workers.len() > 1 && shared.steal_into(me) {
             continue;

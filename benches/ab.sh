@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# Two or more Kaelix brokers side by side in one run: a build before a change
+# against the build after it, or one build under different settings.
+#
+#   benches/ab.sh before=/tmp/old/kaelix-broker after=target/release/kaelix-broker
+#   benches/ab.sh off=target/release/kaelix-broker "spin=target/release/kaelix-broker KAELIX_RUNTIME_IDLE_SPIN_US=100"
+#
+# Each argument is LABEL=BINARY followed by optional KAELIX_* settings. For
+# each placement (default, and everything pinned to CPU 0) and each of RUNS
+# runs, every scenario runs once against each variant in turn; the table
+# gives medians and each variant's ratio to the first. Raw results go to
+# target/ab/results.jsonl.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+RUNS=${RUNS:-3}
+DURATION=${DURATION:-5}
+PLACEMENTS=${PLACEMENTS:-"default pinned"}
+PORT=${PORT:-18180}
+LOAD_RATE=${LOAD_RATE:-200000}
+OUT=target/ab
+RESULTS=$OUT/results.jsonl
+[ $# -ge 2 ] || { echo "usage: $0 LABEL=BINARY [KAELIX_X=V ...] LABEL=BINARY ..." >&2; exit 2; }
+
+cargo build --release -q -p kaelix-bench
+BENCH=target/release/kaelix-bench
+mkdir -p "$OUT" "$OUT/run"
+RUNDIR=$(realpath "$OUT/run")
+: > "$RESULTS"
+
+PIDS=()
+cleanup() { for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+
+prefix() { if [ "$1" = pinned ]; then echo "taskset -c 0"; fi; }
+
+wait_port() {
+    for _ in $(seq 1 100); do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+        sleep 0.05
+    done
+    echo "nothing listens on port $1" >&2
+    return 1
+}
+
+LABELS=(); PORTS=(); BROKER_PIDS=()
+start_all() {
+    local placement=$1 i=0 spec label bin
+    LABELS=(); PORTS=(); BROKER_PIDS=()
+    for spec in "${VARIANTS[@]}"; do
+        read -r -a words <<<"$spec"
+        label=${words[0]%%=*}; bin=${words[0]#*=}
+        local port=$((PORT + i))
+        # From an empty directory: a kaelix.toml here is not the variant's.
+        (cd "$RUNDIR" && exec env "${words[@]:1}" KAELIX_NETWORK_HOST=127.0.0.1 \
+            KAELIX_NETWORK_PORT=$port RUST_LOG=warn $(prefix "$placement") "$(realpath "$bin")") \
+            >"$OUT/$label.log" 2>&1 &
+        BROKER_PIDS+=($!); PIDS+=($!); LABELS+=("$label"); PORTS+=("$port")
+        wait_port "$port"
+        i=$((i + 1))
+    done
+}
+stop_all() { for p in "${BROKER_PIDS[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; }
+
+VARIANTS=("$@")
+run_all() { # placement name scenario args...
+    local placement=$1 name=$2 scenario=$3; shift 3
+    local i
+    for i in "${!LABELS[@]}"; do
+        $(prefix "$placement") "$BENCH" "$scenario" --target "kaelix://127.0.0.1:${PORTS[$i]}" \
+            --pid "${BROKER_PIDS[$i]}" --label "${LABELS[$i]}|$placement|$name" --json "$@" >>"$RESULTS"
+    done
+}
+
+for placement in $PLACEMENTS; do
+    echo "== placement: $placement"
+    start_all "$placement"
+    for run in $(seq 1 "$RUNS"); do
+        echo "   run $run/$RUNS"
+        for size in 16 128 1024; do
+            run_all "$placement" "pubsub $size B" pubsub --payload "$size" --duration "$DURATION"
+        done
+        run_all "$placement" "fanout 1→4" fanout --subscribers 4 --duration "$DURATION"
+        run_all "$placement" "fanin 4→1" fanin --publishers 4 --duration "$DURATION"
+        run_all "$placement" "queue of 4" queue --subscribers 4 --duration "$DURATION"
+        run_all "$placement" "latency idle" latency --duration "$DURATION"
+        run_all "$placement" "latency at ${LOAD_RATE}/s" latency --rate "$LOAD_RATE" --duration "$DURATION"
+    done
+    stop_all
+done
+
+python3 - "$RESULTS" "${VARIANTS[@]}" <<'PY'
+import json, sys, statistics
+from collections import defaultdict
+path = sys.argv[1]
+variants = [v.split()[0].split("=")[0] for v in sys.argv[2:]]
+rows, order = defaultdict(list), []
+for r in map(json.loads, open(path)):
+    label, placement, kind = r["label"].split("|")
+    rows[(placement, kind, label)].append(r)
+    if (placement, kind) not in order:
+        order.append((placement, kind))
+def med(rs, key):
+    vals = [r[key] for r in rs if r.get(key) is not None]
+    return statistics.median(vals) if vals else None
+fmt = lambda x: "–" if x is None else (f"{x:,.0f}" if x >= 100 else f"{x:.2f}")
+print("| placement | scenario | metric | " + " | ".join(variants) + " | "
+      + " | ".join(f"{v}/{variants[0]}" for v in variants[1:]) + " |")
+print("|---" * (3 + 2 * len(variants) - 1) + "|")
+for placement, kind in order:
+    metrics = ["p50_us", "p99_us", "broker_cpu_s_per_m"] if kind.startswith("latency") \
+        else ["msgs_per_s", "broker_cpu_s_per_m"]
+    for m in metrics:
+        vals = [med(rows.get((placement, kind, v), []), m) for v in variants]
+        if vals[0] is None:
+            continue
+        ratios = ["–" if (x is None or not vals[0]) else f"{x / vals[0]:.2f}×" for x in vals[1:]]
+        print(f"| {placement} | {kind} | {m} | " + " | ".join(map(fmt, vals)) + " | " + " | ".join(ratios) + " |")
+PY
