@@ -28,20 +28,8 @@ mkdir -p "$OUT" "$OUT/run"
 RUNDIR=$(realpath "$OUT/run")
 : > "$RESULTS"
 
-PIDS=()
-cleanup() { for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
-trap cleanup EXIT
-
-prefix() { if [ "$1" = pinned ]; then echo "taskset -c 0"; fi; }
-
-wait_port() {
-    for _ in $(seq 1 100); do
-        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-        sleep 0.05
-    done
-    echo "nothing listens on port $1" >&2
-    return 1
-}
+# shellcheck source=benches/common.sh
+source benches/common.sh
 
 LABELS=(); PORTS=(); BROKER_PIDS=()
 start_all() {

@@ -37,21 +37,8 @@ mkdir -p "$OUT"
 : > "$RESULTS"
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
-PIDS=()
-cleanup() { for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
-trap cleanup EXIT
-
-# $1: placement ("default" or "pinned"); prints the command prefix.
-prefix() { if [ "$1" = pinned ]; then echo "taskset -c 0"; fi; }
-
-wait_port() {
-    for _ in $(seq 1 100); do
-        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-        sleep 0.05
-    done
-    echo "nothing listens on port $1" >&2
-    return 1
-}
+# shellcheck source=benches/common.sh
+source benches/common.sh
 
 start_kaelix() {
     KAELIX_NETWORK_HOST=127.0.0.1 KAELIX_NETWORK_PORT=$KAELIX_PORT \
