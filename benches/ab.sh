@@ -37,11 +37,11 @@ start_all() {
     LABELS=(); PORTS=(); BROKER_PIDS=()
     for spec in "${VARIANTS[@]}"; do
         read -r -a words <<<"$spec"
-        label=${words[0]%%=*}; bin=${words[0]#*=}
+        label=${words[0]%%=*}; bin=$(realpath "${words[0]#*=}")
         local port=$((PORT + i))
         # From an empty directory: a kaelix.toml here is not the variant's.
         (cd "$RUNDIR" && exec env "${words[@]:1}" KAELIX_NETWORK_HOST=127.0.0.1 \
-            KAELIX_NETWORK_PORT=$port RUST_LOG=warn $(prefix "$placement") "$(realpath "$bin")") \
+            KAELIX_NETWORK_PORT=$port RUST_LOG=warn $(prefix "$placement") "$bin") \
             >"$OUT/$label.log" 2>&1 &
         BROKER_PIDS+=($!); PIDS+=($!); LABELS+=("$label"); PORTS+=("$port")
         wait_port "$port"
