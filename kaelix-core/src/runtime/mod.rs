@@ -563,11 +563,12 @@ impl Handle {
     {
         let level = self.shared.level_of[priority.index()];
         let home = self.shared.choose_worker(level);
-        self.spawn_at(home, priority, future)
+        self.spawn_at(home, false, priority, future)
     }
 
     /// Spawns `future` on worker `worker` (taken modulo the worker count):
-    /// the task's home, where wakes from outside the runtime send it.
+    /// its first poll happens there (no other worker steals it before), and
+    /// wakes from outside the runtime send it back there.
     pub fn spawn_on<F>(
         &self,
         worker: usize,
@@ -583,7 +584,7 @@ impl Handle {
         let home = (self.shared.workers[worker].queued[level].load(Ordering::Relaxed)
             < self.shared.queue_depth)
             .then_some(worker);
-        self.spawn_at(home, priority, future)
+        self.spawn_at(home, true, priority, future)
     }
 
     /// The worker the next connection should go to: the one with the
@@ -600,6 +601,7 @@ impl Handle {
     fn spawn_at<F>(
         &self,
         home: Option<usize>,
+        bound: bool,
         priority: TaskPriority,
         future: F,
     ) -> Result<JoinHandle<F::Output>>
@@ -641,7 +643,7 @@ impl Handle {
                 move |runnable| scheduling.schedule(runnable, home),
             );
         shared.counters.spawned.fetch_add(1, Ordering::Relaxed);
-        shared.enqueue_new(runnable, home);
+        shared.enqueue_new(runnable, home, bound);
         Ok(JoinHandle {
             task: Some(task.fallible()),
         })

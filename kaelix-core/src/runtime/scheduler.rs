@@ -48,6 +48,9 @@ pub(crate) struct TaskMeta {
 pub(crate) struct Job {
     task: Task,
     queued_at: Instant,
+    /// Placed on this worker on purpose (`spawn_on`): not to be stolen
+    /// before its first poll.
+    bound: bool,
 }
 
 thread_local! {
@@ -238,15 +241,16 @@ impl Shared {
     /// this runtime's workers, else on its home worker (which is woken).
     pub(crate) fn schedule(&self, task: Task, home: usize) {
         let target = current_worker(self.id).unwrap_or(home);
-        self.enqueue(task, target);
+        self.enqueue(task, target, false);
     }
 
-    /// Queues a new task on `worker`.
-    pub(crate) fn enqueue_new(&self, task: Task, worker: usize) {
-        self.enqueue(task, worker);
+    /// Queues a new task on `worker`; a `bound` one stays there for its
+    /// first poll (a connection registers its socket where it first runs).
+    pub(crate) fn enqueue_new(&self, task: Task, worker: usize, bound: bool) {
+        self.enqueue(task, worker, bound);
     }
 
-    fn enqueue(&self, task: Task, target: usize) {
+    fn enqueue(&self, task: Task, target: usize, bound: bool) {
         if self.stopping.load(Ordering::Acquire) {
             // Dropping a runnable cancels its task: its future is dropped.
             self.counters.cancelled.fetch_add(1, Ordering::Relaxed);
@@ -257,6 +261,7 @@ impl Shared {
         worker.push(Job {
             task,
             queued_at: Instant::now(),
+            bound,
         });
         if current_worker(self.id) != Some(target) {
             worker.notify();
@@ -307,6 +312,11 @@ impl Shared {
                 let mut took = 0;
                 while took < take {
                     match victim.pop(p) {
+                        Some(job) if job.bound => {
+                            // Back to its worker (at the tail; rare).
+                            victim.push(job);
+                            break;
+                        }
                         Some(job) => {
                             mine.push(job);
                             took += 1;
