@@ -27,10 +27,24 @@ struct Args {
     /// Configuration file; without it ./kaelix.toml is read if present.
     #[arg(long, short, value_name = "PATH")]
     config: Option<PathBuf>,
+    /// Validate the configuration, print it as TOML with where each value
+    /// came from, and exit (0 when valid).
+    #[arg(long)]
+    check_config: bool,
+    /// Print the commented default configuration file and exit.
+    #[arg(long, conflicts_with = "check_config")]
+    print_default_config: bool,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if args.print_default_config {
+        print!("{}", kaelix_core::config::DEFAULT_CONFIG_TOML);
+        return ExitCode::SUCCESS;
+    }
+    if args.check_config {
+        return check_config(args.config.as_deref());
+    }
     let config = match kaelix_core::config::load(args.config.as_deref()) {
         Ok(config) => config,
         Err(err) => {
@@ -58,6 +72,64 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `--check-config`: every problem, or the effective configuration with
+/// the origin of each value and any warnings for this machine.
+fn check_config(path: Option<&std::path::Path>) -> ExitCode {
+    use kaelix_core::config::{config_file, load_annotated, ConfigValidator};
+    let loaded =
+        config_file(path).and_then(|file| load_annotated(file.as_deref(), std::env::vars()));
+    let loaded = match loaded {
+        Ok(loaded) => loaded,
+        Err(err) => {
+            eprintln!("kaelix-broker: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    let origins: std::collections::HashMap<&str, &str> = loaded
+        .origins
+        .iter()
+        .map(|(k, o)| (k.as_str(), o.as_str()))
+        .collect();
+    let text = match toml::to_string(&loaded.config) {
+        Ok(text) => text,
+        Err(err) => {
+            eprintln!("kaelix-broker: cannot print the configuration: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // Annotate each `key = value` line with its origin.
+    let mut section = String::new();
+    for line in text.lines() {
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = name.to_string();
+            println!("{line}");
+        } else if let Some((key, _)) = line.split_once(" = ") {
+            let path = if section.is_empty() {
+                key.to_string()
+            } else {
+                format!("{section}.{key}")
+            };
+            let from = origins.get(path.as_str()).copied().unwrap_or("default");
+            println!("{line}  # {from}");
+        } else {
+            println!("{line}");
+        }
+    }
+    match ConfigValidator::new().validate_environment_compatibility(&loaded.config) {
+        Ok(warnings) => {
+            for warning in warnings {
+                eprintln!("warning: {warning}");
+            }
+        }
+        Err(err) => {
+            eprintln!("kaelix-broker: {err}");
+            return ExitCode::from(2);
+        }
+    }
+    eprintln!("configuration is valid");
+    ExitCode::SUCCESS
 }
 
 fn init_logging(config: &MemoryStreamerConfig) {

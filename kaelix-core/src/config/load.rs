@@ -13,6 +13,7 @@ use figment::value::{Dict, Map, Value};
 use figment::{Figment, Metadata, Profile, Provider};
 
 use super::schema::MemoryStreamerConfig;
+use super::validate::ConfigValidator;
 
 /// The prefix of every environment variable the broker reads.
 pub const ENV_PREFIX: &str = "KAELIX_";
@@ -31,12 +32,18 @@ pub enum ConfigError {
 /// Loads the configuration: defaults, then `path` (or `./kaelix.toml` if it
 /// exists when `path` is `None`), then `KAELIX_*` variables.
 pub fn load(path: Option<&Path>) -> Result<MemoryStreamerConfig, ConfigError> {
-    let file = match path {
-        Some(p) if !p.exists() => return Err(ConfigError::Missing(p.to_owned())),
-        Some(p) => Some(p.to_owned()),
-        None => Some(PathBuf::from("kaelix.toml")).filter(|p| p.exists()),
-    };
+    let file = config_file(path)?;
     load_from(file.as_deref(), std::env::vars())
+}
+
+/// The file [`load`] reads: `path` (which must exist), else `./kaelix.toml`
+/// when present, else none.
+pub fn config_file(path: Option<&Path>) -> Result<Option<PathBuf>, ConfigError> {
+    match path {
+        Some(p) if !p.exists() => Err(ConfigError::Missing(p.to_owned())),
+        Some(p) => Ok(Some(p.to_owned())),
+        None => Ok(Some(PathBuf::from("kaelix.toml")).filter(|p| p.exists())),
+    }
 }
 
 /// Loads from an optional file and the given environment, for callers and
@@ -45,6 +52,25 @@ pub fn load_from(
     file: Option<&Path>,
     vars: impl IntoIterator<Item = (String, String)>,
 ) -> Result<MemoryStreamerConfig, ConfigError> {
+    load_annotated(file, vars).map(|loaded| loaded.config)
+}
+
+/// A loaded configuration with where each value came from.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    /// The effective configuration.
+    pub config: MemoryStreamerConfig,
+    /// Every leaf key (`network.port`) with its origin: `default`,
+    /// `file PATH` or `env KAELIX_…`.
+    pub origins: Vec<(String, String)>,
+}
+
+/// As [`load_from`], keeping where each value came from (for
+/// `kaelix-broker --check-config`).
+pub fn load_annotated(
+    file: Option<&Path>,
+    vars: impl IntoIterator<Item = (String, String)>,
+) -> Result<Loaded, ConfigError> {
     let defaults = MemoryStreamerConfig::default();
     let sections = section_names(&defaults);
     let mut figment = Figment::from(Serialized::defaults(&defaults));
@@ -52,9 +78,63 @@ pub fn load_from(
         figment = figment.merge(Toml::file_exact(file));
     }
     figment = figment.merge(EnvVars::new(&sections, vars));
-    figment
+    let config: MemoryStreamerConfig = figment
         .extract()
-        .map_err(|e| ConfigError::Invalid(e.into_iter().map(describe).collect()))
+        .map_err(|e| ConfigError::Invalid(e.into_iter().map(describe).collect()))?;
+    let problems = ConfigValidator::problems(&config);
+    if !problems.is_empty() {
+        return Err(ConfigError::Invalid(
+            problems
+                .iter()
+                .map(|p| match origin(&figment, &p.key) {
+                    Some(from) => format!("{p} (in {from})"),
+                    None => p.to_string(),
+                })
+                .collect(),
+        ));
+    }
+    let mut origins = Vec::new();
+    if let Ok(Value::Dict(_, dict)) = Value::serialize(&config) {
+        leaf_keys(&dict, "", &mut origins);
+    }
+    let origins = origins
+        .into_iter()
+        .map(|key| {
+            let from = origin(&figment, &key).unwrap_or_else(|| "default".into());
+            (key, from)
+        })
+        .collect();
+    Ok(Loaded { config, origins })
+}
+
+/// Where `key`'s value came from, unless it is the built-in default.
+fn origin(figment: &Figment, key: &str) -> Option<String> {
+    let meta = figment.find_metadata(key)?;
+    if meta.name == "environment variable" {
+        let path: Vec<&str> = key.split('.').collect();
+        return Some(format!(
+            "environment variable {}",
+            meta.interpolate(&Profile::Default, &path)
+        ));
+    }
+    match &meta.source {
+        Some(figment::Source::File(path)) => Some(format!("file {}", path.display())),
+        _ => None,
+    }
+}
+
+fn leaf_keys(dict: &Dict, prefix: &str, out: &mut Vec<String>) {
+    for (key, value) in dict {
+        let path = if prefix.is_empty() {
+            key.clone()
+        } else {
+            format!("{prefix}.{key}")
+        };
+        match value {
+            Value::Dict(_, inner) => leaf_keys(inner, &path, out),
+            _ => out.push(path),
+        }
+    }
 }
 
 /// One problem as `key: what is wrong (where it came from)`.

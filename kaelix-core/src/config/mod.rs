@@ -6,15 +6,19 @@
 //!
 //! - [`schema`](mod@schema): the sections and their defaults.
 //! - [`load`](mod@load): figment layering and the environment variable mapping.
+//! - [`validate`](mod@validate): [`ConfigValidator`], value checks and
+//!   warnings about settings that do not suit the machine.
 
 pub mod load;
 pub mod schema;
+pub mod validate;
 
-pub use load::{load, load_from, ConfigError, ENV_PREFIX};
+pub use load::{config_file, load, load_annotated, load_from, ConfigError, Loaded, ENV_PREFIX};
 pub use schema::{
     LimitsConfig, LoggingConfig, MemoryStreamerConfig, NetworkConfig, RuntimeSection,
     TelemetryConfig,
 };
+pub use validate::{ConfigValidator, ConfigWarning, Problem};
 
 /// The shipped, commented default configuration file.
 pub const DEFAULT_CONFIG_TOML: &str = include_str!("../../../kaelix.toml");

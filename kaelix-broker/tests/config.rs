@@ -1,0 +1,127 @@
+//! `kaelix-broker --check-config` and `--print-default-config`, and the
+//! guide's "Configuration Validation" snippet.
+
+use std::process::{Command, Output};
+
+use kaelix_core::config::{ConfigValidator, MemoryStreamerConfig};
+
+fn broker(args: &[&str], env: &[(&str, &str)], dir: &std::path::Path) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kaelix-broker"));
+    cmd.current_dir(dir).args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+fn temp_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("kaelix-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn print_default_config_prints_the_shipped_file() {
+    let out = broker(&["--print-default-config"], &[], &std::env::temp_dir());
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        kaelix_core::config::DEFAULT_CONFIG_TOML
+    );
+}
+
+#[test]
+fn check_config_marks_where_each_value_came_from() {
+    let dir = temp_dir("check");
+    let file = dir.join("custom.toml");
+    std::fs::write(
+        &file,
+        "[network]\nport = 9100\n[runtime]\ntask_queue_depth = 100\n",
+    )
+    .unwrap();
+    let out = broker(
+        &["--check-config", "--config", file.to_str().unwrap()],
+        &[("KAELIX_RUNTIME_TASK_QUEUE_DEPTH", "200")],
+        &dir,
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(&format!("port = 9100  # file {}", file.display())),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(
+            "task_queue_depth = 200  # environment variable KAELIX_RUNTIME_TASK_QUEUE_DEPTH"
+        ),
+        "{stdout}"
+    );
+    assert!(stdout.contains("host = \"0.0.0.0\"  # default"), "{stdout}");
+    // The output is itself a valid configuration.
+    let reparsed: MemoryStreamerConfig = toml::from_str(&stdout).unwrap();
+    assert_eq!(reparsed.network.port, 9100);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn check_config_lists_every_problem_and_fails() {
+    let dir = temp_dir("check-bad");
+    std::fs::write(
+        dir.join("kaelix.toml"),
+        "[network]\nmax_connections = 0\n[limits]\nmax_frame_bytes = 3\n",
+    )
+    .unwrap();
+    let out = broker(
+        &["--check-config"],
+        &[("KAELIX_RUNTIME_PRIORITY_LEVELS", "0")],
+        &dir,
+    );
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("Configuration validation failed"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("network.max_connections: must be at least 1 (in file kaelix.toml)"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("limits.max_frame_bytes: must be between 64"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("runtime.priority_levels: must be 1 to 4, not 0 (in environment variable KAELIX_RUNTIME_PRIORITY_LEVELS)"),
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn configuration_validation_from_the_guide() -> Result<(), Box<dyn std::error::Error>> {
+    // Validate configuration
+    let config = MemoryStreamerConfig::default();
+    ConfigValidator::validate(&config)?;
+
+    // Environment compatibility check
+    let validator = ConfigValidator::new();
+    let warnings = validator.validate_environment_compatibility(&config)?;
+
+    for warning in warnings {
+        println!("Warning: {}", warning);
+    }
+
+    let mut broken = MemoryStreamerConfig::default();
+    broken.network.max_connections = 0;
+    let err = ConfigValidator::validate(&broken).unwrap_err().to_string();
+    assert!(
+        err.starts_with("Configuration validation failed")
+            && err.contains("network.max_connections: must be at least 1"),
+        "{err}"
+    );
+    Ok(())
+}

@@ -1,0 +1,258 @@
+//! Value checks beyond what the types enforce, and warnings about settings
+//! that work but do not suit this machine.
+
+use std::fmt;
+
+use super::load::ConfigError;
+use super::schema::MemoryStreamerConfig;
+use crate::runtime::topology::{allowed_cpus, Topology};
+
+/// One problem: the key and what is wrong with its value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Dotted key path, such as `network.port`.
+    pub key: String,
+    /// What is wrong, such as `must be at least 1`.
+    pub reason: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.reason)
+    }
+}
+
+/// A setting that is valid but likely not what the operator wants here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigWarning {
+    /// Dotted key path.
+    pub key: String,
+    /// Why it is worth a look.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigWarning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+/// Checks a [`MemoryStreamerConfig`].
+#[derive(Debug, Clone, Default)]
+pub struct ConfigValidator {
+    _private: (),
+}
+
+impl ConfigValidator {
+    /// A validator for this machine.
+    pub fn new() -> ConfigValidator {
+        ConfigValidator::default()
+    }
+
+    /// Every problem with `config`'s values, each as `key: reason`, in an
+    /// error that starts `Configuration validation failed`.
+    pub fn validate(config: &MemoryStreamerConfig) -> Result<(), ConfigError> {
+        let problems = Self::problems(config);
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(
+                problems.iter().map(Problem::to_string).collect(),
+            ))
+        }
+    }
+
+    /// Every problem with `config`'s values.
+    pub fn problems(config: &MemoryStreamerConfig) -> Vec<Problem> {
+        let mut out = Vec::new();
+        let mut bad = |key: &str, reason: String| {
+            out.push(Problem {
+                key: key.to_string(),
+                reason,
+            })
+        };
+        let n = &config.network;
+        if n.host.trim().is_empty() || n.host.contains(char::is_whitespace) {
+            bad(
+                "network.host",
+                format!("{:?} is not an address or host name", n.host),
+            );
+        }
+        if n.max_connections == 0 {
+            bad("network.max_connections", "must be at least 1".into());
+        }
+        if n.handshake_timeout_ms == 0 {
+            bad("network.handshake_timeout_ms", "must be at least 1".into());
+        }
+        if !(512..=64 << 20).contains(&n.read_buffer_bytes) {
+            bad(
+                "network.read_buffer_bytes",
+                format!(
+                    "must be between 512 and {}, not {}",
+                    64 << 20,
+                    n.read_buffer_bytes
+                ),
+            );
+        }
+        let l = &config.limits;
+        if l.max_frame_bytes < 64 || l.max_frame_bytes > u32::MAX as usize {
+            bad(
+                "limits.max_frame_bytes",
+                format!(
+                    "must be between 64 and {}, not {}",
+                    u32::MAX,
+                    l.max_frame_bytes
+                ),
+            );
+        }
+        if l.max_pending_bytes == 0 {
+            bad("limits.max_pending_bytes", "must be at least 1".into());
+        }
+        if l.max_subscriptions_per_connection == 0 {
+            bad(
+                "limits.max_subscriptions_per_connection",
+                "must be at least 1".into(),
+            );
+        }
+        if l.max_pending_messages == 0 {
+            bad("limits.max_pending_messages", "must be at least 1".into());
+        }
+        if config.telemetry.logging.level.trim().is_empty() {
+            bad(
+                "telemetry.logging.level",
+                "must name a level (error, warn, info, debug, trace) or a filter".into(),
+            );
+        }
+        for problem in config.runtime.problems() {
+            if let Some((key, reason)) = problem.split_once(": ") {
+                bad(key, reason.to_string());
+            }
+        }
+        out
+    }
+
+    /// Settings that are valid but do not suit this machine. Fails only if
+    /// the values themselves are invalid.
+    pub fn validate_environment_compatibility(
+        &self,
+        config: &MemoryStreamerConfig,
+    ) -> Result<Vec<ConfigWarning>, ConfigError> {
+        Self::validate(config)?;
+        let allowed = allowed_cpus();
+        let topology = Topology::detect_sysfs(&allowed);
+        Ok(Self::warnings_for(config, &topology))
+    }
+
+    /// The warnings for `config` on a machine shaped like `topology`.
+    pub fn warnings_for(config: &MemoryStreamerConfig, topology: &Topology) -> Vec<ConfigWarning> {
+        let mut out = Vec::new();
+        let mut warn = |key: &str, message: String| {
+            out.push(ConfigWarning {
+                key: key.to_string(),
+                message,
+            })
+        };
+        let rt = &config.runtime;
+        let pus = topology.pu_count();
+        let cores = topology.core_count();
+        if let Some(workers) = rt.worker_threads {
+            if workers > pus {
+                warn(
+                    "runtime.worker_threads",
+                    format!("{workers} workers on {pus} CPUs: workers will share CPUs"),
+                );
+            } else if workers > cores {
+                warn(
+                    "runtime.worker_threads",
+                    format!(
+                        "{workers} workers on {cores} physical cores: some share a core with an SMT sibling"
+                    ),
+                );
+            }
+        }
+        if rt.numa_aware && topology.nodes.len() <= 1 {
+            warn(
+                "runtime.numa_aware",
+                "this machine has a single NUMA node: the setting changes nothing".into(),
+            );
+        }
+        let spin = rt.idle_spin();
+        let workers = rt.worker_threads.unwrap_or(cores);
+        if !spin.is_zero() && workers >= pus {
+            warn(
+                "runtime.idle_spin_us",
+                format!(
+                    "idle workers spin {} µs on every CPU this process has: that CPU time is \
+                     taken from clients and other processes on the machine",
+                    spin.as_micros()
+                ),
+            );
+        }
+        if config.limits.max_pending_bytes < config.limits.max_frame_bytes {
+            warn(
+                "limits.max_pending_bytes",
+                "smaller than limits.max_frame_bytes: one large message fills a subscriber's \
+                 buffer"
+                    .into(),
+            );
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::TopologySource;
+
+    #[test]
+    fn the_defaults_are_valid() {
+        assert!(ConfigValidator::validate(&MemoryStreamerConfig::default()).is_ok());
+    }
+
+    #[test]
+    fn every_problem_is_listed_with_its_key() {
+        let mut config = MemoryStreamerConfig::default();
+        config.network.host = " ".into();
+        config.network.max_connections = 0;
+        config.network.read_buffer_bytes = 1;
+        config.limits.max_frame_bytes = 10;
+        config.limits.max_pending_messages = 0;
+        config.runtime.priority_levels = 7;
+        config.telemetry.logging.level = String::new();
+        let err = ConfigValidator::validate(&config).unwrap_err().to_string();
+        assert!(err.starts_with("Configuration validation failed"), "{err}");
+        for key in [
+            "network.host: ",
+            "network.max_connections: must be at least 1",
+            "network.read_buffer_bytes: must be between 512",
+            "limits.max_frame_bytes: must be between 64",
+            "limits.max_pending_messages: must be at least 1",
+            "runtime.priority_levels: must be 1 to 4, not 7",
+            "telemetry.logging.level: ",
+        ] {
+            assert!(err.contains(key), "{key} missing from {err}");
+        }
+    }
+
+    #[test]
+    fn warnings_fit_the_machine() {
+        let one_node = Topology::from_rows(
+            TopologySource::Sysfs,
+            &[(0, 0, 0, 0), (0, 0, 0, 1)], // one core, two SMT siblings
+        );
+        let mut config = MemoryStreamerConfig::default();
+        config.runtime.worker_threads = Some(2);
+        let warnings = ConfigValidator::warnings_for(&config, &one_node);
+        let keys: Vec<&str> = warnings.iter().map(|w| w.key.as_str()).collect();
+        assert_eq!(keys, ["runtime.worker_threads", "runtime.numa_aware"]);
+        assert!(warnings[0].message.contains("SMT"), "{}", warnings[0]);
+
+        config.runtime.worker_threads = Some(3);
+        config.runtime.numa_aware = false;
+        config.runtime.idle_spin_us = Some(50);
+        let warnings = ConfigValidator::warnings_for(&config, &one_node);
+        let keys: Vec<&str> = warnings.iter().map(|w| w.key.as_str()).collect();
+        assert_eq!(keys, ["runtime.worker_threads", "runtime.idle_spin_us"]);
+    }
+}
