@@ -125,3 +125,50 @@ fn configuration_validation_from_the_guide() -> Result<(), Box<dyn std::error::E
     );
     Ok(())
 }
+
+#[test]
+fn flags_beat_the_environment_which_beats_the_file() {
+    let dir = temp_dir("precedence");
+    std::fs::write(
+        dir.join("kaelix.toml"),
+        "[network]\nport = 9001\nmax_connections = 11\n[limits]\nmax_pending_messages = 5\n",
+    )
+    .unwrap();
+    let out = broker(
+        &[
+            "--check-config",
+            "--port",
+            "9003",
+            "--set",
+            "limits.max_pending_messages=7",
+        ],
+        &[
+            ("KAELIX_NETWORK_PORT", "9002"),
+            ("KAELIX_NETWORK_MAX_CONNECTIONS", "12"),
+            ("KAELIX_LIMITS_MAX_PENDING_MESSAGES", "6"),
+        ],
+        &dir,
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for line in [
+        "port = 9003  # command-line flag --port",
+        "max_connections = 12  # environment variable KAELIX_NETWORK_MAX_CONNECTIONS",
+        "max_pending_messages = 7  # command-line flag --set limits.max_pending_messages",
+        "max_frame_bytes = 1048576  # default",
+    ] {
+        assert!(stdout.contains(line), "{line} missing from\n{stdout}");
+    }
+    let bad = broker(&["--check-config", "--set", "netwrok.port=1"], &[], &dir);
+    assert!(!bad.status.success());
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        stderr.contains("netwrok") && stderr.contains("--set netwrok.port"),
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

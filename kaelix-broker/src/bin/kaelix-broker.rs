@@ -1,7 +1,8 @@
 //! `kaelix-broker`: runs the Kaelix broker.
 //!
 //! Configuration: built-in defaults, then `--config PATH` (or `./kaelix.toml`
-//! if present), then `KAELIX_*` environment variables. Prints one line with
+//! if present), then `KAELIX_*` environment variables, then `--set KEY=VALUE`,
+//! `--host` and `--port`. Prints one line with
 //! the address it listens on; SIGINT or SIGTERM stops it gracefully.
 //!
 //! The broker runs on an `OptimizedRuntime` configured by `[runtime]`:
@@ -13,6 +14,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use kaelix_broker::{MessageBroker, Server};
+use kaelix_core::config::{config_file, load_annotated, Loaded, Override};
 use kaelix_core::runtime::{HealthMonitor, HealthStatus, OptimizedRuntime, TaskPriority};
 use kaelix_core::MemoryStreamerConfig;
 use tracing_subscriber::EnvFilter;
@@ -27,6 +29,16 @@ struct Args {
     /// Configuration file; without it ./kaelix.toml is read if present.
     #[arg(long, short, value_name = "PATH")]
     config: Option<PathBuf>,
+    /// Set any key, above the file and the environment: `--set
+    /// limits.max_frame_bytes=65536` (repeatable).
+    #[arg(long = "set", short = 's', value_name = "KEY=VALUE", value_parser = Override::parse_set)]
+    set: Vec<Override>,
+    /// Address to listen on (network.host).
+    #[arg(long, value_name = "HOST")]
+    host: Option<String>,
+    /// Port to listen on (network.port; 0 picks a free one).
+    #[arg(long, value_name = "PORT")]
+    port: Option<String>,
     /// Validate the configuration, print it as TOML with where each value
     /// came from, and exit (0 when valid).
     #[arg(long)]
@@ -42,11 +54,12 @@ fn main() -> ExitCode {
         print!("{}", kaelix_core::config::DEFAULT_CONFIG_TOML);
         return ExitCode::SUCCESS;
     }
+    let loaded = load(&args);
     if args.check_config {
-        return check_config(args.config.as_deref());
+        return check_config(loaded);
     }
-    let config = match kaelix_core::config::load(args.config.as_deref()) {
-        Ok(config) => config,
+    let config = match loaded {
+        Ok(loaded) => loaded.config,
         Err(err) => {
             eprintln!("kaelix-broker: {err}");
             return ExitCode::from(2);
@@ -74,12 +87,29 @@ fn main() -> ExitCode {
     }
 }
 
+/// Defaults, the file, `KAELIX_*`, then the command-line flags.
+fn load(args: &Args) -> Result<Loaded, kaelix_core::config::ConfigError> {
+    let mut flags = Vec::new();
+    let mut named = |key: &str, flag: &str, value: &Option<String>| {
+        if let Some(value) = value {
+            flags.push(Override {
+                key: key.into(),
+                value: value.clone(),
+                flag: flag.into(),
+            });
+        }
+    };
+    named("network.host", "--host", &args.host);
+    named("network.port", "--port", &args.port);
+    flags.extend(args.set.iter().cloned());
+    let file = config_file(args.config.as_deref())?;
+    load_annotated(file.as_deref(), std::env::vars(), &flags)
+}
+
 /// `--check-config`: every problem, or the effective configuration with
 /// the origin of each value and any warnings for this machine.
-fn check_config(path: Option<&std::path::Path>) -> ExitCode {
-    use kaelix_core::config::{config_file, load_annotated, ConfigValidator};
-    let loaded =
-        config_file(path).and_then(|file| load_annotated(file.as_deref(), std::env::vars()));
+fn check_config(loaded: Result<Loaded, kaelix_core::config::ConfigError>) -> ExitCode {
+    use kaelix_core::config::ConfigValidator;
     let loaded = match loaded {
         Ok(loaded) => loaded,
         Err(err) => {

@@ -18,6 +18,9 @@ use super::validate::ConfigValidator;
 /// The prefix of every environment variable the broker reads.
 pub const ENV_PREFIX: &str = "KAELIX_";
 
+const ENV_ORIGIN: &str = "environment variable";
+const FLAG_ORIGIN: &str = "command-line flag";
+
 /// The configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -30,7 +33,8 @@ pub enum ConfigError {
 }
 
 /// Loads the configuration: defaults, then `path` (or `./kaelix.toml` if it
-/// exists when `path` is `None`), then `KAELIX_*` variables.
+/// exists when `path` is `None`), then `KAELIX_*` variables. Command-line
+/// overrides come through [`load_annotated`].
 pub fn load(path: Option<&Path>) -> Result<MemoryStreamerConfig, ConfigError> {
     let file = config_file(path)?;
     load_from(file.as_deref(), std::env::vars())
@@ -52,7 +56,36 @@ pub fn load_from(
     file: Option<&Path>,
     vars: impl IntoIterator<Item = (String, String)>,
 ) -> Result<MemoryStreamerConfig, ConfigError> {
-    load_annotated(file, vars).map(|loaded| loaded.config)
+    load_annotated(file, vars, &[]).map(|loaded| loaded.config)
+}
+
+/// A value set on the command line, the highest layer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Override {
+    /// Dotted key path: `network.port`.
+    pub key: String,
+    /// The value as typed (parsed like an environment variable's).
+    pub value: String,
+    /// The flag as the user wrote it, for messages: `--port`, `--set network.port`.
+    pub flag: String,
+}
+
+impl Override {
+    /// Parses `--set`'s `key.path=value`.
+    pub fn parse_set(text: &str) -> Result<Override, String> {
+        let (key, value) = text
+            .split_once('=')
+            .ok_or_else(|| format!("{text:?} is not KEY=VALUE (for example network.port=9000)"))?;
+        let key = key.trim();
+        if key.is_empty() || key.split('.').any(str::is_empty) {
+            return Err(format!("{key:?} is not a key path such as network.port"));
+        }
+        Ok(Override {
+            key: key.to_string(),
+            value: value.to_string(),
+            flag: format!("--set {key}"),
+        })
+    }
 }
 
 /// A loaded configuration with where each value came from.
@@ -70,6 +103,7 @@ pub struct Loaded {
 pub fn load_annotated(
     file: Option<&Path>,
     vars: impl IntoIterator<Item = (String, String)>,
+    flags: &[Override],
 ) -> Result<Loaded, ConfigError> {
     let defaults = MemoryStreamerConfig::default();
     let sections = section_names(&defaults);
@@ -78,6 +112,11 @@ pub fn load_annotated(
         figment = figment.merge(Toml::file_exact(file));
     }
     figment = figment.merge(EnvVars::new(&sections, vars));
+    let flags: Vec<(String, String, String)> = flags
+        .iter()
+        .map(|o| (o.key.clone(), o.flag.clone(), o.value.clone()))
+        .collect();
+    figment = figment.merge(EnvVars::flags(&flags));
     let config: MemoryStreamerConfig = figment
         .extract()
         .map_err(|e| ConfigError::Invalid(e.into_iter().map(describe).collect()))?;
@@ -110,10 +149,11 @@ pub fn load_annotated(
 /// Where `key`'s value came from, unless it is the built-in default.
 fn origin(figment: &Figment, key: &str) -> Option<String> {
     let meta = figment.find_metadata(key)?;
-    if meta.name == "environment variable" {
+    if meta.name == ENV_ORIGIN || meta.name == FLAG_ORIGIN {
         let path: Vec<&str> = key.split('.').collect();
         return Some(format!(
-            "environment variable {}",
+            "{} {}",
+            meta.name,
             meta.interpolate(&Profile::Default, &path)
         ));
     }
@@ -141,9 +181,10 @@ fn leaf_keys(dict: &Dict, prefix: &str, out: &mut Vec<String>) {
 fn describe(err: figment::Error) -> String {
     let key = err.path.join(".");
     let origin = match &err.metadata {
-        Some(meta) if meta.name == "environment variable" => {
+        Some(meta) if meta.name == ENV_ORIGIN || meta.name == FLAG_ORIGIN => {
             format!(
-                "environment variable {}",
+                "{} {}",
+                meta.name,
                 meta.interpolate(&err.profile.clone().unwrap_or_default(), &err.path)
             )
         }
@@ -163,7 +204,10 @@ fn describe(err: figment::Error) -> String {
 /// The `KAELIX_*` variables as a figment provider whose errors name the
 /// variable a bad value came from.
 struct EnvVars {
+    /// `(key path, what set it, value)`.
     values: Vec<(String, String, String)>,
+    /// `environment variable` or `command-line flag`: the origin's name.
+    kind: &'static str,
 }
 
 impl EnvVars {
@@ -178,7 +222,18 @@ impl EnvVars {
                 (!rest.is_empty()).then(|| (key_path(sections, &rest), name, value))
             })
             .collect();
-        EnvVars { values }
+        EnvVars {
+            values,
+            kind: ENV_ORIGIN,
+        }
+    }
+
+    /// Overrides from the command line: `(key path, flag as typed, value)`.
+    fn flags(values: &[(String, String, String)]) -> Self {
+        EnvVars {
+            values: values.to_vec(),
+            kind: FLAG_ORIGIN,
+        }
     }
 }
 
@@ -189,11 +244,19 @@ impl Provider for EnvVars {
             .iter()
             .map(|(path, name, _)| (path.clone(), name.clone()))
             .collect();
-        Metadata::named("environment variable").interpolater(move |_profile, keys| {
+        Metadata::named(self.kind).interpolater(move |_profile, keys| {
             let path = keys.join(".");
+            // The setting at this key, or under it (an unknown section is
+            // reported at the section's key).
             names
                 .iter()
                 .find(|(p, _)| *p == path)
+                .or_else(|| {
+                    names.iter().find(|(p, _)| {
+                        p.strip_prefix(path.as_str())
+                            .is_some_and(|r| r.starts_with('.'))
+                    })
+                })
                 .map(|(_, name)| name.clone())
                 .unwrap_or_else(|| format!("{ENV_PREFIX}{}", keys.join("_").to_ascii_uppercase()))
         })

@@ -13,7 +13,9 @@ pub mod load;
 pub mod schema;
 pub mod validate;
 
-pub use load::{config_file, load, load_annotated, load_from, ConfigError, Loaded, ENV_PREFIX};
+pub use load::{
+    config_file, load, load_annotated, load_from, ConfigError, Loaded, Override, ENV_PREFIX,
+};
 pub use schema::{
     LimitsConfig, LoggingConfig, MemoryStreamerConfig, NetworkConfig, RuntimeSection,
     TelemetryConfig,
