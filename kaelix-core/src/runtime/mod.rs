@@ -581,9 +581,7 @@ impl Handle {
     {
         let worker = worker % self.shared.workers.len();
         let level = self.shared.level_of[priority.index()];
-        let home = (self.shared.workers[worker].queued[level].load(Ordering::Relaxed)
-            < self.shared.queue_depth)
-            .then_some(worker);
+        let home = self.shared.has_room(worker, level).then_some(worker);
         self.spawn_at(home, true, priority, future)
     }
 

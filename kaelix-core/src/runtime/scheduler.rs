@@ -288,7 +288,7 @@ impl Shared {
     /// workers whose queue for `level` has room.
     pub(crate) fn choose_worker(&self, level: usize) -> Option<usize> {
         if let Some(me) = current_worker(self.id) {
-            if self.workers[me].queued[level].load(Ordering::Relaxed) < self.queue_depth {
+            if self.has_room(me, level) {
                 return Some(me);
             }
         }
@@ -296,7 +296,12 @@ impl Shared {
         let start = self.next_worker.fetch_add(1, Ordering::Relaxed);
         (0..n)
             .map(|i| (start + i) % n)
-            .find(|&w| self.workers[w].queued[level].load(Ordering::Relaxed) < self.queue_depth)
+            .find(|&w| self.has_room(w, level))
+    }
+
+    /// Whether `worker`'s queue for `level` takes another new task.
+    pub(crate) fn has_room(&self, worker: usize, level: usize) -> bool {
+        self.workers[worker].queued[level].load(Ordering::Relaxed) < self.queue_depth
     }
 
     fn steal_into(&self, me: usize) -> bool {
