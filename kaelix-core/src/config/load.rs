@@ -30,6 +30,9 @@ pub enum ConfigError {
     /// came from (the file, or the environment variable).
     #[error("Configuration validation failed:\n  {}", .0.join("\n  "))]
     Invalid(Vec<String>),
+    /// The file cannot be watched for changes.
+    #[error("{0}")]
+    Watch(String),
 }
 
 /// Loads the configuration: defaults, then `path` (or `./kaelix.toml` if it
@@ -360,6 +363,22 @@ mod tests {
         assert_eq!(
             key_path(&sections, "runtime_worker_threads"),
             "runtime.worker_threads"
+        );
+        assert_eq!(
+            key_path(&sections, "telemetry_metrics_prometheus_port"),
+            "telemetry.metrics.prometheus.port"
+        );
+        assert_eq!(
+            key_path(&sections, "telemetry_metrics_enabled"),
+            "telemetry.metrics.enabled"
+        );
+        assert_eq!(
+            key_path(&sections, "telemetry_enabled"),
+            "telemetry.enabled"
+        );
+        assert_eq!(
+            key_path(&sections, "security_tls_cert_path"),
+            "security.tls.cert_path"
         );
     }
 

@@ -2,23 +2,30 @@
 //!
 //! [`MemoryStreamerConfig`] is the whole schema; `kaelix.toml` at the
 //! repository root lists every key with its default. [`load`] layers, lowest
-//! to highest: built-in defaults, the file, `KAELIX_*` environment variables.
+//! to highest: built-in defaults, the file, `KAELIX_*` environment variables,
+//! command-line flags.
 //!
 //! - [`schema`](mod@schema): the sections and their defaults.
 //! - [`load`](mod@load): figment layering and the environment variable mapping.
+//! - [`reload`](mod@reload): [`HotReloadManager`], watching the file and
+//!   reporting each applied [`ConfigChange`].
 //! - [`validate`](mod@validate): [`ConfigValidator`], value checks and
 //!   warnings about settings that do not suit the machine.
 
 pub mod load;
+pub mod reload;
 pub mod schema;
 pub mod validate;
 
 pub use load::{
     config_file, load, load_annotated, load_from, ConfigError, Loaded, Override, ENV_PREFIX,
 };
+pub use reload::{
+    changed_keys, with_values_from, ConfigChange, HotReloadManager, HotReloadSettings, ReloadStats,
+};
 pub use schema::{
-    LimitsConfig, LoggingConfig, MemoryStreamerConfig, NetworkConfig, RuntimeSection,
-    TelemetryConfig,
+    LimitsConfig, LoggingConfig, MemoryStreamerConfig, MetricsConfig, NetworkConfig,
+    PrometheusConfig, RuntimeSection, SecurityConfig, TelemetryConfig, TlsConfig,
 };
 pub use validate::{ConfigValidator, ConfigWarning, Problem};
 

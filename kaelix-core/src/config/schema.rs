@@ -1,6 +1,8 @@
 //! The configuration sections. Every struct refuses unknown keys, so a typo
 //! is an error that names the key instead of a setting silently ignored.
 
+use std::path::PathBuf;
+
 use serde::{Deserialize, Serialize};
 
 /// The whole configuration of a broker.
@@ -11,6 +13,7 @@ pub struct MemoryStreamerConfig {
     pub runtime: RuntimeSection,
     pub limits: LimitsConfig,
     pub telemetry: TelemetryConfig,
+    pub security: SecurityConfig,
 }
 
 /// `[network]`: where and how the broker listens.
@@ -51,8 +54,13 @@ pub type RuntimeSection = crate::runtime::RuntimeConfig;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
-    /// Largest frame accepted, header included; larger ones close the connection.
+    /// Largest frame accepted, header included; larger ones close the
+    /// connection. Negotiated when a connection opens: a reload applies it
+    /// to new connections.
     pub max_frame_bytes: usize,
+    /// Largest message body (payload and headers) a publish may carry;
+    /// larger ones are refused and the connection stays.
+    pub max_payload_bytes: usize,
     /// Bytes queued for one connection before it counts as a slow consumer
     /// and is disconnected.
     pub max_pending_bytes: usize,
@@ -66,6 +74,7 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
             max_frame_bytes: crate::protocol::DEFAULT_MAX_FRAME_BYTES,
+            max_payload_bytes: 1024 * 1024,
             max_pending_bytes: 64 * 1024 * 1024,
             max_subscriptions_per_connection: 10_000,
             max_pending_messages: 1_000_000,
@@ -74,10 +83,63 @@ impl Default for LimitsConfig {
 }
 
 /// `[telemetry]`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TelemetryConfig {
+    /// Master switch: off turns every exporter below off.
+    pub enabled: bool,
+    pub metrics: MetricsConfig,
     pub logging: LoggingConfig,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            enabled: true,
+            metrics: MetricsConfig::default(),
+            logging: LoggingConfig::default(),
+        }
+    }
+}
+
+/// `[telemetry.metrics]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Collect metrics at all.
+    pub enabled: bool,
+    pub prometheus: PrometheusConfig,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            enabled: true,
+            prometheus: PrometheusConfig::default(),
+        }
+    }
+}
+
+/// `[telemetry.metrics.prometheus]`: the scrape endpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrometheusConfig {
+    /// Serve `/metrics` and `/healthz`.
+    pub enabled: bool,
+    /// Address the endpoint listens on.
+    pub host: String,
+    /// Port of the endpoint; 0 picks a free one.
+    pub port: u16,
+}
+
+impl Default for PrometheusConfig {
+    fn default() -> Self {
+        PrometheusConfig {
+            enabled: true,
+            host: "0.0.0.0".into(),
+            port: 9090,
+        }
+    }
 }
 
 /// `[telemetry.logging]`.
@@ -95,4 +157,25 @@ impl Default for LoggingConfig {
             level: "info".into(),
         }
     }
+}
+
+/// `[security]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecurityConfig {
+    pub tls: TlsConfig,
+}
+
+/// `[security.tls]`: TLS for client connections. Empty paths are unset.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// Serve clients over TLS only.
+    pub enabled: bool,
+    /// PEM certificate chain, leaf first.
+    pub cert_path: PathBuf,
+    /// PEM private key of the leaf certificate.
+    pub key_path: PathBuf,
+    /// PEM CA bundle; when set, clients must present a certificate it signed.
+    pub client_ca_path: PathBuf,
 }

@@ -105,6 +105,15 @@ impl ConfigValidator {
                 ),
             );
         }
+        if l.max_payload_bytes == 0 || l.max_payload_bytes > l.max_frame_bytes {
+            bad(
+                "limits.max_payload_bytes",
+                format!(
+                    "must be between 1 and limits.max_frame_bytes ({}), not {}",
+                    l.max_frame_bytes, l.max_payload_bytes
+                ),
+            );
+        }
         if l.max_pending_bytes == 0 {
             bad("limits.max_pending_bytes", "must be at least 1".into());
         }
@@ -122,6 +131,24 @@ impl ConfigValidator {
                 "telemetry.logging.level",
                 "must name a level (error, warn, info, debug, trace) or a filter".into(),
             );
+        }
+        let prometheus = &config.telemetry.metrics.prometheus;
+        if prometheus.host.trim().is_empty() || prometheus.host.contains(char::is_whitespace) {
+            bad(
+                "telemetry.metrics.prometheus.host",
+                format!("{:?} is not an address or host name", prometheus.host),
+            );
+        }
+        let tls = &config.security.tls;
+        if tls.enabled {
+            for (key, path) in [
+                ("security.tls.cert_path", &tls.cert_path),
+                ("security.tls.key_path", &tls.key_path),
+            ] {
+                if path.as_os_str().is_empty() {
+                    bad(key, "required when security.tls.enabled is true".into());
+                }
+            }
         }
         for problem in config.runtime.problems() {
             if let Some((key, reason)) = problem.split_once(": ") {
@@ -185,6 +212,35 @@ impl ConfigValidator {
                     "idle workers spin {} µs on every CPU this process has: that CPU time is \
                      taken from clients and other processes on the machine",
                     spin.as_micros()
+                ),
+            );
+        }
+        let tls = &config.security.tls;
+        for (key, path) in [
+            ("security.tls.cert_path", &tls.cert_path),
+            ("security.tls.key_path", &tls.key_path),
+            ("security.tls.client_ca_path", &tls.client_ca_path),
+        ] {
+            if path.as_os_str().is_empty() {
+                continue;
+            }
+            if let Err(err) = std::fs::File::open(path) {
+                warn(key, format!("cannot read {}: {err}", path.display()));
+            }
+        }
+        let prometheus = &config.telemetry.metrics.prometheus;
+        if config.telemetry.enabled
+            && config.telemetry.metrics.enabled
+            && prometheus.enabled
+            && prometheus.port != 0
+            && prometheus.port == config.network.port
+        {
+            warn(
+                "telemetry.metrics.prometheus.port",
+                format!(
+                    "the same as network.port ({}): the broker and the metrics endpoint cannot \
+                     both listen on it",
+                    prometheus.port
                 ),
             );
         }

@@ -33,8 +33,9 @@ pub const MIN_PROTOCOL_VERSION: u16 = 1;
 pub const MAGIC: [u8; 4] = *b"KLX\x01";
 /// Bytes before a frame's body: length, opcode, flags.
 pub const HEADER_LEN: usize = 6;
-/// The default largest frame, `limits.max_frame_bytes`.
-pub const DEFAULT_MAX_FRAME_BYTES: usize = 1024 * 1024;
+/// The default largest frame, `limits.max_frame_bytes`: a message body of
+/// `limits.max_payload_bytes` (1 MiB) with room for its topic and header.
+pub const DEFAULT_MAX_FRAME_BYTES: usize = 1024 * 1024 + 64 * 1024;
 
 /// Frame opcodes.
 pub mod opcode {
