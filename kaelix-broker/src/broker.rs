@@ -14,6 +14,7 @@ use kaelix_core::{
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::live::{LiveConfig, LiveLimits};
 use crate::router::{Batch, Publication, RouteCache, Router, Sink, Subscriber};
 use crate::stats::{BrokerStats, RuntimeStats, Stats};
 
@@ -43,7 +44,8 @@ pub struct MessageBroker {
 pub(crate) struct Inner {
     /// Unique per broker in this process; keys the thread-local route cache.
     id: u64,
-    pub(crate) config: MemoryStreamerConfig,
+    /// The running configuration and its live parts.
+    pub(crate) live: LiveConfig,
     pub(crate) router: Router,
     pub(crate) stats: Arc<Stats>,
     running: AtomicBool,
@@ -76,7 +78,7 @@ impl MessageBroker {
                 id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
                 router: Router::new(stats.clone()),
                 stats,
-                config,
+                live: LiveConfig::new(config),
                 running: AtomicBool::new(false),
                 shutdown: CancellationToken::new(),
                 tasks: TaskTracker::new(),
@@ -85,9 +87,10 @@ impl MessageBroker {
         }
     }
 
-    /// The configuration the broker was made with.
-    pub fn config(&self) -> &MemoryStreamerConfig {
-        &self.inner.config
+    /// The running configuration: what the broker was made with, plus
+    /// what [`reconfigure`](Self::reconfigure) has applied since.
+    pub fn config(&self) -> Arc<MemoryStreamerConfig> {
+        self.inner.live.running()
     }
 
     /// Runs the broker's network work (listeners, connections) on
@@ -138,10 +141,10 @@ impl MessageBroker {
         if self.inner.shutdown.is_cancelled() {
             return Err(Error::BrokerNotRunning);
         }
-        let limits = &self.inner.config.limits;
+        let limits = &self.inner.live.limits;
         let queue = Arc::new(MessageQueue::new(
-            limits.max_pending_messages,
-            limits.max_pending_bytes,
+            LiveLimits::get(&limits.max_pending_messages),
+            LiveLimits::get(&limits.max_pending_bytes),
         ));
         let sub = self
             .inner
@@ -226,7 +229,7 @@ impl MessageBroker {
         self.inner.running.store(false, Ordering::Release);
         self.inner.shutdown.cancel();
         self.inner.tasks.close();
-        let grace = std::time::Duration::from_millis(self.inner.config.network.shutdown_grace_ms);
+        let grace = std::time::Duration::from_millis(self.config().network.shutdown_grace_ms);
         // Each connection bounds its own flush by the grace period; this
         // bound is a second line against a task that does not finish.
         let _ = tokio::time::timeout(grace * 2, self.inner.tasks.wait()).await;

@@ -24,13 +24,14 @@ use kaelix_core::protocol::{
 };
 use kaelix_core::runtime::TaskPriority;
 use kaelix_core::topic::check_group;
-use kaelix_core::{CloseReason, Timestamp, TopicPattern};
+use kaelix_core::{CloseReason, MemoryStreamerConfig, Timestamp, TopicPattern};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::TcpStream;
 
 use crate::broker::Inner;
 use crate::exec;
+use crate::live::LiveLimits;
 use crate::router::{Batch, Publication, RouteCache, Sink, Subscriber};
 
 /// Bytes of a connection's first reads; see `Connection::run`.
@@ -104,7 +105,12 @@ impl fmt::Display for Exit {
 pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, broker: Arc<Inner>) {
     let _ = stream.set_nodelay(true);
     let (mut rd, mut wr) = stream.into_split();
-    let outbox = Arc::new(Outbox::new(broker.config.limits.max_pending_bytes));
+    // The configuration as the connection opens: its frame limit, read
+    // size and handshake time hold for its life.
+    let config = broker.live.running();
+    let outbox = Arc::new(Outbox::with_shared_limit(
+        broker.live.limits.max_pending_bytes.clone(),
+    ));
     let writer = {
         let outbox = outbox.clone();
         exec::spawn(broker.runtime.get(), TaskPriority::High, async move {
@@ -140,13 +146,14 @@ pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, broker: Arc<Inner
         cache: RouteCache::new(),
         batch: Batch::new(broker.stats.clone()),
         client: String::new(),
+        config,
     };
     let exit = conn.run(&mut rd).await;
     conn.unsubscribe_all();
     let last = exit.error_frame().map(|e| Frame::Error(e).to_bytes());
     outbox.close(exit.close_reason(), last.as_deref());
 
-    let grace = Duration::from_millis(broker.config.network.shutdown_grace_ms);
+    let grace = Duration::from_millis(broker.live.running().network.shutdown_grace_ms);
     let mut writer = writer;
     if tokio::time::timeout(grace, &mut writer).await.is_err() {
         writer.abort();
@@ -170,11 +177,12 @@ struct Connection {
     cache: RouteCache,
     batch: Batch,
     client: String,
+    config: Arc<MemoryStreamerConfig>,
 }
 
 impl Connection {
     async fn run(&mut self, rd: &mut OwnedReadHalf) -> Exit {
-        let config = &self.broker.config;
+        let config = self.config.clone();
         let read_size = config.network.read_buffer_bytes.max(4096);
         let max_frame = config.limits.max_frame_bytes;
         // Reads start small and double while they fill the buffer, up to
@@ -241,8 +249,7 @@ impl Connection {
         let welcome = Frame::Welcome(Welcome {
             version,
             server_name: "kaelix-broker".into(),
-            max_frame_bytes: u32::try_from(self.broker.config.limits.max_frame_bytes)
-                .unwrap_or(u32::MAX),
+            max_frame_bytes: u32::try_from(self.config.limits.max_frame_bytes).unwrap_or(u32::MAX),
             properties: Vec::new(),
         });
         self.reply(&welcome);
@@ -258,6 +265,7 @@ impl Connection {
     /// buffer; the buffer is advanced past them once at the end.
     fn process(&mut self, buf: &mut BytesMut, max_frame: usize) -> Result<(), Exit> {
         let now = Timestamp::now();
+        let max_payload = LiveLimits::get(&self.broker.live.limits.max_payload_bytes);
         let mut replied = false;
         let mut used = 0;
         let result = loop {
@@ -265,7 +273,7 @@ impl Connection {
                 Ok(Peek::Incomplete) => break Ok(()),
                 Ok(Peek::Publish(publish, len)) => {
                     used += len;
-                    replied |= self.publish(publish, now);
+                    replied |= self.publish(publish, now, max_payload);
                 }
                 Ok(Peek::Deliver(..)) => {
                     break Err(Exit::Protocol(ProtocolError::Unexpected {
@@ -315,8 +323,29 @@ impl Connection {
         }
     }
 
-    fn publish(&mut self, publish: PublishRef<'_>, now: Timestamp) -> bool {
+    fn publish(&mut self, publish: PublishRef<'_>, now: Timestamp, max_payload: usize) -> bool {
         self.batch.add_bytes_in(publish.body.len());
+        // Payload and headers: the body without its topic and partition.
+        let partition = if publish.body_flags & protocol::flags::PARTITION != 0 {
+            4
+        } else {
+            0
+        };
+        let size = publish
+            .body
+            .len()
+            .saturating_sub(1 + publish.topic.len() + partition);
+        if size > max_payload {
+            self.broker.stats.refused.fetch_add(1, Ordering::Relaxed);
+            return self.reply(&Frame::PubNack(Nack {
+                id: publish.seq,
+                code: ErrorCode::PayloadTooLarge,
+                reason: format!(
+                    "message of {size} bytes (payload and headers) exceeds \
+                     limits.max_payload_bytes ({max_payload})"
+                ),
+            }));
+        }
         match self.cache.resolve(&self.broker.router, publish.topic) {
             Ok((topic, matches)) => {
                 let publication = Publication::from_wire(publish.body_flags, publish.body, now);
@@ -347,7 +376,7 @@ impl Connection {
                 reason,
             })
         };
-        let limit = self.broker.config.limits.max_subscriptions_per_connection;
+        let limit = LiveLimits::get(&self.broker.live.limits.max_subscriptions_per_connection);
         let answer = if self.subs.contains_key(&sid) {
             refuse(
                 ErrorCode::DuplicateSubscription,

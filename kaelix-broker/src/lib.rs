@@ -11,6 +11,8 @@
 //! - `exec`: spawning on the broker's [`OptimizedRuntime`](kaelix_core::runtime::OptimizedRuntime),
 //!   or on tokio for a broker embedded without one.
 //! - [`stats`]: counters and the [`BrokerStats`] snapshot.
+//! - [`live`]: the running configuration, live limits, and
+//!   [`MessageBroker::reconfigure`] with its appliers.
 //!
 //! The binaries `kaelix-broker` (the server) and `kaelix` (a command-line
 //! client) live in `src/bin`.
@@ -18,11 +20,13 @@
 pub mod broker;
 mod connection;
 mod exec;
+pub mod live;
 mod router;
 pub mod server;
 pub mod stats;
 
 pub use broker::{IntoPattern, MessageBroker, Receiver};
+pub use live::Reconfigured;
 pub use server::Server;
 pub use stats::{BrokerStats, RuntimeStats};
 

@@ -4,7 +4,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,11 +12,11 @@ use kaelix_core::protocol::{ErrorCode, ErrorFrame, Frame};
 use kaelix_core::runtime::TaskPriority;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream, ToSocketAddrs};
-use tokio::sync::Semaphore;
 
 use crate::broker::MessageBroker;
 use crate::connection;
 use crate::exec;
+use crate::live::LiveLimits;
 
 /// A bound listener serving a [`MessageBroker`] over TCP.
 pub struct Server {
@@ -27,7 +27,8 @@ pub struct Server {
 impl Server {
     /// Binds to `network.host`:`network.port` of the broker's configuration.
     pub async fn bind(broker: &MessageBroker) -> io::Result<Server> {
-        let network = &broker.config().network;
+        let config = broker.config();
+        let network = &config.network;
         Self::bind_addr(broker, (network.host.as_str(), network.port)).await
     }
 
@@ -68,7 +69,7 @@ impl Server {
     /// every connection to flush and close.
     pub async fn run(self) -> io::Result<()> {
         let inner = self.broker.inner.clone();
-        let limit = Arc::new(Semaphore::new(inner.config.network.max_connections));
+        let open = Arc::new(AtomicUsize::new(0));
         let shutdown = inner.shutdown.clone();
         loop {
             let accepted = tokio::select! {
@@ -84,7 +85,10 @@ impl Server {
                     continue;
                 }
             };
-            let Ok(permit) = limit.clone().try_acquire_owned() else {
+            // The limit is read per accept, so a reload moves it at once
+            // (lowering it closes no open connection).
+            let limit = LiveLimits::get(&inner.live.limits.max_connections);
+            let Some(permit) = Slot::take(&open, limit) else {
                 inner
                     .stats
                     .connections_rejected
@@ -148,6 +152,27 @@ impl Server {
         inner.tasks.close();
         inner.tasks.wait().await;
         Ok(())
+    }
+}
+
+/// One of `network.max_connections`, given back on drop.
+struct Slot(Arc<AtomicUsize>);
+
+impl Slot {
+    /// Only the accept loop takes slots, so the check and the add race
+    /// with nothing but releases.
+    fn take(open: &Arc<AtomicUsize>, limit: usize) -> Option<Slot> {
+        if open.load(Ordering::Acquire) >= limit {
+            return None;
+        }
+        open.fetch_add(1, Ordering::AcqRel);
+        Some(Slot(open.clone()))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -131,7 +131,8 @@ fn flags_beat_the_environment_which_beats_the_file() {
     let dir = temp_dir("precedence");
     std::fs::write(
         dir.join("kaelix.toml"),
-        "[network]\nport = 9001\nmax_connections = 11\n[limits]\nmax_pending_messages = 5\n",
+        "[network]\nport = 9001\nmax_connections = 11\n[limits]\nmax_pending_messages = 5\n\
+         [telemetry.metrics.prometheus]\nport = 9200\n[security.tls]\ncert_path = \"file.pem\"\n",
     )
     .unwrap();
     let out = broker(
@@ -141,11 +142,16 @@ fn flags_beat_the_environment_which_beats_the_file() {
             "9003",
             "--set",
             "limits.max_pending_messages=7",
+            "--set",
+            "security.tls.cert_path=flag.pem",
         ],
         &[
             ("KAELIX_NETWORK_PORT", "9002"),
             ("KAELIX_NETWORK_MAX_CONNECTIONS", "12"),
             ("KAELIX_LIMITS_MAX_PENDING_MESSAGES", "6"),
+            ("KAELIX_TELEMETRY_METRICS_PROMETHEUS_PORT", "9300"),
+            ("KAELIX_SECURITY_TLS_CERT_PATH", "env.pem"),
+            ("KAELIX_SECURITY_TLS_KEY_PATH", "key.pem"),
         ],
         &dir,
     );
@@ -159,7 +165,10 @@ fn flags_beat_the_environment_which_beats_the_file() {
         "port = 9003  # command-line flag --port",
         "max_connections = 12  # environment variable KAELIX_NETWORK_MAX_CONNECTIONS",
         "max_pending_messages = 7  # command-line flag --set limits.max_pending_messages",
-        "max_frame_bytes = 1048576  # default",
+        "max_frame_bytes = 1114112  # default",
+        "port = 9300  # environment variable KAELIX_TELEMETRY_METRICS_PROMETHEUS_PORT",
+        "cert_path = \"flag.pem\"  # command-line flag --set security.tls.cert_path",
+        "key_path = \"key.pem\"  # environment variable KAELIX_SECURITY_TLS_KEY_PATH",
     ] {
         assert!(stdout.contains(line), "{line} missing from\n{stdout}");
     }
@@ -170,5 +179,59 @@ fn flags_beat_the_environment_which_beats_the_file() {
         stderr.contains("netwrok") && stderr.contains("--set netwrok.port"),
         "{stderr}"
     );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn tls_enabled_without_its_files_is_a_problem_and_unreadable_files_a_warning() {
+    let dir = temp_dir("tls");
+    let out = broker(
+        &["--check-config"],
+        &[("KAELIX_SECURITY_TLS_ENABLED", "true")],
+        &dir,
+    );
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for line in [
+        "security.tls.cert_path: required when security.tls.enabled is true",
+        "security.tls.key_path: required when security.tls.enabled is true",
+    ] {
+        assert!(stderr.contains(line), "{line} missing from {stderr}");
+    }
+    let out = broker(
+        &[
+            "--check-config",
+            "--set",
+            "security.tls.client_ca_path=missing-ca.pem",
+        ],
+        &[],
+        &dir,
+    );
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("warning: security.tls.client_ca_path: cannot read missing-ca.pem"),
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn the_broker_refuses_to_serve_plain_tcp_when_tls_is_asked_for() {
+    let dir = temp_dir("tls-start");
+    std::fs::write(dir.join("cert.pem"), "not used").unwrap();
+    let out = broker(
+        &["--port", "0"],
+        &[
+            ("KAELIX_SECURITY_TLS_ENABLED", "true"),
+            ("KAELIX_SECURITY_TLS_CERT_PATH", "cert.pem"),
+            ("KAELIX_SECURITY_TLS_KEY_PATH", "cert.pem"),
+        ],
+        &dir,
+    );
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("refusing to serve plain TCP"), "{stderr}");
+    assert!(out.stdout.is_empty(), "it listened: {:?}", out.stdout);
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -10,7 +10,8 @@
 //! ```
 
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use bytes::BytesMut;
 use parking_lot::Mutex;
@@ -44,7 +45,8 @@ pub struct Outbox {
     closing: Notify,
     /// Set with `State::closed`, readable without the lock.
     closed_flag: AtomicBool,
-    limit: usize,
+    /// Shared with the broker's live limits, so a reload moves it.
+    limit: Arc<AtomicUsize>,
 }
 
 #[derive(Debug)]
@@ -57,6 +59,12 @@ impl Outbox {
     /// An outbox that holds at most `limit` bytes (one frame may exceed it
     /// when the buffer is empty, so that no frame is unsendable).
     pub fn new(limit: usize) -> Self {
+        Self::with_shared_limit(Arc::new(AtomicUsize::new(limit)))
+    }
+
+    /// An outbox whose limit is read from `limit` at each append, so the
+    /// owner can change it for every outbox at once.
+    pub fn with_shared_limit(limit: Arc<AtomicUsize>) -> Self {
         Outbox {
             state: Mutex::new(State {
                 // Grown on first use: an idle connection holds no buffer.
@@ -79,7 +87,7 @@ impl Outbox {
             return Pushed::Closed;
         }
         let was_empty = state.buf.is_empty();
-        if !was_empty && state.buf.len() + len > self.limit {
+        if !was_empty && state.buf.len() + len > self.limit() {
             return Pushed::Full;
         }
         write(&mut state.buf);
@@ -102,12 +110,16 @@ impl Outbox {
             std::mem::swap(&mut state.buf, data);
             return Pushed::First;
         }
-        if state.buf.len() + data.len() > self.limit {
+        if state.buf.len() + data.len() > self.limit() {
             return Pushed::Full;
         }
         state.buf.extend_from_slice(data);
         data.clear();
         Pushed::More
+    }
+
+    fn limit(&self) -> usize {
+        self.limit.load(Ordering::Relaxed)
     }
 
     /// Whether closing has begun, without taking the lock: a hint for
@@ -140,7 +152,7 @@ impl Outbox {
                 let state = self.state.lock();
                 if state.closed.is_some()
                     || state.buf.is_empty()
-                    || state.buf.len() + len <= self.limit
+                    || state.buf.len() + len <= self.limit()
                 {
                     return;
                 }

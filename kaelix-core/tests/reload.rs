@@ -125,7 +125,7 @@ async fn a_broken_edit_is_refused_and_the_running_configuration_stays() {
         ("[netwrok]\nport = 1\n", "netwrok"),
         (
             "[limits]\nmax_payload_bytes = 0\n",
-            "limits.max_payload_bytes: must be between 1",
+            "limits.max_payload_bytes: must be at least 1",
         ),
     ] {
         let refused = manager.stats().refused;

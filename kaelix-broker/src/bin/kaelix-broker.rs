@@ -5,19 +5,28 @@
 //! `--host` and `--port`. Prints one line with
 //! the address it listens on; SIGINT or SIGTERM stops it gracefully.
 //!
+//! The configuration file is watched: edits apply live where they can
+//! (`MessageBroker::reconfigure`), SIGHUP reloads it on demand, and an edit
+//! that does not load is refused with the running configuration kept.
+//!
 //! The broker runs on an `OptimizedRuntime` configured by `[runtime]`:
 //! connections at High priority, the listener at Critical, health
 //! housekeeping at Background.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::Parser;
 use kaelix_broker::{MessageBroker, Server};
-use kaelix_core::config::{config_file, load_annotated, Loaded, Override};
+use kaelix_core::config::{
+    config_file, load_annotated, HotReloadManager, HotReloadSettings, Loaded, Override,
+};
 use kaelix_core::runtime::{HealthMonitor, HealthStatus, OptimizedRuntime, TaskPriority};
 use kaelix_core::MemoryStreamerConfig;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{reload, EnvFilter, Registry};
 
 #[derive(Parser)]
 #[command(
@@ -46,6 +55,9 @@ struct Args {
     /// Print the commented default configuration file and exit.
     #[arg(long, conflicts_with = "check_config")]
     print_default_config: bool,
+    /// Do not watch the configuration file; reload it only on SIGHUP.
+    #[arg(long)]
+    no_watch: bool,
 }
 
 fn main() -> ExitCode {
@@ -65,7 +77,19 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_logging(&config);
+    // Reloads read the same file under the same variables and flags.
+    let reload = match config_file(args.config.as_deref()) {
+        Ok(Some(file)) => Some(Reload {
+            file,
+            settings: HotReloadSettings {
+                watch: !args.no_watch,
+                overrides: flags(&args),
+                ..HotReloadSettings::default()
+            },
+        }),
+        _ => None,
+    };
+    let logging = init_logging(&config);
     // This thread waits for signals; the broker's work runs on the
     // OptimizedRuntime's pinned workers.
     let main = match tokio::runtime::Builder::new_current_thread()
@@ -78,7 +102,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match main.block_on(run(config)) {
+    match main.block_on(run(config, reload, logging)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("kaelix-broker: {err}");
@@ -87,8 +111,20 @@ fn main() -> ExitCode {
     }
 }
 
+/// Where reloads come from.
+struct Reload {
+    file: PathBuf,
+    settings: HotReloadSettings,
+}
+
 /// Defaults, the file, `KAELIX_*`, then the command-line flags.
 fn load(args: &Args) -> Result<Loaded, kaelix_core::config::ConfigError> {
+    let file = config_file(args.config.as_deref())?;
+    load_annotated(file.as_deref(), std::env::vars(), &flags(args))
+}
+
+/// The command-line flags that set configuration keys.
+fn flags(args: &Args) -> Vec<Override> {
     let mut flags = Vec::new();
     let mut named = |key: &str, flag: &str, value: &Option<String>| {
         if let Some(value) = value {
@@ -102,8 +138,7 @@ fn load(args: &Args) -> Result<Loaded, kaelix_core::config::ConfigError> {
     named("network.host", "--host", &args.host);
     named("network.port", "--port", &args.port);
     flags.extend(args.set.iter().cloned());
-    let file = config_file(args.config.as_deref())?;
-    load_annotated(file.as_deref(), std::env::vars(), &flags)
+    flags
 }
 
 /// `--check-config`: every problem, or the effective configuration with
@@ -162,27 +197,76 @@ fn check_config(loaded: Result<Loaded, kaelix_core::config::ConfigError>) -> Exi
     ExitCode::SUCCESS
 }
 
-fn init_logging(config: &MemoryStreamerConfig) {
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&config.telemetry.logging.level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
+/// The log filter, replaceable while running. `RUST_LOG`, when set, wins
+/// over `telemetry.logging.level` at start and on reload.
+struct Logging {
+    filter: reload::Handle<EnvFilter, Registry>,
+    from_env: bool,
 }
 
-async fn run(config: MemoryStreamerConfig) -> Result<(), String> {
+impl Logging {
+    /// The live applier of `telemetry.logging`.
+    fn apply(&self, config: &MemoryStreamerConfig) -> Result<(), String> {
+        if self.from_env {
+            tracing::info!("RUST_LOG is set and takes precedence over telemetry.logging.level");
+            return Ok(());
+        }
+        let level = &config.telemetry.logging.level;
+        let filter =
+            EnvFilter::try_new(level).map_err(|e| format!("{level:?} is not a log filter: {e}"))?;
+        self.filter.reload(filter).map_err(|e| e.to_string())
+    }
+}
+
+fn init_logging(config: &MemoryStreamerConfig) -> Logging {
+    let from_env = EnvFilter::try_from_default_env();
+    let from_env_ok = from_env.is_ok();
+    let filter = from_env
+        .or_else(|_| EnvFilter::try_new(&config.telemetry.logging.level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let (filter, handle) = reload::Layer::new(filter);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .with_writer(std::io::stderr),
+        )
+        .init();
+    Logging {
+        filter: handle,
+        from_env: from_env_ok,
+    }
+}
+
+async fn run(
+    config: MemoryStreamerConfig,
+    reload: Option<Reload>,
+    logging: Logging,
+) -> Result<(), String> {
     // Handlers first: a supervisor may signal as soon as it reads the
     // listening line.
-    let signals = Signals::install()?;
+    let mut signals = Signals::install()?;
+    if config.security.tls.enabled {
+        return Err(
+            "security.tls.enabled is true, but this version of kaelix-broker does not \
+             serve TLS yet; refusing to serve plain TCP instead"
+                .into(),
+        );
+    }
     let runtime = OptimizedRuntime::new(config.runtime.clone()).map_err(|e| e.to_string())?;
     runtime.start().await.map_err(|e| e.to_string())?;
     let (host, port) = (config.network.host.clone(), config.network.port);
-    let broker = MessageBroker::with_config(config);
+    let broker = MessageBroker::with_config(config.clone());
     broker.use_runtime(runtime.handle());
+    broker.on_reconfigure("logging", &["telemetry.logging"], move |config| {
+        logging.apply(config)
+    });
     broker.start().await.map_err(|e| e.to_string())?;
+    let reloader = match reload {
+        Some(reload) => Some(watch_config(&broker, reload, config).await?),
+        None => None,
+    };
 
     // The listener is bound on a worker, so that its readiness is noticed
     // there; accepting is control work and runs at Critical.
@@ -215,7 +299,22 @@ async fn run(config: MemoryStreamerConfig) -> Result<(), String> {
         .await
         .map_err(|e| e.to_string())?;
 
-    signals.wait().await;
+    loop {
+        match signals.next().await {
+            Signal::Stop => break,
+            Signal::Reload => match &reloader {
+                Some(reloader) => {
+                    tracing::info!(file = %reloader.path().display(), "SIGHUP: reloading the configuration");
+                    // A refusal is logged by the manager; the broker carries on.
+                    let _ = reloader.force_reload().await;
+                }
+                None => tracing::warn!(
+                    "SIGHUP: no configuration file to reload (the broker runs on defaults, \
+                     KAELIX_* variables and flags; start it with --config PATH)"
+                ),
+            },
+        }
+    }
     tracing::info!("signal received: draining connections and shutting down");
     broker.shutdown().await.map_err(|e| e.to_string())?;
     match serving.await {
@@ -227,6 +326,41 @@ async fn run(config: MemoryStreamerConfig) -> Result<(), String> {
     tracing::info!(stats = %broker.stats(), "stopped");
     runtime.shutdown().await.map_err(|e| e.to_string())?;
     Ok(())
+}
+
+/// Watches the configuration file and applies each change to `broker`.
+async fn watch_config(
+    broker: &MessageBroker,
+    reload: Reload,
+    initial: MemoryStreamerConfig,
+) -> Result<Arc<HotReloadManager>, String> {
+    let manager = HotReloadManager::new(&reload.file, initial, Some(reload.settings))
+        .await
+        .map_err(|e| e.to_string())?;
+    let manager = Arc::new(manager);
+    let mut changes = manager.subscribe();
+    let broker = broker.clone();
+    let latest = Arc::downgrade(&manager);
+    tokio::spawn(async move {
+        use tokio::sync::broadcast::error::RecvError;
+        loop {
+            match changes.recv().await {
+                Ok(change) => {
+                    broker.reconfigure(&change.new_config);
+                }
+                // Fell behind: the latest configuration is what counts.
+                Err(RecvError::Lagged(_)) => {
+                    let Some(manager) = latest.upgrade() else {
+                        return;
+                    };
+                    let latest = manager.current_config().await;
+                    broker.reconfigure(&latest);
+                }
+                Err(RecvError::Closed) => return,
+            }
+        }
+    });
+    Ok(manager)
 }
 
 /// Background housekeeping: logs each change of the runtime's health, with
@@ -250,10 +384,17 @@ async fn watch_health(health: HealthMonitor) {
     }
 }
 
-/// SIGTERM and SIGINT, both of which stop the broker gracefully.
+/// SIGTERM and SIGINT, both of which stop the broker gracefully, and
+/// SIGHUP, which reloads the configuration.
 struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+enum Signal {
+    Stop,
+    Reload,
 }
 
 impl Signals {
@@ -263,13 +404,15 @@ impl Signals {
         Ok(Signals {
             term: install(SignalKind::terminate())?,
             int: install(SignalKind::interrupt())?,
+            hup: install(SignalKind::hangup())?,
         })
     }
 
-    async fn wait(mut self) {
+    async fn next(&mut self) -> Signal {
         tokio::select! {
-            _ = self.term.recv() => {}
-            _ = self.int.recv() => {}
+            _ = self.term.recv() => Signal::Stop,
+            _ = self.int.recv() => Signal::Stop,
+            _ = self.hup.recv() => Signal::Reload,
         }
     }
 }

@@ -5,7 +5,9 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -17,6 +19,8 @@ use tokio::net::TcpStream;
 pub struct BrokerProcess {
     pub child: Child,
     pub addr: SocketAddr,
+    /// Its log lines, when started with [`BrokerProcess::start_in`].
+    pub log: Arc<Mutex<Vec<String>>>,
 }
 
 impl BrokerProcess {
@@ -34,7 +38,36 @@ impl BrokerProcess {
         for (k, v) in env {
             cmd.env(k, v);
         }
+        Self::spawn(cmd, Arc::default())
+    }
+
+    /// Starts the broker in `dir` with `args` and `env` (no `RUST_LOG`:
+    /// the configuration sets the level), keeping its log lines.
+    pub fn start_in(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> BrokerProcess {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kaelix-broker"));
+        cmd.current_dir(dir)
+            .args(args)
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let log: Arc<Mutex<Vec<String>>> = Arc::default();
+        Self::spawn(cmd, log)
+    }
+
+    fn spawn(mut cmd: Command, log: Arc<Mutex<Vec<String>>>) -> BrokerProcess {
         let mut child = cmd.spawn().expect("start kaelix-broker");
+        if let Some(stderr) = child.stderr.take() {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    eprintln!("broker: {line}");
+                    log.lock().unwrap().push(line);
+                }
+            });
+        }
         let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -53,7 +86,48 @@ impl BrokerProcess {
             .next()
             .and_then(|a| a.trim().parse().ok())
             .unwrap_or_else(|| panic!("unexpected first line: {line:?}"));
-        BrokerProcess { child, addr }
+        BrokerProcess { child, addr, log }
+    }
+
+    /// Waits until a log line contains every one of `parts`; returns it.
+    pub fn wait_for_log(&self, parts: &[&str], limit: Duration) -> String {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(line) = self
+                .log
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|l| parts.iter().all(|p| l.contains(p)))
+            {
+                return line.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no log line with {parts:?} within {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// How many log lines contain `part`.
+    pub fn log_count(&self, part: &str) -> usize {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(part))
+            .count()
+    }
+
+    /// Sends `signal` (`-HUP`, `-TERM`).
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(signal)
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success());
     }
 
     pub fn addr(&self) -> String {
@@ -62,12 +136,7 @@ impl BrokerProcess {
 
     /// Sends SIGTERM.
     pub fn terminate(&self) {
-        let status = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status()
-            .expect("run kill");
-        assert!(status.success());
+        self.signal("-TERM");
     }
 
     /// Waits for the process to exit, up to `limit`.

@@ -217,10 +217,19 @@ impl Shared {
                 stats.refused += 1;
                 stats.last_error = Some(err.to_string());
                 drop(stats);
+                // One line, for log processors: problems joined by "; ".
+                let reason = match &err {
+                    ConfigError::Invalid(problems) => problems
+                        .iter()
+                        .map(|p| p.split_whitespace().collect::<Vec<_>>().join(" "))
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                    other => other.to_string(),
+                };
                 tracing::warn!(
                     file = %self.path.display(),
                     cause,
-                    "configuration reload refused, the running configuration stays: {err}"
+                    "configuration reload refused, the running configuration stays: {reason}"
                 );
                 return Err(err);
             }
@@ -307,7 +316,7 @@ fn watch_error(path: &Path, err: notify::Error) -> ConfigError {
 }
 
 /// Every leaf key whose value differs between `old` and `new`, as dotted
-/// paths, in schema order.
+/// paths, sorted.
 pub fn changed_keys(old: &MemoryStreamerConfig, new: &MemoryStreamerConfig) -> Vec<String> {
     let (old, new) = (to_dict(old), to_dict(new));
     let mut out = Vec::new();

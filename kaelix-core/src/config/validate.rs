@@ -105,14 +105,8 @@ impl ConfigValidator {
                 ),
             );
         }
-        if l.max_payload_bytes == 0 || l.max_payload_bytes > l.max_frame_bytes {
-            bad(
-                "limits.max_payload_bytes",
-                format!(
-                    "must be between 1 and limits.max_frame_bytes ({}), not {}",
-                    l.max_frame_bytes, l.max_payload_bytes
-                ),
-            );
+        if l.max_payload_bytes == 0 {
+            bad("limits.max_payload_bytes", "must be at least 1".into());
         }
         if l.max_pending_bytes == 0 {
             bad("limits.max_pending_bytes", "must be at least 1".into());
@@ -241,6 +235,16 @@ impl ConfigValidator {
                     "the same as network.port ({}): the broker and the metrics endpoint cannot \
                      both listen on it",
                     prometheus.port
+                ),
+            );
+        }
+        if config.limits.max_payload_bytes >= config.limits.max_frame_bytes {
+            warn(
+                "limits.max_payload_bytes",
+                format!(
+                    "not below limits.max_frame_bytes ({}): the frame limit, which closes the \
+                     connection, caps messages first",
+                    config.limits.max_frame_bytes
                 ),
             );
         }

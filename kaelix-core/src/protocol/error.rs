@@ -118,6 +118,8 @@ error_codes! {
     TooManySubscriptions = 13, "too-many-subscriptions";
     /// The subscription id is already in use on this connection.
     DuplicateSubscription = 14, "duplicate-subscription";
+    /// A message body was larger than `limits.max_payload_bytes`.
+    PayloadTooLarge = 15, "payload-too-large";
     /// A header could not be carried.
     InvalidHeader = 16, "invalid-header";
     /// The client fell further behind than its buffer allows.
