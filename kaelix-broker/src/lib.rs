@@ -34,3 +34,8 @@ pub use stats::{BrokerStats, RuntimeStats};
 #[cfg(doctest)]
 #[doc = include_str!("../../README.md")]
 struct ReadmeDoctests;
+
+/// The Rust snippets of docs/configuration.md (they use the broker too).
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/configuration.md")]
+struct ConfigurationDoc;

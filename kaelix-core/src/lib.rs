@@ -35,8 +35,3 @@ pub use error::{CloseReason, Error, Result};
 pub use message::{Headers, Message, MessageBuilder, MessageId, Offset, PartitionId, Timestamp};
 pub use pool::MessagePool;
 pub use topic::{Topic, TopicPattern};
-
-/// The Rust snippets of docs/configuration.md, compiled as doctests.
-#[cfg(doctest)]
-#[doc = include_str!("../../docs/configuration.md")]
-struct ConfigurationDoc;
