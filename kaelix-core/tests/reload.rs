@@ -24,6 +24,17 @@ fn config_file(dir: &Path, body: &str) -> PathBuf {
     path
 }
 
+/// A file with `body` in a fresh directory, watched from its first load.
+async fn watched(body: &str) -> (tempfile::TempDir, PathBuf, HotReloadManager) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = config_file(dir.path(), body);
+    let initial = kaelix_core::config::load_from(Some(&path), Vec::new()).unwrap();
+    let manager = HotReloadManager::new(&path, initial, settings())
+        .await
+        .unwrap();
+    (dir, path, manager)
+}
+
 async fn next_change(rx: &mut broadcast::Receiver<ConfigChange>) -> ConfigChange {
     tokio::time::timeout(WAIT, rx.recv())
         .await
@@ -72,12 +83,7 @@ async fn apply_config_changes(config: &MemoryStreamerConfig) {
 
 #[tokio::test]
 async fn edits_in_place_by_rename_and_by_recreate_all_apply() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = config_file(dir.path(), "[limits]\nmax_payload_bytes = 1000\n");
-    let initial = kaelix_core::config::load_from(Some(&path), Vec::new()).unwrap();
-    let manager = HotReloadManager::new(&path, initial, settings())
-        .await
-        .unwrap();
+    let (_dir, path, manager) = watched("[limits]\nmax_payload_bytes = 1000\n").await;
     let mut rx = manager.subscribe();
 
     std::fs::write(&path, "[limits]\nmax_payload_bytes = 2000\n").unwrap();
@@ -112,12 +118,7 @@ async fn edits_in_place_by_rename_and_by_recreate_all_apply() {
 
 #[tokio::test]
 async fn a_broken_edit_is_refused_and_the_running_configuration_stays() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = config_file(dir.path(), "[limits]\nmax_payload_bytes = 1000\n");
-    let initial = kaelix_core::config::load_from(Some(&path), Vec::new()).unwrap();
-    let manager = HotReloadManager::new(&path, initial, settings())
-        .await
-        .unwrap();
+    let (_dir, path, manager) = watched("[limits]\nmax_payload_bytes = 1000\n").await;
     let mut rx = manager.subscribe();
 
     for (body, reason) in [
