@@ -325,26 +325,12 @@ impl Connection {
 
     fn publish(&mut self, publish: PublishRef<'_>, now: Timestamp, max_payload: usize) -> bool {
         self.batch.add_bytes_in(publish.body.len());
-        // Payload and headers: the body without its topic and partition.
-        let partition = if publish.body_flags & protocol::flags::PARTITION != 0 {
-            4
-        } else {
-            0
-        };
-        let size = publish
-            .body
-            .len()
-            .saturating_sub(1 + publish.topic.len() + partition);
-        if size > max_payload {
-            self.broker.stats.refused.fetch_add(1, Ordering::Relaxed);
-            return self.reply(&Frame::PubNack(Nack {
-                id: publish.seq,
-                code: ErrorCode::PayloadTooLarge,
-                reason: format!(
-                    "message of {size} bytes (payload and headers) exceeds \
-                     limits.max_payload_bytes ({max_payload})"
-                ),
-            }));
+        // The body bounds the payload, so the exact size is only worked
+        // out for bodies above the limit.
+        if publish.body.len() > max_payload {
+            if let Some(refused) = self.refuse_oversized(&publish, max_payload) {
+                return refused;
+            }
         }
         match self.cache.resolve(&self.broker.router, publish.topic) {
             Ok((topic, matches)) => {
@@ -361,6 +347,35 @@ impl Connection {
                 }))
             }
         }
+    }
+
+    /// Refuses a publish whose payload and headers (the body without its
+    /// topic and partition) pass `limits.max_payload_bytes`; `None` when
+    /// they do not. Returns whether a wake is needed.
+    #[cold]
+    #[inline(never)]
+    fn refuse_oversized(&mut self, publish: &PublishRef<'_>, max_payload: usize) -> Option<bool> {
+        let partition = if publish.body_flags & protocol::flags::PARTITION != 0 {
+            4
+        } else {
+            0
+        };
+        let size = publish
+            .body
+            .len()
+            .saturating_sub(1 + publish.topic.len() + partition);
+        if size <= max_payload {
+            return None;
+        }
+        self.broker.stats.refused.fetch_add(1, Ordering::Relaxed);
+        Some(self.reply(&Frame::PubNack(Nack {
+            id: publish.seq,
+            code: ErrorCode::PayloadTooLarge,
+            reason: format!(
+                "message of {size} bytes (payload and headers) exceeds \
+                 limits.max_payload_bytes ({max_payload})"
+            ),
+        })))
     }
 
     fn subscribe(&mut self, subscribe: Subscribe) -> bool {
