@@ -40,7 +40,7 @@ start_all() {
         label=${words[0]%%=*}; bin=$(realpath "${words[0]#*=}")
         local port=$((PORT + i))
         # From an empty directory: a kaelix.toml here is not the variant's.
-        (cd "$RUNDIR" && exec env "${words[@]:1}" KAELIX_NETWORK_HOST=127.0.0.1 \
+        (cd "$RUNDIR" && exec env KAELIX_TELEMETRY_METRICS_PROMETHEUS_PORT=0 "${words[@]:1}" KAELIX_NETWORK_HOST=127.0.0.1 \
             KAELIX_NETWORK_PORT=$port RUST_LOG=warn $(prefix "$placement") "$bin") \
             >"$OUT/$label.log" 2>&1 &
         BROKER_PIDS+=($!); PIDS+=($!); LABELS+=("$label"); PORTS+=("$port")

@@ -17,6 +17,8 @@ use tokio_util::task::TaskTracker;
 use crate::live::{LiveConfig, LiveLimits};
 use crate::router::{Batch, Publication, RouteCache, Router, Sink, Subscriber};
 use crate::stats::{BrokerStats, RuntimeStats, Stats};
+use crate::telemetry::{Endpoint, Metrics};
+use kaelix_core::config::HotReloadManager;
 
 /// A broker: subscriptions, routing and counters. Cheap to clone; clones
 /// share one broker.
@@ -55,6 +57,14 @@ pub(crate) struct Inner {
     pub(crate) tasks: TaskTracker,
     /// The runtime connections run on; without one they run on tokio.
     pub(crate) runtime: OnceLock<Handle>,
+    /// When the broker was made, for its uptime.
+    pub(crate) started: std::time::Instant,
+    /// Its metrics recorder and latency histogram.
+    pub(crate) metrics: Metrics,
+    /// The metrics endpoint, while one is serving.
+    pub(crate) endpoint: parking_lot::Mutex<Option<Endpoint>>,
+    /// The configuration file watcher, once [`MessageBroker::watch_config`] ran.
+    pub(crate) reloader: OnceLock<std::sync::Weak<HotReloadManager>>,
 }
 
 impl Default for MessageBroker {
@@ -73,18 +83,34 @@ impl MessageBroker {
     pub fn with_config(config: MemoryStreamerConfig) -> Self {
         let stats = Arc::new(Stats::default());
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
-        MessageBroker {
+        let broker = MessageBroker {
             inner: Arc::new(Inner {
                 id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
                 router: Router::new(stats.clone()),
                 stats,
-                live: LiveConfig::new(config),
+                live: LiveConfig::new(config.clone()),
                 running: AtomicBool::new(false),
                 shutdown: CancellationToken::new(),
                 tasks: TaskTracker::new(),
                 runtime: OnceLock::new(),
+                started: std::time::Instant::now(),
+                metrics: Metrics::new(&config),
+                endpoint: parking_lot::Mutex::new(None),
+                reloader: OnceLock::new(),
             }),
-        }
+        };
+        let inner = Arc::downgrade(&broker.inner);
+        broker.on_reconfigure(
+            "metrics",
+            &["telemetry.enabled", "telemetry.metrics.enabled"],
+            move |config| {
+                if let Some(inner) = inner.upgrade() {
+                    inner.metrics.set_enabled(config);
+                }
+                Ok(())
+            },
+        );
+        broker
     }
 
     /// The running configuration: what the broker was made with, plus
@@ -210,6 +236,10 @@ impl MessageBroker {
     /// The broker's counters now.
     pub fn stats(&self) -> BrokerStats {
         let mut stats = self.inner.stats.snapshot();
+        let (topics, wildcards) = self.inner.router.counts();
+        stats.topics = topics as u64;
+        stats.wildcard_subscriptions = wildcards as u64;
+        stats.uptime = self.inner.started.elapsed();
         if let Some(runtime) = self.inner.runtime.get() {
             let metrics = runtime.metrics();
             stats.runtime = Some(RuntimeStats {
@@ -233,6 +263,8 @@ impl MessageBroker {
         // Each connection bounds its own flush by the grace period; this
         // bound is a second line against a task that does not finish.
         let _ = tokio::time::timeout(grace * 2, self.inner.tasks.wait()).await;
+        // The endpoint answered 503 while connections drained; now it goes.
+        self.inner.endpoint.lock().take();
         for sub in self.inner.router.all() {
             if let Sink::Local(queue) = &sub.sink {
                 queue.close(CloseReason::ShuttingDown);

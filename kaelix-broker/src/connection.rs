@@ -33,6 +33,7 @@ use crate::broker::Inner;
 use crate::exec;
 use crate::live::LiveLimits;
 use crate::router::{Batch, Publication, RouteCache, Sink, Subscriber};
+use crate::stats::{Disconnect, Rejection};
 
 /// Bytes of a connection's first reads; see `Connection::run`.
 const INITIAL_READ: usize = 1024;
@@ -75,6 +76,21 @@ impl Exit {
         Some(ErrorFrame { code, reason })
     }
 
+    /// The reason as counted.
+    fn disconnect(&self) -> Disconnect {
+        match self {
+            Exit::ClientClosed => Disconnect::ClientClosed,
+            Exit::ReadError(_) => Disconnect::ReadError,
+            Exit::ShuttingDown => Disconnect::ShuttingDown,
+            Exit::HandshakeTimeout(_) => Disconnect::HandshakeTimeout,
+            Exit::Protocol(_) => Disconnect::ProtocolViolation,
+            Exit::Outbox(CloseReason::SlowConsumer) => Disconnect::SlowConsumer,
+            Exit::Outbox(CloseReason::ShuttingDown) => Disconnect::ShuttingDown,
+            Exit::Outbox(CloseReason::PeerClosed) => Disconnect::ClientClosed,
+            Exit::Outbox(_) => Disconnect::WriteError,
+        }
+    }
+
     fn close_reason(&self) -> CloseReason {
         match self {
             Exit::ClientClosed => CloseReason::PeerClosed,
@@ -113,8 +129,12 @@ pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, broker: Arc<Inner
     ));
     let writer = {
         let outbox = outbox.clone();
+        let broker_for_writer = broker.clone();
         exec::spawn(broker.runtime.get(), TaskPriority::High, async move {
-            let result = outbox.write_to(&mut wr).await;
+            let metrics = &broker_for_writer.metrics;
+            let result = outbox
+                .write_to_timed(&mut wr, |waited| metrics.record_delivery(waited))
+                .await;
             let _ = wr.shutdown().await;
             result
         })
@@ -122,10 +142,7 @@ pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, broker: Arc<Inner
     let writer = match writer {
         Ok(writer) => writer,
         Err(err) => {
-            broker
-                .stats
-                .connections_rejected
-                .fetch_add(1, Ordering::Relaxed);
+            broker.stats.rejected(Rejection::RuntimeBusy);
             tracing::warn!(%peer, error = %err, "connection refused");
             return;
         }
@@ -147,6 +164,7 @@ pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, broker: Arc<Inner
         batch: Batch::new(broker.stats.clone()),
         client: String::new(),
         config,
+        acks: 0,
     };
     let exit = conn.run(&mut rd).await;
     conn.unsubscribe_all();
@@ -162,6 +180,7 @@ pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, broker: Arc<Inner
         .stats
         .connections_active
         .fetch_sub(1, Ordering::Relaxed);
+    broker.stats.closed(exit.disconnect());
     match &exit {
         Exit::Protocol(_) | Exit::HandshakeTimeout(_) => {
             tracing::warn!(%peer, client = %conn.client, reason = %exit, "connection closed")
@@ -178,6 +197,8 @@ struct Connection {
     batch: Batch,
     client: String,
     config: Arc<MemoryStreamerConfig>,
+    /// PUB_ACKs queued in this read batch, counted once per batch.
+    acks: u64,
 }
 
 impl Connection {
@@ -298,6 +319,10 @@ impl Connection {
         };
         buf.advance(used);
         self.batch.finish();
+        if self.acks > 0 {
+            let acks = std::mem::take(&mut self.acks);
+            self.broker.stats.acked.fetch_add(acks, Ordering::Relaxed);
+        }
         if replied {
             self.outbox.wake();
         }
@@ -336,10 +361,15 @@ impl Connection {
             Ok((topic, matches)) => {
                 let publication = Publication::from_wire(publish.body_flags, publish.body, now);
                 self.batch.route(topic, matches, &publication);
-                publish.ack && self.reply(&Frame::PubAck(publish.seq))
+                if publish.ack {
+                    self.acks += 1;
+                    self.reply(&Frame::PubAck(publish.seq))
+                } else {
+                    false
+                }
             }
             Err(err) => {
-                self.broker.stats.refused.fetch_add(1, Ordering::Relaxed);
+                self.broker.stats.publish_refused(ErrorCode::InvalidTopic);
                 self.reply(&Frame::PubNack(Nack {
                     id: publish.seq,
                     code: ErrorCode::InvalidTopic,
@@ -367,7 +397,9 @@ impl Connection {
         if size <= max_payload {
             return None;
         }
-        self.broker.stats.refused.fetch_add(1, Ordering::Relaxed);
+        self.broker
+            .stats
+            .publish_refused(ErrorCode::PayloadTooLarge);
         Some(self.reply(&Frame::PubNack(Nack {
             id: publish.seq,
             code: ErrorCode::PayloadTooLarge,
@@ -384,7 +416,9 @@ impl Connection {
             pattern,
             group,
         } = subscribe;
+        let stats = &self.broker.stats;
         let refuse = |code, reason: String| {
+            stats.subscribe_refused(code);
             Frame::SubNack(Nack {
                 id: u64::from(sid),
                 code,

@@ -11,6 +11,8 @@
 //! - `exec`: spawning on the broker's [`OptimizedRuntime`](kaelix_core::runtime::OptimizedRuntime),
 //!   or on tokio for a broker embedded without one.
 //! - [`stats`]: counters and the [`BrokerStats`] snapshot.
+//! - [`telemetry`]: metrics in Prometheus form, health, and the HTTP
+//!   endpoint serving both.
 //! - [`live`]: the running configuration, live limits, and
 //!   [`MessageBroker::reconfigure`] with its appliers.
 //!
@@ -24,11 +26,13 @@ pub mod live;
 mod router;
 pub mod server;
 pub mod stats;
+pub mod telemetry;
 
 pub use broker::{IntoPattern, MessageBroker, Receiver};
 pub use live::Reconfigured;
 pub use server::Server;
 pub use stats::{BrokerStats, RuntimeStats};
+pub use telemetry::BrokerHealth;
 
 /// The README's Rust snippets, compiled as doctests.
 #[cfg(doctest)]

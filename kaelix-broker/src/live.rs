@@ -13,7 +13,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use kaelix_core::config::{changed_keys, with_values_from};
+use kaelix_core::config::{
+    changed_keys, with_values_from, ConfigError, HotReloadManager, HotReloadSettings, ReloadStats,
+};
 use kaelix_core::MemoryStreamerConfig;
 use parking_lot::Mutex;
 
@@ -244,6 +246,52 @@ impl MessageBroker {
             tracing::warn!(%failure, "configuration change refused; the old values stay");
         }
         done
+    }
+}
+
+impl MessageBroker {
+    /// Watches `path` (the file this broker's configuration came from) and
+    /// applies every change with [`reconfigure`](Self::reconfigure); the
+    /// reloads by result show in the metrics. Must be called within a
+    /// tokio runtime. Keep the returned manager: dropping it stops the
+    /// watching. `settings` should carry the same environment and
+    /// command-line overrides the first load had.
+    pub async fn watch_config(
+        &self,
+        path: impl AsRef<std::path::Path>,
+        settings: HotReloadSettings,
+    ) -> Result<Arc<HotReloadManager>, ConfigError> {
+        let initial = self.config().as_ref().clone();
+        let manager = Arc::new(HotReloadManager::new(path, initial, Some(settings)).await?);
+        let _ = self.inner.reloader.set(Arc::downgrade(&manager));
+        let mut changes = manager.subscribe();
+        let broker = Arc::downgrade(&self.inner);
+        let latest = Arc::downgrade(&manager);
+        tokio::spawn(async move {
+            use tokio::sync::broadcast::error::RecvError;
+            loop {
+                let config = match changes.recv().await {
+                    Ok(change) => change.new_config,
+                    // Fell behind: the latest configuration is what counts.
+                    Err(RecvError::Lagged(_)) => match latest.upgrade() {
+                        Some(manager) => manager.current_config().await,
+                        None => return,
+                    },
+                    Err(RecvError::Closed) => return,
+                };
+                let Some(inner) = broker.upgrade() else {
+                    return;
+                };
+                MessageBroker { inner }.reconfigure(&config);
+            }
+        });
+        Ok(manager)
+    }
+
+    /// Reloads by result, when [`watch_config`](Self::watch_config) runs.
+    pub fn reload_stats(&self) -> Option<ReloadStats> {
+        let manager = self.inner.reloader.get()?.upgrade()?;
+        Some(manager.stats())
     }
 }
 

@@ -17,6 +17,7 @@ use crate::broker::MessageBroker;
 use crate::connection;
 use crate::exec;
 use crate::live::LiveLimits;
+use crate::stats::Rejection;
 
 /// A bound listener serving a [`MessageBroker`] over TCP.
 pub struct Server {
@@ -89,10 +90,7 @@ impl Server {
             // (lowering it closes no open connection).
             let limit = LiveLimits::get(&inner.live.limits.max_connections);
             let Some(permit) = Slot::take(&open, limit) else {
-                inner
-                    .stats
-                    .connections_rejected
-                    .fetch_add(1, Ordering::Relaxed);
+                inner.stats.rejected(Rejection::ConnectionLimit);
                 tracing::warn!(%peer, "connection refused: network.max_connections reached");
                 spawn_refusal(&inner, stream, CONNECTION_LIMIT);
                 continue;
@@ -136,10 +134,7 @@ impl Server {
                         })
                     };
                     if let Err(err) = runtime.spawn_on(worker, TaskPriority::High, task) {
-                        inner
-                            .stats
-                            .connections_rejected
-                            .fetch_add(1, Ordering::Relaxed);
+                        inner.stats.rejected(Rejection::RuntimeBusy);
                         tracing::warn!(%peer, error = %err, "connection refused");
                         if let Some(stream) = slot.lock().take() {
                             refuse_now(stream, RUNTIME_BUSY);

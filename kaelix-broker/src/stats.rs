@@ -2,48 +2,190 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
 
+use kaelix_core::protocol::ErrorCode;
 use kaelix_core::runtime::HealthStatus;
 
-/// Live counters, shared by every connection.
+/// Why a connection closed, as counted in
+/// `kaelix_connections_closed_total{reason}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disconnect {
+    /// The client closed its side.
+    ClientClosed,
+    /// Reading from the socket failed.
+    ReadError,
+    /// Writing to the socket failed.
+    WriteError,
+    /// The broker shut down.
+    ShuttingDown,
+    /// No HELLO in time.
+    HandshakeTimeout,
+    /// The client broke the protocol (malformed or oversized frame, ...).
+    ProtocolViolation,
+    /// More was pending for it than `limits.max_pending_bytes`.
+    SlowConsumer,
+}
+
+impl Disconnect {
+    /// Every reason, in counter order.
+    pub const ALL: [Disconnect; 7] = [
+        Disconnect::ClientClosed,
+        Disconnect::ReadError,
+        Disconnect::WriteError,
+        Disconnect::ShuttingDown,
+        Disconnect::HandshakeTimeout,
+        Disconnect::ProtocolViolation,
+        Disconnect::SlowConsumer,
+    ];
+
+    /// The label value.
+    pub fn name(self) -> &'static str {
+        match self {
+            Disconnect::ClientClosed => "client_closed",
+            Disconnect::ReadError => "read_error",
+            Disconnect::WriteError => "write_error",
+            Disconnect::ShuttingDown => "shutting_down",
+            Disconnect::HandshakeTimeout => "handshake_timeout",
+            Disconnect::ProtocolViolation => "protocol_violation",
+            Disconnect::SlowConsumer => "slow_consumer",
+        }
+    }
+}
+
+/// Why a connection was refused when it arrived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    /// `network.max_connections` reached.
+    ConnectionLimit,
+    /// The runtime's queues were full.
+    RuntimeBusy,
+}
+
+impl Rejection {
+    /// Every reason, in counter order.
+    pub const ALL: [Rejection; 2] = [Rejection::ConnectionLimit, Rejection::RuntimeBusy];
+
+    /// The label value.
+    pub fn name(self) -> &'static str {
+        match self {
+            Rejection::ConnectionLimit => "connection_limit",
+            Rejection::RuntimeBusy => "runtime_busy",
+        }
+    }
+}
+
+/// The refusal codes counted one by one; any other counts as `other`.
+pub const REFUSAL_CODES: [ErrorCode; 8] = [
+    ErrorCode::InvalidTopic,
+    ErrorCode::PayloadTooLarge,
+    ErrorCode::InvalidHeader,
+    ErrorCode::InvalidPattern,
+    ErrorCode::InvalidGroup,
+    ErrorCode::TooManySubscriptions,
+    ErrorCode::DuplicateSubscription,
+    ErrorCode::NotPermitted,
+];
+
+/// Counters per refusal code ([`REFUSAL_CODES`], then `other`).
+type ByCode = [AtomicU64; REFUSAL_CODES.len() + 1];
+
+fn code_index(code: ErrorCode) -> usize {
+    REFUSAL_CODES
+        .iter()
+        .position(|c| *c == code)
+        .unwrap_or(REFUSAL_CODES.len())
+}
+
+/// Live counters, shared by every connection. The data path adds to them
+/// once per read batch, not per message.
 #[derive(Debug, Default)]
 pub(crate) struct Stats {
     pub(crate) published: AtomicU64,
     pub(crate) delivered: AtomicU64,
     pub(crate) bytes_in: AtomicU64,
-    pub(crate) refused: AtomicU64,
+    pub(crate) bytes_out: AtomicU64,
+    pub(crate) acked: AtomicU64,
     pub(crate) slow_consumers: AtomicU64,
     pub(crate) subscriptions: AtomicI64,
     pub(crate) connections_active: AtomicI64,
     pub(crate) connections_total: AtomicU64,
-    pub(crate) connections_rejected: AtomicU64,
+    rejected: [AtomicU64; Rejection::ALL.len()],
+    closed: [AtomicU64; Disconnect::ALL.len()],
+    publish_refused: ByCode,
+    subscribe_refused: ByCode,
 }
 
 impl Stats {
-    pub(crate) fn add_routed(&self, published: u64, delivered: u64, bytes_in: u64) {
-        if published > 0 {
-            self.published.fetch_add(published, Ordering::Relaxed);
+    pub(crate) fn add_routed(&self, published: u64, delivered: u64, bytes_in: u64, bytes_out: u64) {
+        for (counter, n) in [
+            (&self.published, published),
+            (&self.delivered, delivered),
+            (&self.bytes_in, bytes_in),
+            (&self.bytes_out, bytes_out),
+        ] {
+            if n > 0 {
+                counter.fetch_add(n, Ordering::Relaxed);
+            }
         }
-        if delivered > 0 {
-            self.delivered.fetch_add(delivered, Ordering::Relaxed);
-        }
-        if bytes_in > 0 {
-            self.bytes_in.fetch_add(bytes_in, Ordering::Relaxed);
-        }
+    }
+
+    pub(crate) fn rejected(&self, why: Rejection) {
+        self.rejected[why as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn closed(&self, why: Disconnect) {
+        self.closed[why as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn publish_refused(&self, code: ErrorCode) {
+        self.publish_refused[code_index(code)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn subscribe_refused(&self, code: ErrorCode) {
+        self.subscribe_refused[code_index(code)].fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn snapshot(&self) -> BrokerStats {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let all = |cs: &[AtomicU64]| cs.iter().map(get).collect::<Vec<u64>>();
+        let by_code = |cs: &ByCode| {
+            REFUSAL_CODES
+                .iter()
+                .map(|c| c.name())
+                .chain(std::iter::once("other"))
+                .zip(all(cs))
+                .collect::<Vec<_>>()
+        };
+        let rejected = all(&self.rejected);
+        let publish_refusals = by_code(&self.publish_refused);
         BrokerStats {
             messages_published: get(&self.published),
             messages_delivered: get(&self.delivered),
             bytes_received: get(&self.bytes_in),
-            publishes_refused: get(&self.refused),
+            bytes_delivered: get(&self.bytes_out),
+            publishes_acknowledged: get(&self.acked),
+            publishes_refused: publish_refusals.iter().map(|(_, n)| n).sum(),
+            publish_refusals,
+            subscribe_refusals: by_code(&self.subscribe_refused),
             slow_consumers: get(&self.slow_consumers),
             subscriptions: self.subscriptions.load(Ordering::Relaxed).max(0) as u64,
+            topics: 0,
+            wildcard_subscriptions: 0,
             connections_active: self.connections_active.load(Ordering::Relaxed).max(0) as u64,
             connections_total: get(&self.connections_total),
-            connections_rejected: get(&self.connections_rejected),
+            connections_rejected: rejected.iter().sum(),
+            rejections: Rejection::ALL
+                .iter()
+                .map(|r| r.name())
+                .zip(rejected)
+                .collect(),
+            disconnects: Disconnect::ALL
+                .iter()
+                .map(|d| d.name())
+                .zip(all(&self.closed))
+                .collect(),
+            uptime: Duration::ZERO,
             runtime: None,
         }
     }
@@ -58,12 +200,24 @@ pub struct BrokerStats {
     pub messages_delivered: u64,
     /// Bytes of PUBLISH frames received from network clients.
     pub bytes_received: u64,
+    /// MESSAGE frame bytes handed to network subscribers.
+    pub bytes_delivered: u64,
+    /// Publishes acknowledged (PUB_ACK sent).
+    pub publishes_acknowledged: u64,
     /// Publishes refused, each answered with its reason.
     pub publishes_refused: u64,
+    /// Publish refusals by reason (error code name), every reason listed.
+    pub publish_refusals: Vec<(&'static str, u64)>,
+    /// Subscribe refusals by reason, every reason listed.
+    pub subscribe_refusals: Vec<(&'static str, u64)>,
     /// Subscribers disconnected because they fell too far behind.
     pub slow_consumers: u64,
     /// Subscriptions active now.
     pub subscriptions: u64,
+    /// Distinct exact topics with at least one subscription now.
+    pub topics: u64,
+    /// Subscriptions with wildcards now.
+    pub wildcard_subscriptions: u64,
     /// Network connections open now.
     pub connections_active: u64,
     /// Network connections accepted since start.
@@ -71,6 +225,12 @@ pub struct BrokerStats {
     /// Connections refused at the connection limit (or with the runtime's
     /// queues full).
     pub connections_rejected: u64,
+    /// Refused connections by reason.
+    pub rejections: Vec<(&'static str, u64)>,
+    /// Closed connections by reason, every reason listed.
+    pub disconnects: Vec<(&'static str, u64)>,
+    /// Time since the broker was made.
+    pub uptime: Duration,
     /// The runtime the broker runs on, when it has one.
     pub runtime: Option<RuntimeStats>,
 }

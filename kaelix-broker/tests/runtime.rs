@@ -32,6 +32,7 @@ fn workers_are_pinned_as_logged() {
         .env("KAELIX_NETWORK_HOST", "127.0.0.1")
         .env("KAELIX_NETWORK_PORT", "0")
         .env("KAELIX_RUNTIME_WORKER_THREADS", "2")
+        .env("KAELIX_TELEMETRY_METRICS_PROMETHEUS_ENABLED", "false")
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
         .stdout(Stdio::piped())

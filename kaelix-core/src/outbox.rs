@@ -12,6 +12,7 @@
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use parking_lot::Mutex;
@@ -53,6 +54,8 @@ pub struct Outbox {
 struct State {
     buf: BytesMut,
     closed: Option<CloseReason>,
+    /// When the oldest byte in `buf` was queued.
+    since: Option<Instant>,
 }
 
 impl Outbox {
@@ -70,6 +73,7 @@ impl Outbox {
                 // Grown on first use: an idle connection holds no buffer.
                 buf: BytesMut::new(),
                 closed: None,
+                since: None,
             }),
             ready: Notify::new(),
             space: Notify::new(),
@@ -92,6 +96,7 @@ impl Outbox {
         }
         write(&mut state.buf);
         if was_empty {
+            state.since = Some(Instant::now());
             Pushed::First
         } else {
             Pushed::More
@@ -108,6 +113,7 @@ impl Outbox {
         }
         if state.buf.is_empty() {
             std::mem::swap(&mut state.buf, data);
+            state.since = Some(Instant::now());
             return Pushed::First;
         }
         if state.buf.len() + data.len() > self.limit() {
@@ -212,13 +218,24 @@ impl Outbox {
     /// The writer loop: sends whatever is queued, one write per swap, until
     /// the outbox is closed and empty. A write error closes the outbox.
     pub async fn write_to<W: AsyncWrite + Unpin>(&self, writer: &mut W) -> io::Result<CloseReason> {
+        self.write_to_timed(writer, |_| {}).await
+    }
+
+    /// As [`write_to`](Self::write_to), telling `on_write` after each write
+    /// how long the oldest of its bytes waited since it was queued: one
+    /// figure per write, not per message.
+    pub async fn write_to_timed<W: AsyncWrite + Unpin>(
+        &self,
+        writer: &mut W,
+        mut on_write: impl FnMut(Duration),
+    ) -> io::Result<CloseReason> {
         let mut spare = BytesMut::new();
         let mut writes: u32 = 0;
         loop {
-            let closed = {
+            let (closed, since) = {
                 let mut state = self.state.lock();
                 std::mem::swap(&mut state.buf, &mut spare);
-                state.closed.clone()
+                (state.closed.clone(), state.since.take())
             };
             if spare.is_empty() {
                 if let Some(reason) = closed {
@@ -231,6 +248,9 @@ impl Outbox {
             if let Err(err) = writer.write_all(&spare).await {
                 self.close(CloseReason::Io(err.to_string()), None);
                 return Err(err);
+            }
+            if let Some(since) = since {
+                on_write(since.elapsed());
             }
             spare.clear();
             self.space.notify_waiters();

@@ -15,13 +15,10 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use clap::Parser;
 use kaelix_broker::{MessageBroker, Server};
-use kaelix_core::config::{
-    config_file, load_annotated, HotReloadManager, HotReloadSettings, Loaded, Override,
-};
+use kaelix_core::config::{config_file, load_annotated, HotReloadSettings, Loaded, Override};
 use kaelix_core::runtime::{HealthMonitor, HealthStatus, OptimizedRuntime, TaskPriority};
 use kaelix_core::MemoryStreamerConfig;
 use tracing_subscriber::layer::SubscriberExt;
@@ -264,7 +261,12 @@ async fn run(
     });
     broker.start().await.map_err(|e| e.to_string())?;
     let reloader = match reload {
-        Some(reload) => Some(watch_config(&broker, reload, config).await?),
+        Some(reload) => Some(
+            broker
+                .watch_config(&reload.file, reload.settings)
+                .await
+                .map_err(|e| e.to_string())?,
+        ),
         None => None,
     };
 
@@ -293,6 +295,17 @@ async fn run(
         Ok(Err(err)) => return Err(format!("cannot listen on {host}:{port}: {err}")),
         Err(_) => return Err("the listener task ended before binding".into()),
     };
+    // Served from this thread's runtime, away from the workers.
+    match broker.serve_metrics() {
+        Ok(Some(metrics)) => println!("kaelix-broker metrics on http://{metrics}/metrics"),
+        Ok(None) => {}
+        Err(err) => {
+            return Err(format!(
+                "{err} (telemetry.metrics.prometheus: set another port, or enabled = false)"
+            ))
+        }
+    }
+    // The last line: supervisors and tests take it as "ready".
     println!("kaelix-broker listening on {addr}");
     let housekeeping = runtime
         .spawn_with_priority(TaskPriority::Background, watch_health(runtime.health()))
@@ -326,41 +339,6 @@ async fn run(
     tracing::info!(stats = %broker.stats(), "stopped");
     runtime.shutdown().await.map_err(|e| e.to_string())?;
     Ok(())
-}
-
-/// Watches the configuration file and applies each change to `broker`.
-async fn watch_config(
-    broker: &MessageBroker,
-    reload: Reload,
-    initial: MemoryStreamerConfig,
-) -> Result<Arc<HotReloadManager>, String> {
-    let manager = HotReloadManager::new(&reload.file, initial, Some(reload.settings))
-        .await
-        .map_err(|e| e.to_string())?;
-    let manager = Arc::new(manager);
-    let mut changes = manager.subscribe();
-    let broker = broker.clone();
-    let latest = Arc::downgrade(&manager);
-    tokio::spawn(async move {
-        use tokio::sync::broadcast::error::RecvError;
-        loop {
-            match changes.recv().await {
-                Ok(change) => {
-                    broker.reconfigure(&change.new_config);
-                }
-                // Fell behind: the latest configuration is what counts.
-                Err(RecvError::Lagged(_)) => {
-                    let Some(manager) = latest.upgrade() else {
-                        return;
-                    };
-                    let latest = manager.current_config().await;
-                    broker.reconfigure(&latest);
-                }
-                Err(RecvError::Closed) => return,
-            }
-        }
-    });
-    Ok(manager)
 }
 
 /// Background housekeeping: logs each change of the runtime's health, with

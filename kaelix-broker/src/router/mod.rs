@@ -133,6 +133,11 @@ impl Router {
         }
     }
 
+    /// Distinct exact topics subscribed to, and wildcard subscriptions.
+    pub(crate) fn counts(&self) -> (usize, usize) {
+        self.subs.read().counts()
+    }
+
     /// Every subscription; for shutdown.
     pub(crate) fn all(&self) -> Vec<Arc<Subscriber>> {
         self.subs.read().all()
@@ -295,6 +300,8 @@ pub(crate) struct Batch {
     published: u64,
     delivered: u64,
     bytes_in: u64,
+    /// MESSAGE frame bytes handed to network subscribers' outboxes.
+    bytes_out: u64,
 }
 
 impl Batch {
@@ -309,6 +316,7 @@ impl Batch {
             published: 0,
             delivered: 0,
             bytes_in: 0,
+            bytes_out: 0,
         }
     }
 
@@ -404,9 +412,13 @@ impl Batch {
     /// went from empty to non-empty, and publishes the counts.
     pub(crate) fn finish(&mut self) {
         for mut staged in self.staged.drain(..) {
+            let bytes = staged.frames.len() as u64;
             match staged.outbox.append(&mut staged.frames) {
-                Pushed::First => staged.outbox.wake(),
-                Pushed::More => {}
+                Pushed::First => {
+                    staged.outbox.wake();
+                    self.bytes_out += bytes;
+                }
+                Pushed::More => self.bytes_out += bytes,
                 Pushed::Full => {
                     slow_consumer_net(&staged.outbox, &self.stats);
                     self.delivered -= staged.count;
@@ -431,11 +443,16 @@ impl Batch {
             }
         }
         self.local_index.clear();
-        self.stats
-            .add_routed(self.published, self.delivered, self.bytes_in);
+        self.stats.add_routed(
+            self.published,
+            self.delivered,
+            self.bytes_in,
+            self.bytes_out,
+        );
         self.published = 0;
         self.delivered = 0;
         self.bytes_in = 0;
+        self.bytes_out = 0;
     }
 }
 

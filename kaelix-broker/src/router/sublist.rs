@@ -90,6 +90,11 @@ impl Sublist {
         }
     }
 
+    /// Distinct exact topics subscribed to, and subscriptions with wildcards.
+    pub(crate) fn counts(&self) -> (usize, usize) {
+        (self.exact.len(), self.wildcards)
+    }
+
     /// Every subscription, in no particular order.
     pub(crate) fn all(&self) -> Vec<Arc<Subscriber>> {
         fn walk(node: &Node, out: &mut Vec<Arc<Subscriber>>) {

@@ -19,6 +19,8 @@ use tokio::net::TcpStream;
 pub struct BrokerProcess {
     pub child: Child,
     pub addr: SocketAddr,
+    /// Where it serves /metrics and /healthz, when it does.
+    pub metrics: Option<SocketAddr>,
     /// Its log lines, when started with [`BrokerProcess::start_in`].
     pub log: Arc<Mutex<Vec<String>>>,
 }
@@ -32,6 +34,8 @@ impl BrokerProcess {
         cmd.current_dir(dir)
             .env("KAELIX_NETWORK_HOST", "127.0.0.1")
             .env("KAELIX_NETWORK_PORT", "0")
+            .env("KAELIX_TELEMETRY_METRICS_PROMETHEUS_HOST", "127.0.0.1")
+            .env("KAELIX_TELEMETRY_METRICS_PROMETHEUS_PORT", "0")
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
@@ -48,6 +52,8 @@ impl BrokerProcess {
         cmd.current_dir(dir)
             .args(args)
             .env_remove("RUST_LOG")
+            .env("KAELIX_TELEMETRY_METRICS_PROMETHEUS_HOST", "127.0.0.1")
+            .env("KAELIX_TELEMETRY_METRICS_PROMETHEUS_PORT", "0")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         for (k, v) in env {
@@ -71,22 +77,68 @@ impl BrokerProcess {
         let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            if let Some(Ok(line)) = lines.next() {
-                let _ = tx.send(line);
+            // Up to the "listening on" line, which comes last.
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
             }
-            // Keep draining so the broker never blocks on a full pipe.
-            for _ in lines {}
         });
-        let line = rx
-            .recv_timeout(Duration::from_secs(20))
-            .expect("the broker prints where it listens");
-        let addr = line
-            .rsplit("listening on ")
-            .next()
-            .and_then(|a| a.trim().parse().ok())
-            .unwrap_or_else(|| panic!("unexpected first line: {line:?}"));
-        BrokerProcess { child, addr, log }
+        let mut metrics = None;
+        let addr = loop {
+            let line = rx
+                .recv_timeout(Duration::from_secs(20))
+                .expect("the broker prints where it listens");
+            let addr_after = |marker: &str| {
+                line.split(marker)
+                    .nth(1)
+                    .map(|rest| rest.trim().trim_end_matches("/metrics").to_string())
+            };
+            if let Some(addr) = addr_after("metrics on http://") {
+                metrics = Some(addr.parse().expect("metrics address"));
+            } else if let Some(addr) = addr_after("listening on ") {
+                break addr.parse().expect("listen address");
+            } else {
+                panic!("unexpected line: {line:?}");
+            }
+        };
+        // Keep draining so the broker never blocks on a full pipe.
+        std::thread::spawn(move || for _ in rx {});
+        BrokerProcess {
+            child,
+            addr,
+            metrics,
+            log,
+        }
+    }
+
+    /// `GET path` on the metrics endpoint: the status code and the body.
+    pub fn http_get(&self, path: &str) -> (u16, String) {
+        use std::io::{Read, Write};
+        let addr = self.metrics.expect("the broker serves metrics");
+        let mut stream = std::net::TcpStream::connect(addr).expect("connect to /metrics");
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .expect("a status code");
+        let body = if head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked")
+        {
+            dechunk(body)
+        } else {
+            body.to_string()
+        };
+        (status, body)
     }
 
     /// Waits until a log line contains every one of `parts`; returns it.
@@ -227,4 +279,18 @@ impl RawClient {
         .await
         .expect("the broker answers within 10 s")
     }
+}
+
+/// The body of a chunked HTTP response.
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let size = usize::from_str_radix(size.trim(), 16).expect("a chunk size");
+        if size == 0 {
+            break;
+        }
+        out.push_str(&rest[..size]);
+        body = &rest[size + 2..];
+    }
+    out
 }

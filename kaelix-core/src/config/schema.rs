@@ -108,6 +108,9 @@ impl Default for TelemetryConfig {
 pub struct MetricsConfig {
     /// Collect metrics at all.
     pub enabled: bool,
+    /// Upper bounds of the publish-to-delivery latency histogram's
+    /// buckets, in microseconds, increasing.
+    pub delivery_latency_buckets_us: Vec<u64>,
     pub prometheus: PrometheusConfig,
 }
 
@@ -115,6 +118,9 @@ impl Default for MetricsConfig {
     fn default() -> Self {
         MetricsConfig {
             enabled: true,
+            delivery_latency_buckets_us: vec![
+                10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 100_000, 1_000_000,
+            ],
             prometheus: PrometheusConfig::default(),
         }
     }

@@ -126,6 +126,13 @@ impl ConfigValidator {
                 "must name a level (error, warn, info, debug, trace) or a filter".into(),
             );
         }
+        let buckets = &config.telemetry.metrics.delivery_latency_buckets_us;
+        if buckets.is_empty() || buckets.windows(2).any(|w| w[0] >= w[1]) || buckets[0] == 0 {
+            bad(
+                "telemetry.metrics.delivery_latency_buckets_us",
+                format!("must be a non-empty list of increasing positive numbers, not {buckets:?}"),
+            );
+        }
         let prometheus = &config.telemetry.metrics.prometheus;
         if prometheus.host.trim().is_empty() || prometheus.host.contains(char::is_whitespace) {
             bad(

@@ -231,8 +231,9 @@ impl fmt::Display for RuntimeMetrics {
     }
 }
 
-/// Resident set size of this process, from /proc/self/statm.
-fn process_rss() -> Option<u64> {
+/// Resident set size of this process in bytes, from /proc/self/statm;
+/// `None` where the OS does not tell.
+pub fn process_rss() -> Option<u64> {
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
     let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
     // SAFETY: sysconf has no preconditions.

@@ -52,7 +52,7 @@ use crate::error::{Error, Result};
 use scheduler::{Shared, TaskMeta, Worker};
 
 pub use health::{HealthMetrics, HealthMonitor, HealthReport, HealthStatus};
-pub use metrics::{DelaySummary, RuntimeMetrics, WorkerMetrics};
+pub use metrics::{process_rss, DelaySummary, RuntimeMetrics, WorkerMetrics};
 pub use topology::{CpuSet, Topology, TopologySource, WorkerPlacement};
 
 /// How urgent a task is.
