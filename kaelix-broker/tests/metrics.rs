@@ -283,4 +283,17 @@ fn the_endpoint_follows_reloads() {
         text.contains("kaelix_config_reloads_total{result=\"applied\"} 2"),
         "{text}"
     );
+
+    // Buckets are fixed when the histogram is made: a restart key.
+    write_config(
+        &file,
+        &format!("{base}[telemetry.metrics]\ndelivery_latency_buckets_us = [5, 50]\n"),
+    );
+    broker.wait_for_log(
+        &[
+            "needs a restart",
+            "telemetry.metrics.delivery_latency_buckets_us",
+        ],
+        WAIT,
+    );
 }

@@ -339,7 +339,11 @@ impl MessageBroker {
         let broker = Arc::downgrade(&self.inner);
         self.on_reconfigure(
             "metrics endpoint",
-            &["telemetry.enabled", "telemetry.metrics"],
+            &[
+                "telemetry.enabled",
+                "telemetry.metrics.enabled",
+                "telemetry.metrics.prometheus",
+            ],
             move |config| {
                 let Some(inner) = broker.upgrade() else {
                     return Ok(());
