@@ -59,6 +59,8 @@ pub(crate) struct Inner {
     pub(crate) runtime: OnceLock<Handle>,
     /// When the broker was made, for its uptime.
     pub(crate) started: std::time::Instant,
+    /// The id of the next network connection, for the logs.
+    pub(crate) next_conn: AtomicU64,
     /// Its metrics recorder and latency histogram.
     pub(crate) metrics: Metrics,
     /// The metrics endpoint, while one is serving.
@@ -94,6 +96,7 @@ impl MessageBroker {
                 tasks: TaskTracker::new(),
                 runtime: OnceLock::new(),
                 started: std::time::Instant::now(),
+                next_conn: AtomicU64::new(1),
                 metrics: Metrics::new(&config),
                 endpoint: parking_lot::Mutex::new(None),
                 reloader: OnceLock::new(),

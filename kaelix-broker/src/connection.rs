@@ -20,7 +20,7 @@ use foldhash::HashMap;
 use kaelix_core::outbox::{Outbox, Pushed};
 use kaelix_core::protocol::decode::PublishRef;
 use kaelix_core::protocol::{
-    self, ErrorCode, ErrorFrame, Frame, Nack, Peek, ProtocolError, Subscribe, Welcome,
+    self, ErrorCode, ErrorFrame, Frame, Nack, Peek, ProtocolError, StatsReply, Subscribe, Welcome,
 };
 use kaelix_core::runtime::TaskPriority;
 use kaelix_core::topic::check_group;
@@ -119,6 +119,8 @@ impl fmt::Display for Exit {
 
 /// Serves one accepted connection to its end.
 pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, broker: Arc<Inner>) {
+    // Every log line of this connection carries its id and peer.
+    let id = broker.next_conn.fetch_add(1, Ordering::Relaxed);
     let _ = stream.set_nodelay(true);
     let (mut rd, mut wr) = stream.into_split();
     // The configuration as the connection opens: its frame limit, read
@@ -143,7 +145,7 @@ pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, broker: Arc<Inner
         Ok(writer) => writer,
         Err(err) => {
             broker.stats.rejected(Rejection::RuntimeBusy);
-            tracing::warn!(%peer, error = %err, "connection refused");
+            tracing::warn!(conn = id, %peer, error = %err, "connection refused");
             return;
         }
     };
@@ -165,6 +167,8 @@ pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, broker: Arc<Inner
         client: String::new(),
         config,
         acks: 0,
+        id,
+        peer,
     };
     let exit = conn.run(&mut rd).await;
     conn.unsubscribe_all();
@@ -183,9 +187,11 @@ pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, broker: Arc<Inner
     broker.stats.closed(exit.disconnect());
     match &exit {
         Exit::Protocol(_) | Exit::HandshakeTimeout(_) => {
-            tracing::warn!(%peer, client = %conn.client, reason = %exit, "connection closed")
+            tracing::warn!(conn = id, %peer, client = ?conn.client, reason = %exit, "connection closed")
         }
-        _ => tracing::debug!(%peer, client = %conn.client, reason = %exit, "connection closed"),
+        _ => {
+            tracing::debug!(conn = id, %peer, client = ?conn.client, reason = %exit, "connection closed")
+        }
     }
 }
 
@@ -199,6 +205,9 @@ struct Connection {
     config: Arc<MemoryStreamerConfig>,
     /// PUB_ACKs queued in this read batch, counted once per batch.
     acks: u64,
+    /// For the logs.
+    id: u64,
+    peer: SocketAddr,
 }
 
 impl Connection {
@@ -267,6 +276,9 @@ impl Connection {
             }));
         }
         self.client = hello.client_name;
+        // Debug-formatted: a client name is the client's text, and must not
+        // be able to forge log lines.
+        tracing::debug!(conn = self.id, peer = %self.peer, client = ?self.client, version, "connection opened");
         let welcome = Frame::Welcome(Welcome {
             version,
             server_name: "kaelix-broker".into(),
@@ -340,6 +352,13 @@ impl Connection {
                 Ok(false)
             }
             Frame::Ping(token) => Ok(self.reply(&Frame::Pong(token))),
+            Frame::Stats(token) => {
+                let broker = crate::MessageBroker {
+                    inner: self.broker.clone(),
+                };
+                let json = broker.stats().to_json(&broker.health()).to_string();
+                Ok(self.reply(&Frame::StatsReply(StatsReply { token, json })))
+            }
             Frame::Pong(_) => Ok(false),
             other => Err(Exit::Protocol(ProtocolError::Unexpected {
                 frame: other.name(),

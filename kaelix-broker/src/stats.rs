@@ -246,26 +246,104 @@ pub struct RuntimeStats {
     pub health: HealthStatus,
 }
 
+impl BrokerStats {
+    /// The statistics as one JSON object, as STATS_REPLY carries them and
+    /// `kaelix stats --json` prints them.
+    pub fn to_json(&self, health: &crate::BrokerHealth) -> serde_json::Value {
+        let map = |pairs: &[(&'static str, u64)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_string(), serde_json::Value::from(*v)))
+                .collect::<serde_json::Map<_, _>>()
+        };
+        serde_json::json!({
+            "server": "kaelix-broker",
+            "version": env!("CARGO_PKG_VERSION"),
+            "uptime_seconds": self.uptime.as_secs_f64(),
+            "health": { "status": health.status.name(), "reason": health.reason },
+            "connections": {
+                "active": self.connections_active,
+                "accepted": self.connections_total,
+                "rejected": map(&self.rejections),
+                "closed": map(&self.disconnects),
+            },
+            "subscriptions": self.subscriptions,
+            "topics": self.topics,
+            "wildcard_subscriptions": self.wildcard_subscriptions,
+            "messages": {
+                "published": self.messages_published,
+                "delivered": self.messages_delivered,
+            },
+            "bytes": { "received": self.bytes_received, "delivered": self.bytes_delivered },
+            "publishes": {
+                "acknowledged": self.publishes_acknowledged,
+                "refused": map(&self.publish_refusals),
+            },
+            "subscribe_refusals": map(&self.subscribe_refusals),
+            "slow_consumers": self.slow_consumers,
+            "runtime": self.runtime.as_ref().map(|r| serde_json::json!({
+                "workers": r.workers,
+                "placement": r.placement,
+                "health": r.health.name(),
+            })),
+        })
+    }
+}
+
+/// `1.2 k`, `3.4 M`: a count for people.
+pub fn human(n: f64) -> String {
+    match n {
+        n if n >= 1e9 => format!("{:.1} G", n / 1e9),
+        n if n >= 1e6 => format!("{:.1} M", n / 1e6),
+        n if n >= 1e4 => format!("{:.1} k", n / 1e3),
+        n if n.fract() == 0.0 => format!("{n}"),
+        n => format!("{n:.1}"),
+    }
+}
+
+/// `1h02m03s`, `4.0s`: a duration for people.
+pub fn duration(d: Duration) -> String {
+    let s = d.as_secs();
+    match (s / 3600, s / 60 % 60, s % 60) {
+        (0, 0, _) => format!("{:.1}s", d.as_secs_f64()),
+        (0, m, s) => format!("{m}m{s:02}s"),
+        (h, m, s) => format!("{h}h{m:02}m{s:02}s"),
+    }
+}
+
+/// One readable line: uptime, connections, subscriptions and topics,
+/// messages and bytes with their average rates since start, refusals and
+/// drops, and the runtime's placement and health.
 impl fmt::Display for BrokerStats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let secs = self.uptime.as_secs_f64().max(1e-3);
+        let rate = |n: u64| human(n as f64 / secs);
         write!(
             f,
-            "published={} delivered={} bytes_received={} refused={} slow_consumers={} \
-             subscriptions={} connections={} connections_total={} connections_rejected={}",
-            self.messages_published,
-            self.messages_delivered,
-            self.bytes_received,
+            "up {}, {} connections ({} accepted, {} rejected), {} subscriptions on {} topics \
+             (+{} wildcard), {} published ({}/s), {} delivered ({}/s), {}B in, {}B out, \
+             {} acknowledged, {} refused, {} slow consumers",
+            duration(self.uptime),
+            self.connections_active,
+            human(self.connections_total as f64),
+            self.connections_rejected,
+            self.subscriptions,
+            self.topics,
+            self.wildcard_subscriptions,
+            human(self.messages_published as f64),
+            rate(self.messages_published),
+            human(self.messages_delivered as f64),
+            rate(self.messages_delivered),
+            human(self.bytes_received as f64),
+            human(self.bytes_delivered as f64),
+            human(self.publishes_acknowledged as f64),
             self.publishes_refused,
             self.slow_consumers,
-            self.subscriptions,
-            self.connections_active,
-            self.connections_total,
-            self.connections_rejected,
         )?;
         if let Some(runtime) = &self.runtime {
             write!(
                 f,
-                " workers={} placement={} health={}",
+                ", {} workers ({}), health {}",
                 runtime.workers, runtime.placement, runtime.health
             )?;
         }

@@ -133,3 +133,43 @@ fn wait(child: &mut std::process::Child, limit: Duration) -> std::process::ExitS
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+#[test]
+fn stats_prints_a_summary_and_json_with_rates() {
+    let broker = BrokerProcess::start(&[]);
+    let out = kaelix(&broker)
+        .args(["pub", "stats.demo", "x", "--count", "3"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+
+    let out = kaelix(&broker)
+        .args(["stats", "--interval", "0"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    for part in [
+        "kaelix-broker ",
+        "health        ",
+        "connections   1 open, 2 accepted",
+        "closed        1 (client_closed 1)",
+        "messages      3 published",
+        "runtime       ",
+    ] {
+        assert!(text.contains(part), "{part:?} missing from\n{text}");
+    }
+
+    let out = kaelix(&broker)
+        .args(["stats", "--json", "--interval", "0.2"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["messages"]["published"], 3);
+    assert_eq!(json["publishes"]["refused"]["payload-too-large"], 0);
+    assert_eq!(json["connections"]["accepted"], 3);
+    assert!(json["health"]["status"].is_string());
+    assert_eq!(json["rates"]["over_seconds"], 0.2);
+    assert_eq!(json["rates"]["published_per_second"], 0.0);
+}

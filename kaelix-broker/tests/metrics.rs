@@ -137,7 +137,7 @@ fn the_exposition_passes_promtool_where_it_is_installed() {
     if !has_promtool {
         // CI installs promtool and sets this, so there the check must run.
         assert!(
-            std::env::var_os("KAELIX_TEST_REQUIRE_PROMTOOL").is_none(),
+            std::env::var_os("REQUIRE_PROMTOOL").is_none(),
             "promtool is required here but not installed"
         );
         eprintln!("promtool not installed: skipping `promtool check metrics`");

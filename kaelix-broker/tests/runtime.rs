@@ -127,7 +127,7 @@ async fn an_embedded_broker_serves_on_the_runtime_it_is_given() {
     let stats = broker.stats();
     let rt = stats.runtime.clone().expect("runtime stats");
     assert_eq!(rt.workers, 2);
-    assert!(stats.to_string().contains("placement=w0:cpu"), "{stats}");
+    assert!(stats.to_string().contains("2 workers (w0:cpu"), "{stats}");
     // Connection tasks ran on the runtime, at High priority.
     let metrics = runtime.metrics();
     assert!(metrics.scheduling_delay(TaskPriority::High).count > 0);

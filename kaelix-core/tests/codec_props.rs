@@ -74,6 +74,10 @@ fn frame() -> impl Strategy<Value = Frame> {
         }),
         any::<u64>().prop_map(Frame::Ping),
         any::<u64>().prop_map(Frame::Pong),
+        any::<u64>().prop_map(Frame::Stats),
+        (any::<u64>(), ".{0,200}").prop_map(|(token, json)| Frame::StatsReply(
+            kaelix_core::protocol::StatsReply { token, json }
+        )),
         (code(), text(200)).prop_map(|(code, reason)| Frame::Error(ErrorFrame { code, reason })),
         (any::<u64>(), any::<bool>(), body())
             .prop_map(|(seq, ack, body)| Frame::Publish(Publish { seq, ack, body })),

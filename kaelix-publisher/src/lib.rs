@@ -58,7 +58,9 @@ struct Inner {
 struct State {
     acks: HashMap<u64, oneshot::Sender<Result<()>>>,
     pongs: HashMap<u64, oneshot::Sender<()>>,
-    /// Refusals of fire-and-forget sends since the last flush.
+    stats: HashMap<u64, oneshot::Sender<String>>,
+    /// The first refusal of a fire-and-forget send since the last flush
+    /// (the one `flush` returns; later ones are logged, not kept).
     refused: Vec<Error>,
     closed: Option<CloseReason>,
 }
@@ -320,6 +322,30 @@ impl Publisher {
         }
     }
 
+    /// The broker's statistics, as the JSON object `kaelix stats --json`
+    /// prints (its fields are listed in `docs/protocol.md`).
+    pub async fn server_stats(&self) -> Result<String> {
+        let token = self.inner.next_seq.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut state = self.inner.state.lock();
+            if let Some(reason) = &state.closed {
+                return Err(Error::Closed(reason.clone()));
+            }
+            state.stats.insert(token, tx);
+        }
+        let ask = Frame::Stats(token);
+        if self
+            .inner
+            .outbox
+            .push_now(HEADER_LEN + 8, |b| ask.encode(b))
+            == Pushed::Closed
+        {
+            return Err(self.closed_error());
+        }
+        rx.await.map_err(|_| self.closed_error())
+    }
+
     /// Flushes, then closes the connection.
     pub async fn close(&self) -> Result<()> {
         let flushed = self.flush().await;
@@ -368,7 +394,9 @@ async fn read_loop(mut reader: FrameReader, inner: Arc<Inner>) {
                             }
                             None => {
                                 tracing::warn!(error = %err, "a sent message was refused");
-                                state.refused.push(err);
+                                if state.refused.is_empty() {
+                                    state.refused.push(err);
+                                }
                             }
                         }
                     }
@@ -378,6 +406,11 @@ async fn read_loop(mut reader: FrameReader, inner: Arc<Inner>) {
                         }
                     }
                     Frame::Ping(token) => pong_needed.push(token),
+                    Frame::StatsReply(reply) => {
+                        if let Some(tx) = state.stats.remove(&reply.token) {
+                            let _ = tx.send(reply.json);
+                        }
+                    }
                     Frame::Error(e) => {
                         error = Some(CloseReason::Server {
                             code: e.code,
@@ -412,6 +445,7 @@ async fn read_loop(mut reader: FrameReader, inner: Arc<Inner>) {
         let _ = tx.send(Err(Error::Closed(reason.clone())));
     }
     state.pongs.clear();
+    state.stats.clear();
     drop(state);
     inner.outbox.close(reason, None);
 }

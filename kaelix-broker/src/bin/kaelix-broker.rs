@@ -18,6 +18,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use kaelix_broker::{MessageBroker, Server};
+use kaelix_core::config::LogFormat;
 use kaelix_core::config::{config_file, load_annotated, HotReloadSettings, Loaded, Override};
 use kaelix_core::runtime::{HealthMonitor, HealthStatus, OptimizedRuntime, TaskPriority};
 use kaelix_core::MemoryStreamerConfig;
@@ -222,13 +223,20 @@ fn init_logging(config: &MemoryStreamerConfig) -> Logging {
         .or_else(|_| EnvFilter::try_new(&config.telemetry.logging.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let (filter, handle) = reload::Layer::new(filter);
+    let json = config.telemetry.logging.format == LogFormat::Json;
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::registry()
         .with(filter)
-        .with(
+        .with((!json).then(|| {
             tracing_subscriber::fmt::layer()
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-                .with_writer(std::io::stderr),
-        )
+                .with_ansi(ansi)
+                .with_writer(std::io::stderr)
+        }))
+        .with(json.then(|| {
+            tracing_subscriber::fmt::layer()
+                .json()
+                .with_writer(std::io::stderr)
+        }))
         .init();
     Logging {
         filter: handle,

@@ -3,12 +3,14 @@
 //! ```text
 //! kaelix sub 'events.>'                 # one line per message: topic, then payload
 //! kaelix pub events.user.signup alice   # exits once the broker acknowledged it
+//! kaelix stats [--json]                 # the broker's statistics and rates
 //! ```
 
 use std::io::Write;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use kaelix_broker::stats::{duration, human};
 use kaelix_consumer::Consumer;
 use kaelix_publisher::Publisher;
 
@@ -58,6 +60,17 @@ enum Command {
         #[arg(long, short = 'n')]
         count: Option<u64>,
     },
+    /// Print the broker's statistics: uptime, health, connections,
+    /// subscriptions and topics, message and byte rates, refusals, drops.
+    Stats {
+        /// Print the broker's JSON (with the measured rates added) instead.
+        #[arg(long)]
+        json: bool,
+        /// Seconds between the two samples the rates are measured over;
+        /// 0 takes one sample and gives averages since the broker started.
+        #[arg(long, default_value_t = 1.0)]
+        interval: f64,
+    },
 }
 
 fn server_addr(server: &str) -> String {
@@ -85,6 +98,7 @@ async fn main() -> ExitCode {
             queue,
             count,
         } => subscribe(&server, &pattern, queue.as_deref(), count).await,
+        Command::Stats { json, interval } => stats(&server, json, interval).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -161,4 +175,184 @@ async fn subscribe(
     }
     let _ = out.flush();
     Ok(())
+}
+
+async fn stats(server: &str, json: bool, interval: f64) -> Result<(), String> {
+    if !(0.0..=3600.0).contains(&interval) {
+        return Err(format!(
+            "--interval must be 0 to 3600 seconds, not {interval}"
+        ));
+    }
+    let client = Publisher::connect(server)
+        .await
+        .map_err(|e| format!("cannot connect to {server}: {e}"))?;
+    let sample = || async {
+        let text = client.server_stats().await.map_err(|e| e.to_string())?;
+        serde_json::from_str::<serde_json::Value>(&text)
+            .map_err(|e| format!("the broker's statistics are not JSON: {e}"))
+    };
+    let first = sample().await?;
+    let (mut last, seconds) = if interval > 0.0 {
+        tokio::time::sleep(std::time::Duration::from_secs_f64(interval)).await;
+        (sample().await?, interval)
+    } else {
+        let up = first["uptime_seconds"].as_f64().unwrap_or(0.0);
+        (first.clone(), up)
+    };
+    let _ = client.close().await;
+    let count = |v: &serde_json::Value, path: &[&str]| {
+        path.iter().fold(v, |v, k| &v[*k]).as_u64().unwrap_or(0)
+    };
+    let rate = |path: &[&str]| {
+        let base = if interval > 0.0 {
+            count(&first, path)
+        } else {
+            0
+        };
+        count(&last, path).saturating_sub(base) as f64 / seconds.max(1e-3)
+    };
+    let rates = serde_json::json!({
+        "over_seconds": seconds,
+        "published_per_second": rate(&["messages", "published"]),
+        "delivered_per_second": rate(&["messages", "delivered"]),
+        "bytes_received_per_second": rate(&["bytes", "received"]),
+        "bytes_delivered_per_second": rate(&["bytes", "delivered"]),
+    });
+    if json {
+        last["rates"] = rates;
+        println!("{last}");
+        return Ok(());
+    }
+    print!("{}", summary(server, &last, &rates));
+    Ok(())
+}
+
+/// The statistics for people, one topic per line.
+fn summary(server: &str, s: &serde_json::Value, rates: &serde_json::Value) -> String {
+    let n = |v: &serde_json::Value| human(v.as_f64().unwrap_or(0.0));
+    // `reason count, ...` for the non-zero entries of an object.
+    let reasons = |v: &serde_json::Value| {
+        let parts: Vec<String> = v
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(_, c)| c.as_u64().unwrap_or(0) > 0)
+            .map(|(k, c)| format!("{k} {c}"))
+            .collect();
+        if parts.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", parts.join(", "))
+        }
+    };
+    let sum = |v: &serde_json::Value| -> u64 {
+        v.as_object()
+            .into_iter()
+            .flatten()
+            .filter_map(|(_, c)| c.as_u64())
+            .sum()
+    };
+    let uptime = std::time::Duration::from_secs_f64(s["uptime_seconds"].as_f64().unwrap_or(0.0));
+    let mut out = format!(
+        "{} {} at {server}, up {}\n",
+        s["server"].as_str().unwrap_or("broker"),
+        s["version"].as_str().unwrap_or(""),
+        duration(uptime),
+    );
+    let line = |out: &mut String, label: &str, text: String| {
+        out.push_str(&format!("{label:<14}{text}\n"));
+    };
+    line(
+        &mut out,
+        "health",
+        format!(
+            "{} ({})",
+            s["health"]["status"].as_str().unwrap_or("unknown"),
+            s["health"]["reason"].as_str().unwrap_or("")
+        ),
+    );
+    let c = &s["connections"];
+    line(
+        &mut out,
+        "connections",
+        format!(
+            "{} open, {} accepted, {} rejected{}",
+            n(&c["active"]),
+            n(&c["accepted"]),
+            sum(&c["rejected"]),
+            reasons(&c["rejected"])
+        ),
+    );
+    line(
+        &mut out,
+        "closed",
+        format!("{}{}", sum(&c["closed"]), reasons(&c["closed"])),
+    );
+    line(
+        &mut out,
+        "subscriptions",
+        format!(
+            "{} on {} topics, {} with wildcards",
+            n(&s["subscriptions"]),
+            n(&s["topics"]),
+            n(&s["wildcard_subscriptions"])
+        ),
+    );
+    let over = rates["over_seconds"].as_f64().unwrap_or(0.0);
+    line(
+        &mut out,
+        "messages",
+        format!(
+            "{} published ({}/s), {} delivered ({}/s)",
+            n(&s["messages"]["published"]),
+            n(&rates["published_per_second"]),
+            n(&s["messages"]["delivered"]),
+            n(&rates["delivered_per_second"]),
+        ),
+    );
+    line(
+        &mut out,
+        "bytes",
+        format!(
+            "{}B received ({}B/s), {}B delivered ({}B/s)",
+            n(&s["bytes"]["received"]),
+            n(&rates["bytes_received_per_second"]),
+            n(&s["bytes"]["delivered"]),
+            n(&rates["bytes_delivered_per_second"]),
+        ),
+    );
+    let p = &s["publishes"];
+    line(
+        &mut out,
+        "publishes",
+        format!(
+            "{} acknowledged, {} refused{}; {} subscriptions refused{}",
+            n(&p["acknowledged"]),
+            sum(&p["refused"]),
+            reasons(&p["refused"]),
+            sum(&s["subscribe_refusals"]),
+            reasons(&s["subscribe_refusals"])
+        ),
+    );
+    line(
+        &mut out,
+        "drops",
+        format!("{} slow consumers disconnected", n(&s["slow_consumers"])),
+    );
+    if let Some(runtime) = s["runtime"].as_object() {
+        line(
+            &mut out,
+            "runtime",
+            format!(
+                "{} workers ({})",
+                runtime["workers"],
+                runtime["placement"].as_str().unwrap_or("")
+            ),
+        );
+    }
+    out.push_str(&format!(
+        "rates over the last {}\n",
+        duration(std::time::Duration::from_secs_f64(over))
+    ));
+    out
 }

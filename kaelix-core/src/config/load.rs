@@ -19,6 +19,11 @@ use super::validate::ConfigValidator;
 pub const ENV_PREFIX: &str = "KAELIX_";
 
 const ENV_ORIGIN: &str = "environment variable";
+
+/// `KAELIX_*` variables that belong to the clients, not to the broker's
+/// configuration: `KAELIX_SERVER` is the address the `kaelix` command and
+/// the examples connect to.
+pub const CLIENT_VARS: &[&str] = &["KAELIX_SERVER"];
 const FLAG_ORIGIN: &str = "command-line flag";
 
 /// The configuration could not be loaded.
@@ -220,6 +225,7 @@ impl EnvVars {
     ) -> Self {
         let values = vars
             .into_iter()
+            .filter(|(name, _)| !CLIENT_VARS.contains(&name.as_str()))
             .filter_map(|(name, value)| {
                 let rest = name.strip_prefix(ENV_PREFIX)?.to_ascii_lowercase();
                 (!rest.is_empty()).then(|| (key_path(sections, &rest), name, value))
@@ -393,6 +399,7 @@ mod tests {
                 ("KAELIX_RUNTIME_WORKER_THREADS", "3"),
                 ("KAELIX_TELEMETRY_LOGGING_LEVEL", "debug"),
                 ("OTHER_VAR", "x"),
+                ("KAELIX_SERVER", "elsewhere:8080"),
             ]),
         )
         .unwrap();

@@ -24,7 +24,7 @@ pub use reload::{
     changed_keys, with_values_from, ConfigChange, HotReloadManager, HotReloadSettings, ReloadStats,
 };
 pub use schema::{
-    LimitsConfig, LoggingConfig, MemoryStreamerConfig, MetricsConfig, NetworkConfig,
+    LimitsConfig, LogFormat, LoggingConfig, MemoryStreamerConfig, MetricsConfig, NetworkConfig,
     PrometheusConfig, RuntimeSection, SecurityConfig, TelemetryConfig, TlsConfig,
 };
 pub use validate::{ConfigValidator, ConfigWarning, Problem};

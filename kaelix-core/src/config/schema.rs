@@ -155,14 +155,29 @@ pub struct LoggingConfig {
     /// `error`, `warn`, `info`, `debug` or `trace`, or a full filter such as
     /// `info,kaelix_broker=debug`. `RUST_LOG`, when set, wins.
     pub level: String,
+    /// `text` (one readable line per event) or `json` (one JSON object per
+    /// line, for log collectors).
+    pub format: LogFormat,
 }
 
 impl Default for LoggingConfig {
     fn default() -> Self {
         LoggingConfig {
             level: "info".into(),
+            format: LogFormat::Text,
         }
     }
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One readable line per event.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// `[security]`.

@@ -176,6 +176,11 @@ fn parse(frame: Bytes) -> Result<Frame, ProtocolError> {
         }),
         opcode::PING => Frame::Ping(r.u64("token")?),
         opcode::PONG => Frame::Pong(r.u64("token")?),
+        opcode::STATS => Frame::Stats(r.u64("token")?),
+        opcode::STATS_REPLY => Frame::StatsReply(StatsReply {
+            token: r.u64("token")?,
+            json: r.str16("json")?,
+        }),
         opcode::ERROR => Frame::Error(ErrorFrame {
             code: ErrorCode::from_u16(r.u16("code")?),
             reason: r.str16("reason")?,
@@ -321,6 +326,8 @@ fn opcode_name(op: u8) -> Option<&'static str> {
         opcode::WELCOME => "WELCOME",
         opcode::PING => "PING",
         opcode::PONG => "PONG",
+        opcode::STATS => "STATS",
+        opcode::STATS_REPLY => "STATS_REPLY",
         opcode::ERROR => "ERROR",
         opcode::PUBLISH => "PUBLISH",
         opcode::PUB_ACK => "PUB_ACK",

@@ -33,6 +33,11 @@ impl Frame {
             }),
             Frame::Ping(token) => with_header(buf, opcode::PING, 0, |b| b.put_u64(*token)),
             Frame::Pong(token) => with_header(buf, opcode::PONG, 0, |b| b.put_u64(*token)),
+            Frame::Stats(token) => with_header(buf, opcode::STATS, 0, |b| b.put_u64(*token)),
+            Frame::StatsReply(r) => with_header(buf, opcode::STATS_REPLY, 0, |b| {
+                b.put_u64(r.token);
+                put_str16(b, &r.json);
+            }),
             Frame::Error(e) => with_header(buf, opcode::ERROR, 0, |b| {
                 b.put_u16(e.code.as_u16());
                 put_str16(b, &e.reason);

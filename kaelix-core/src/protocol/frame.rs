@@ -21,6 +21,11 @@ pub enum Frame {
     Pong(u64),
     /// Broker → client: the connection is closing, and why.
     Error(ErrorFrame),
+    /// Client → broker: asks for the broker's statistics, answered by a
+    /// STATS_REPLY with the same token.
+    Stats(u64),
+    /// Broker → client: the statistics, as a JSON object.
+    StatsReply(StatsReply),
     /// Client → broker: a message to route.
     Publish(Publish),
     /// Broker → client: the publish with this sequence number was routed.
@@ -48,6 +53,8 @@ impl Frame {
             Frame::Ping(_) => "PING",
             Frame::Pong(_) => "PONG",
             Frame::Error(_) => "ERROR",
+            Frame::Stats(_) => "STATS",
+            Frame::StatsReply(_) => "STATS_REPLY",
             Frame::Publish(_) => "PUBLISH",
             Frame::PubAck(_) => "PUB_ACK",
             Frame::PubNack(_) => "PUB_NACK",
@@ -91,6 +98,15 @@ pub struct Welcome {
 pub struct ErrorFrame {
     pub code: ErrorCode,
     pub reason: String,
+}
+
+/// STATS_REPLY: the answer to STATS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatsReply {
+    /// The token of the STATS it answers.
+    pub token: u64,
+    /// The statistics as one JSON object (fields in `docs/protocol.md`).
+    pub json: String,
 }
 
 /// A refusal of one publish (`id` is its sequence number) or one

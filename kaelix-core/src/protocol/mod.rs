@@ -22,7 +22,7 @@ pub use decode::{decode, peek, Peek};
 pub use encode::{encode_deliver, encode_deliver_raw, encode_publish};
 pub use error::{ErrorCode, ProtocolError};
 pub use frame::{
-    Deliver, ErrorFrame, Frame, Hello, MessageBody, Nack, Publish, Subscribe, Welcome,
+    Deliver, ErrorFrame, Frame, Hello, MessageBody, Nack, Publish, StatsReply, Subscribe, Welcome,
 };
 
 /// The protocol version this build speaks.
@@ -44,6 +44,8 @@ pub mod opcode {
     pub const PING: u8 = 0x03;
     pub const PONG: u8 = 0x04;
     pub const ERROR: u8 = 0x05;
+    pub const STATS: u8 = 0x06;
+    pub const STATS_REPLY: u8 = 0x07;
     pub const PUBLISH: u8 = 0x10;
     pub const PUB_ACK: u8 = 0x11;
     pub const PUB_NACK: u8 = 0x12;
