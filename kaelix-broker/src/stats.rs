@@ -75,11 +75,16 @@ impl Rejection {
     }
 }
 
-/// The refusal codes counted one by one; any other counts as `other`.
-pub const REFUSAL_CODES: [ErrorCode; 8] = [
+/// The publish refusals counted one by one; any other counts as `other`.
+pub const PUBLISH_REFUSALS: [ErrorCode; 4] = [
     ErrorCode::InvalidTopic,
     ErrorCode::PayloadTooLarge,
     ErrorCode::InvalidHeader,
+    ErrorCode::NotPermitted,
+];
+
+/// The subscribe refusals counted one by one; any other counts as `other`.
+pub const SUBSCRIBE_REFUSALS: [ErrorCode; 5] = [
     ErrorCode::InvalidPattern,
     ErrorCode::InvalidGroup,
     ErrorCode::TooManySubscriptions,
@@ -87,19 +92,47 @@ pub const REFUSAL_CODES: [ErrorCode; 8] = [
     ErrorCode::NotPermitted,
 ];
 
-/// Counters per refusal code ([`REFUSAL_CODES`], then `other`).
-type ByCode = [AtomicU64; REFUSAL_CODES.len() + 1];
+/// Counters by refusal code: one per listed code, then `other`.
+#[derive(Debug)]
+struct ByCode<const N: usize> {
+    codes: &'static [ErrorCode; N],
+    counts: [AtomicU64; N],
+    other: AtomicU64,
+}
 
-fn code_index(code: ErrorCode) -> usize {
-    REFUSAL_CODES
-        .iter()
-        .position(|c| *c == code)
-        .unwrap_or(REFUSAL_CODES.len())
+impl<const N: usize> ByCode<N> {
+    fn new(codes: &'static [ErrorCode; N]) -> Self {
+        ByCode {
+            codes,
+            counts: std::array::from_fn(|_| AtomicU64::new(0)),
+            other: AtomicU64::new(0),
+        }
+    }
+
+    fn add(&self, code: ErrorCode) {
+        let counter = match self.codes.iter().position(|c| *c == code) {
+            Some(i) => &self.counts[i],
+            None => &self.other,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        self.codes
+            .iter()
+            .zip(&self.counts)
+            .map(|(code, n)| (code.name(), n.load(Ordering::Relaxed)))
+            .chain(std::iter::once((
+                "other",
+                self.other.load(Ordering::Relaxed),
+            )))
+            .collect()
+    }
 }
 
 /// Live counters, shared by every connection. The data path adds to them
 /// once per read batch, not per message.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Stats {
     pub(crate) published: AtomicU64,
     pub(crate) delivered: AtomicU64,
@@ -112,8 +145,28 @@ pub(crate) struct Stats {
     pub(crate) connections_total: AtomicU64,
     rejected: [AtomicU64; Rejection::ALL.len()],
     closed: [AtomicU64; Disconnect::ALL.len()],
-    publish_refused: ByCode,
-    subscribe_refused: ByCode,
+    publish_refused: ByCode<4>,
+    subscribe_refused: ByCode<5>,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Stats {
+            published: AtomicU64::new(0),
+            delivered: AtomicU64::new(0),
+            bytes_in: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
+            acked: AtomicU64::new(0),
+            slow_consumers: AtomicU64::new(0),
+            subscriptions: AtomicI64::new(0),
+            connections_active: AtomicI64::new(0),
+            connections_total: AtomicU64::new(0),
+            rejected: Default::default(),
+            closed: Default::default(),
+            publish_refused: ByCode::new(&PUBLISH_REFUSALS),
+            subscribe_refused: ByCode::new(&SUBSCRIBE_REFUSALS),
+        }
+    }
 }
 
 impl Stats {
@@ -139,26 +192,18 @@ impl Stats {
     }
 
     pub(crate) fn publish_refused(&self, code: ErrorCode) {
-        self.publish_refused[code_index(code)].fetch_add(1, Ordering::Relaxed);
+        self.publish_refused.add(code);
     }
 
     pub(crate) fn subscribe_refused(&self, code: ErrorCode) {
-        self.subscribe_refused[code_index(code)].fetch_add(1, Ordering::Relaxed);
+        self.subscribe_refused.add(code);
     }
 
     pub(crate) fn snapshot(&self) -> BrokerStats {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let all = |cs: &[AtomicU64]| cs.iter().map(get).collect::<Vec<u64>>();
-        let by_code = |cs: &ByCode| {
-            REFUSAL_CODES
-                .iter()
-                .map(|c| c.name())
-                .chain(std::iter::once("other"))
-                .zip(all(cs))
-                .collect::<Vec<_>>()
-        };
         let rejected = all(&self.rejected);
-        let publish_refusals = by_code(&self.publish_refused);
+        let publish_refusals = self.publish_refused.snapshot();
         BrokerStats {
             messages_published: get(&self.published),
             messages_delivered: get(&self.delivered),
@@ -167,7 +212,7 @@ impl Stats {
             publishes_acknowledged: get(&self.acked),
             publishes_refused: publish_refusals.iter().map(|(_, n)| n).sum(),
             publish_refusals,
-            subscribe_refusals: by_code(&self.subscribe_refused),
+            subscribe_refusals: self.subscribe_refused.snapshot(),
             slow_consumers: get(&self.slow_consumers),
             subscriptions: self.subscriptions.load(Ordering::Relaxed).max(0) as u64,
             topics: 0,

@@ -54,7 +54,7 @@ pub struct Outbox {
 struct State {
     buf: BytesMut,
     closed: Option<CloseReason>,
-    /// When the oldest byte in `buf` was queued.
+    /// When the oldest data appended (not pushed) to `buf` was queued.
     since: Option<Instant>,
 }
 
@@ -96,7 +96,6 @@ impl Outbox {
         }
         write(&mut state.buf);
         if was_empty {
-            state.since = Some(Instant::now());
             Pushed::First
         } else {
             Pushed::More
@@ -111,9 +110,13 @@ impl Outbox {
         if state.closed.is_some() {
             return Pushed::Closed;
         }
+        // Only appended data (deliveries) starts the clock: replies pushed
+        // one by one are not what the latency measures.
+        if state.since.is_none() {
+            state.since = Some(Instant::now());
+        }
         if state.buf.is_empty() {
             std::mem::swap(&mut state.buf, data);
-            state.since = Some(Instant::now());
             return Pushed::First;
         }
         if state.buf.len() + data.len() > self.limit() {
@@ -222,8 +225,8 @@ impl Outbox {
     }
 
     /// As [`write_to`](Self::write_to), telling `on_write` after each write
-    /// how long the oldest of its bytes waited since it was queued: one
-    /// figure per write, not per message.
+    /// that carried [`append`](Self::append)ed data how long the oldest of
+    /// it waited since it was queued: one figure per write, not per message.
     pub async fn write_to_timed<W: AsyncWrite + Unpin>(
         &self,
         writer: &mut W,

@@ -282,8 +282,8 @@ fn describe() {
     describe_histogram!(
         DELIVERY_LATENCY,
         Unit::Seconds,
-        "Time from routing a message into a subscriber's buffer to the socket write that \
-         sends it, once per write for the oldest data in it."
+        "Time from routing a message into a subscriber's buffer to the end of the socket \
+         write that sends it, once per write for the oldest message in it."
     );
 }
 
