@@ -291,27 +291,7 @@ impl Publisher {
     /// Waits until the broker has handled everything sent so far. Returns the
     /// first refusal of a [`send`](Self::send) since the last flush, if any.
     pub async fn flush(&self) -> Result<()> {
-        let token = self.inner.next_seq.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
-        {
-            let mut state = self.inner.state.lock();
-            if let Some(reason) = &state.closed {
-                return Err(Error::Closed(reason.clone()));
-            }
-            state.pongs.insert(token, tx);
-        }
-        let ping = Frame::Ping(token);
-        if self
-            .inner
-            .outbox
-            .push_now(HEADER_LEN + 8, |b| ping.encode(b))
-            == Pushed::Closed
-        {
-            return Err(self.closed_error());
-        }
-        if rx.await.is_err() {
-            return Err(self.closed_error());
-        }
+        self.ask(Frame::Ping, |state| &mut state.pongs).await?;
         let mut state = self.inner.state.lock();
         if state.refused.is_empty() {
             Ok(())
@@ -325,6 +305,16 @@ impl Publisher {
     /// The broker's statistics, as the JSON object `kaelix stats --json`
     /// prints (its fields are listed in `docs/protocol.md`).
     pub async fn server_stats(&self) -> Result<String> {
+        self.ask(Frame::Stats, |state| &mut state.stats).await
+    }
+
+    /// Sends a frame carrying a fresh token and waits for the answer the
+    /// read loop files under that token in `pending`.
+    async fn ask<T>(
+        &self,
+        frame: impl FnOnce(u64) -> Frame,
+        pending: impl FnOnce(&mut State) -> &mut HashMap<u64, oneshot::Sender<T>>,
+    ) -> Result<T> {
         let token = self.inner.next_seq.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         {
@@ -332,13 +322,13 @@ impl Publisher {
             if let Some(reason) = &state.closed {
                 return Err(Error::Closed(reason.clone()));
             }
-            state.stats.insert(token, tx);
+            pending(&mut state).insert(token, tx);
         }
-        let ask = Frame::Stats(token);
+        let frame = frame(token);
         if self
             .inner
             .outbox
-            .push_now(HEADER_LEN + 8, |b| ask.encode(b))
+            .push_now(HEADER_LEN + 8, |b| frame.encode(b))
             == Pushed::Closed
         {
             return Err(self.closed_error());
