@@ -9,7 +9,8 @@ use kaelix_core::queue::{MessageQueue, QueueReceiver};
 use kaelix_core::runtime::Handle;
 use kaelix_core::topic::check_group;
 use kaelix_core::{
-    CloseReason, Error, MemoryStreamerConfig, Message, MessageBatch, Result, Topic, TopicPattern,
+    CloseReason, Error, MemoryStreamerConfig, Message, MessageBatch, Result, StartPosition, Topic,
+    TopicPattern,
 };
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -88,7 +89,7 @@ impl MessageBroker {
         let broker = MessageBroker {
             inner: Arc::new(Inner {
                 id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
-                router: Router::new(stats.clone()),
+                router: Router::new(stats.clone(), &config),
                 stats,
                 live: LiveConfig::new(config.clone()),
                 running: AtomicBool::new(false),
@@ -102,6 +103,13 @@ impl MessageBroker {
                 reloader: OnceLock::new(),
             }),
         };
+        let inner = Arc::downgrade(&broker.inner);
+        broker.on_reconfigure("retention", &["retention", "topics"], move |config| {
+            if let Some(inner) = inner.upgrade() {
+                inner.router.logs.reconfigure(config);
+            }
+            Ok(())
+        });
         let inner = Arc::downgrade(&broker.inner);
         broker.on_reconfigure(
             "metrics",
@@ -141,8 +149,50 @@ impl MessageBroker {
         if self.inner.shutdown.is_cancelled() {
             return Err(Error::BrokerNotRunning);
         }
-        self.inner.running.store(true, Ordering::Release);
+        if !self.inner.running.swap(true, Ordering::AcqRel) {
+            self.spawn_housekeeping();
+        }
         Ok(())
+    }
+
+    /// Once a second until shutdown: retained messages past their age go,
+    /// and topic logs that keep nothing and are not in use.
+    fn spawn_housekeeping(&self) {
+        let inner = Arc::downgrade(&self.inner);
+        let shutdown = self.inner.shutdown.clone();
+        let task = async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                let Some(inner) = inner.upgrade() else { return };
+                inner.router.logs.expire_all();
+            }
+        };
+        if let Err(err) = crate::exec::spawn(
+            self.inner.runtime.get(),
+            kaelix_core::runtime::TaskPriority::Background,
+            task,
+        ) {
+            tracing::warn!(error = %err, "retention housekeeping not started");
+        }
+    }
+
+    /// What the broker holds of `topic`: offsets and retained messages;
+    /// `None` if nothing was published to it (or its log was dropped).
+    pub fn topic_info(&self, topic: &Topic) -> Option<TopicInfo> {
+        let log = self.inner.router.logs.get(topic)?;
+        let state = log.state.lock();
+        let (messages, bytes) = state.usage();
+        Some(TopicInfo {
+            first_offset: state.first_kept(),
+            next_offset: state.next,
+            retained_messages: messages,
+            retained_bytes: bytes,
+        })
     }
 
     /// True between `start` and `shutdown`.
@@ -166,7 +216,47 @@ impl MessageBroker {
         self.subscribe_inner(pattern.into_pattern()?, Some(group.into()))
     }
 
+    /// Subscribes starting at `start`: what the matching topics still hold
+    /// from there is received first, in offset order per topic, then live
+    /// messages, with no gap and no duplicate between the two. Every
+    /// message carries its offset. [`Receiver::missed`] tells how many
+    /// asked-for messages the broker no longer held.
+    ///
+    /// ```
+    /// use kaelix_broker::MessageBroker;
+    /// use kaelix_core::{Message, StartPosition, Topic};
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let broker = MessageBroker::new();
+    /// broker.start().await?;
+    /// let topic = Topic::new("prices.eurusd")?;
+    /// for price in ["1.0841", "1.0842"] {
+    ///     broker.publish(&topic, Message::new(topic.clone(), price)?).await?;
+    /// }
+    /// // A late subscriber catches up from what the broker holds.
+    /// let mut receiver = broker.subscribe_from(&topic, StartPosition::Earliest).await?;
+    /// let first = receiver.recv().await?;
+    /// assert_eq!(first.payload, "1.0841");
+    /// assert_eq!(first.offset.map(|o| o.get()), Some(0));
+    /// # Ok(()) }
+    /// ```
+    pub async fn subscribe_from(
+        &self,
+        pattern: impl IntoPattern,
+        start: StartPosition,
+    ) -> Result<Receiver> {
+        self.subscribe_start(pattern.into_pattern()?, None, start)
+    }
+
     fn subscribe_inner(&self, pattern: TopicPattern, group: Option<Arc<str>>) -> Result<Receiver> {
+        self.subscribe_start(pattern, group, StartPosition::Latest)
+    }
+
+    fn subscribe_start(
+        &self,
+        pattern: TopicPattern,
+        group: Option<Arc<str>>,
+        start: StartPosition,
+    ) -> Result<Receiver> {
         if self.inner.shutdown.is_cancelled() {
             return Err(Error::BrokerNotRunning);
         }
@@ -175,14 +265,19 @@ impl MessageBroker {
             LiveLimits::get(&limits.max_pending_messages),
             LiveLimits::get(&limits.max_pending_bytes),
         ));
-        let sub = self
-            .inner
-            .router
-            .subscribe(pattern, group, 0, Sink::Local(queue.clone()));
+        let sink = Sink::Local(queue.clone());
+        let (sub, missed) = match start {
+            StartPosition::Latest => (self.inner.router.subscribe(pattern, group, 0, sink), 0),
+            start => self
+                .inner
+                .router
+                .subscribe_from(pattern, group, 0, sink, start),
+        };
         Ok(Receiver {
             rx: QueueReceiver::new(queue),
             sub,
             broker: self.inner.clone(),
+            missed,
         })
     }
 
@@ -219,9 +314,15 @@ impl MessageBroker {
             };
             let mut batch = Batch::new(self.inner.stats.clone());
             for message in messages {
+                batch.end_run_unless(message.topic.as_bytes());
                 let (topic, matches) =
                     cache.resolve(&self.inner.router, message.topic.as_bytes())?;
-                batch.route(topic, matches, &Publication::from_message(message));
+                batch.route(
+                    &self.inner.router,
+                    topic,
+                    matches,
+                    &Publication::from_message(message),
+                );
             }
             batch.finish();
             Ok(())
@@ -242,6 +343,8 @@ impl MessageBroker {
         let (topics, wildcards) = self.inner.router.counts();
         stats.topics = topics as u64;
         stats.wildcard_subscriptions = wildcards as u64;
+        stats.retained_bytes = self.inner.router.logs.kept_bytes() as u64;
+        stats.topic_logs = self.inner.router.logs.len() as u64;
         stats.uptime = self.inner.started.elapsed();
         if let Some(runtime) = self.inner.runtime.get() {
             let metrics = runtime.metrics();
@@ -277,15 +380,35 @@ impl MessageBroker {
     }
 }
 
+/// What the broker holds of one topic; see [`MessageBroker::topic_info`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TopicInfo {
+    /// The oldest offset still retained (`next_offset` when none is).
+    pub first_offset: u64,
+    /// The offset the next message will get.
+    pub next_offset: u64,
+    /// Messages retained.
+    pub retained_messages: usize,
+    /// Their body bytes.
+    pub retained_bytes: usize,
+}
+
 /// Receives the messages of one in-process subscription. Dropping it
 /// unsubscribes.
 pub struct Receiver {
     rx: QueueReceiver,
     sub: Arc<Subscriber>,
     broker: Arc<Inner>,
+    missed: u64,
 }
 
 impl Receiver {
+    /// How many of the messages its start position asked for the broker no
+    /// longer held (an offset older than what is retained); 0 otherwise.
+    pub fn missed(&self) -> u64 {
+        self.missed
+    }
+
     /// The next message. After the subscription ends (the broker shut down,
     /// or this receiver fell behind by more than `limits.max_pending_messages`)
     /// it returns [`Error::Closed`] with the reason, once what was queued has

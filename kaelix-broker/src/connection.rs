@@ -376,10 +376,12 @@ impl Connection {
                 return refused;
             }
         }
+        self.batch.end_run_unless(publish.topic);
         match self.cache.resolve(&self.broker.router, publish.topic) {
             Ok((topic, matches)) => {
                 let publication = Publication::from_wire(publish.body_flags, publish.body, now);
-                self.batch.route(topic, matches, &publication);
+                self.batch
+                    .route(&self.broker.router, topic, matches, &publication);
                 if publish.ack {
                     self.acks += 1;
                     self.reply(&Frame::PubAck(publish.seq))

@@ -28,7 +28,7 @@ pub mod server;
 pub mod stats;
 pub mod telemetry;
 
-pub use broker::{IntoPattern, MessageBroker, Receiver};
+pub use broker::{IntoPattern, MessageBroker, Receiver, TopicInfo};
 pub use live::Reconfigured;
 pub use server::Server;
 pub use stats::{BrokerStats, RuntimeStats};

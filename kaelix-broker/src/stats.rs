@@ -217,6 +217,8 @@ impl Stats {
             subscriptions: self.subscriptions.load(Ordering::Relaxed).max(0) as u64,
             topics: 0,
             wildcard_subscriptions: 0,
+            retained_bytes: 0,
+            topic_logs: 0,
             connections_active: self.connections_active.load(Ordering::Relaxed).max(0) as u64,
             connections_total: get(&self.connections_total),
             connections_rejected: rejected.iter().sum(),
@@ -263,6 +265,10 @@ pub struct BrokerStats {
     pub topics: u64,
     /// Subscriptions with wildcards now.
     pub wildcard_subscriptions: u64,
+    /// Message bytes retained for replay, across all topics.
+    pub retained_bytes: u64,
+    /// Topics with a log (offsets and retained messages).
+    pub topic_logs: u64,
     /// Network connections open now.
     pub connections_active: u64,
     /// Network connections accepted since start.
@@ -315,6 +321,7 @@ impl BrokerStats {
             "subscriptions": self.subscriptions,
             "topics": self.topics,
             "wildcard_subscriptions": self.wildcard_subscriptions,
+            "retention": { "bytes": self.retained_bytes, "topics": self.topic_logs },
             "messages": {
                 "published": self.messages_published,
                 "delivered": self.messages_delivered,

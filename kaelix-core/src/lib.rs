@@ -13,6 +13,8 @@
 //! - [`client`]: connecting and reading frames, shared by the client crates.
 //! - [`outbox`]: the bounded, batching write buffer in front of a socket.
 //! - [`queue`]: the bounded message queue behind every receiver.
+//! - [`replay`]: [`StartPosition`], where a subscription starts reading
+//!   what the broker retains.
 //! - [`runtime`]: [`OptimizedRuntime`](runtime::OptimizedRuntime), the
 //!   NUMA-aware priority runtime with core pinning that the broker runs on.
 //! - [`error`]: [`Error`] and [`Result`].
@@ -26,6 +28,7 @@ pub mod outbox;
 pub mod pool;
 pub mod protocol;
 pub mod queue;
+pub mod replay;
 pub mod runtime;
 pub mod topic;
 
@@ -34,4 +37,5 @@ pub use config::MemoryStreamerConfig;
 pub use error::{CloseReason, Error, Result};
 pub use message::{Headers, Message, MessageBuilder, MessageId, Offset, PartitionId, Timestamp};
 pub use pool::MessagePool;
+pub use replay::StartPosition;
 pub use topic::{Topic, TopicPattern};

@@ -166,7 +166,8 @@ fn check_config(loaded: Result<Loaded, kaelix_core::config::ConfigError>) -> Exi
     let mut section = String::new();
     for line in text.lines() {
         if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
-            section = name.to_string();
+            // `[[topics]]` entries come from wherever the list came from.
+            section = name.trim_matches(|c| c == '[' || c == ']').to_string();
             println!("{line}");
         } else if let Some((key, _)) = line.split_once(" = ") {
             let path = if section.is_empty() {
@@ -174,7 +175,11 @@ fn check_config(loaded: Result<Loaded, kaelix_core::config::ConfigError>) -> Exi
             } else {
                 format!("{section}.{key}")
             };
-            let from = origins.get(path.as_str()).copied().unwrap_or("default");
+            let from = origins
+                .get(path.as_str())
+                .or_else(|| origins.get(section.as_str()))
+                .copied()
+                .unwrap_or("default");
             println!("{line}  # {from}");
         } else {
             println!("{line}");

@@ -10,6 +10,7 @@
 //! that went from empty to non-empty; the publisher wakes those once, after
 //! its whole batch ([`Batch::finish`]).
 
+pub(crate) mod log;
 mod sublist;
 
 use std::cell::OnceCell;
@@ -23,9 +24,11 @@ use kaelix_core::protocol::decode::{body_parts, header_pairs};
 use kaelix_core::protocol::{encode_deliver_raw, ErrorCode, ErrorFrame, Frame, MessageBody};
 use kaelix_core::queue::MessageQueue;
 use kaelix_core::{CloseReason, Message, Timestamp, Topic, TopicPattern};
-use parking_lot::RwLock;
+use parking_lot::lock_api::ArcMutexGuard;
+use parking_lot::{RawMutex, RwLock};
 
 use crate::stats::Stats;
+use log::{LogState, Logs, TopicLog};
 use sublist::Sublist;
 
 /// Where a subscriber's messages go.
@@ -56,6 +59,14 @@ pub(crate) struct Matches {
 struct Group {
     members: Vec<Arc<Subscriber>>,
     next: AtomicUsize,
+}
+
+/// Where a topic's messages go: its subscribers as of `generation`, and
+/// its log.
+pub(crate) struct Route {
+    matches: Matches,
+    log: Arc<TopicLog>,
+    generation: u64,
 }
 
 impl Matches {
@@ -94,15 +105,17 @@ pub(crate) struct Router {
     generation: AtomicU64,
     next_id: AtomicU64,
     stats: Arc<Stats>,
+    pub(crate) logs: Logs,
 }
 
 impl Router {
-    pub(crate) fn new(stats: Arc<Stats>) -> Self {
+    pub(crate) fn new(stats: Arc<Stats>, config: &kaelix_core::MemoryStreamerConfig) -> Self {
         Router {
             subs: RwLock::new(Sublist::default()),
             generation: AtomicU64::new(0),
             next_id: AtomicU64::new(1),
             stats,
+            logs: Logs::new(config),
         }
     }
 
@@ -143,13 +156,76 @@ impl Router {
         self.subs.read().all()
     }
 
-    fn lookup(&self, topic: &Topic) -> Arc<Matches> {
-        let mut found = Vec::new();
-        self.subs.read().matches(topic, &mut found);
-        Arc::new(Matches::build(found))
+    fn lookup(&self, topic: &Topic) -> Arc<Route> {
+        // The generation before the read: a subscription that lands after
+        // it makes this route stale, never silently incomplete.
+        let generation = self.generation();
+        Arc::new(Route {
+            matches: self.matches(topic),
+            log: self.logs.get_or_create(topic),
+            generation,
+        })
     }
 
-    fn generation(&self) -> u64 {
+    fn matches(&self, topic: &Topic) -> Matches {
+        let mut found = Vec::new();
+        self.subs.read().matches(topic, &mut found);
+        Matches::build(found)
+    }
+
+    /// Subscribes and first delivers what the matching topics hold from
+    /// `start`; returns the subscriber and how many asked-for messages were
+    /// no longer held.
+    ///
+    /// Lock order, which publishers follow too: the log registry, then
+    /// topic logs (by address), then the subscription index. With every
+    /// matching log locked and no new log able to appear, the subscription
+    /// lands between two runs of each topic: what came before is replayed
+    /// here, what comes after is delivered live.
+    pub(crate) fn subscribe_from(
+        &self,
+        pattern: TopicPattern,
+        group: Option<Arc<str>>,
+        sid: u32,
+        sink: Sink,
+        start: kaelix_core::StartPosition,
+    ) -> (Arc<Subscriber>, u64) {
+        let registry = self.logs.lock_registry();
+        let mut logs = Logs::matching_in(&registry, &pattern);
+        logs.sort_by_key(|log| Arc::as_ptr(log) as usize);
+        let mut locked: Vec<_> = logs.iter().map(|log| log.state.lock()).collect();
+        let sub = self.subscribe(pattern, group, sid, sink);
+        let mut missed = 0;
+        for (log, state) in logs.iter().zip(locked.iter_mut()) {
+            let (kept, gone) = state.since(start);
+            missed += gone;
+            if let Sink::Local(queue) = &sub.sink {
+                let mut messages: Vec<Message> = kept
+                    .map(|k| {
+                        let mut message = Publication::from_wire(k.flags, &k.body, k.timestamp)
+                            .message(&log.topic);
+                        message.offset = Some(kaelix_core::Offset::new(k.offset));
+                        message
+                    })
+                    .collect();
+                if messages.is_empty() {
+                    continue;
+                }
+                if queue.push_all(&mut messages) == Pushed::Full {
+                    queue.close(CloseReason::SlowConsumer);
+                    self.stats.slow_consumers.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        drop(locked);
+        drop(registry);
+        if let Sink::Local(queue) = &sub.sink {
+            queue.wake();
+        }
+        (sub, missed)
+    }
+
+    pub(crate) fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
     }
 }
@@ -157,10 +233,10 @@ impl Router {
 /// A publisher's cache of topic → subscribers.
 pub(crate) struct RouteCache {
     generation: u64,
-    map: HashMap<Topic, Arc<Matches>>,
+    map: HashMap<Topic, Arc<Route>>,
     /// The last topic resolved: a run of publishes to one topic skips the
     /// hash lookup.
-    last: Option<(Topic, Arc<Matches>)>,
+    last: Option<(Topic, Arc<Route>)>,
 }
 
 /// Past this many topics, a publisher's cache starts over.
@@ -181,7 +257,7 @@ impl RouteCache {
         &mut self,
         router: &Router,
         topic: &[u8],
-    ) -> kaelix_core::Result<(&Topic, &Matches)> {
+    ) -> kaelix_core::Result<(&Topic, &Arc<Route>)> {
         let generation = router.generation();
         if generation != self.generation {
             self.map.clear();
@@ -284,10 +360,24 @@ struct Staged {
     count: u64,
 }
 
+/// The topic a batch is publishing to now, with its log locked.
+struct Run {
+    route: Arc<Route>,
+    log: ArcMutexGuard<RawMutex, LogState>,
+}
+
 /// Routing state of one publisher: frames staged per subscriber, receivers
-/// to wake, and counts, all handed on once per batch by [`finish`](Self::finish).
+/// to wake, and counts. Consecutive publishes to one topic form a run, for
+/// which the topic's log stays locked; the run's deliveries are handed to
+/// the subscribers' buffers when it ends ([`finish`](Self::finish), or a
+/// publish to another topic), and the buffers are woken after the lock is
+/// let go.
 pub(crate) struct Batch {
     stats: Arc<Stats>,
+    run: Option<Run>,
+    /// Buffers that went from empty to non-empty in this run.
+    to_wake: Vec<Arc<Outbox>>,
+    local_to_wake: Vec<Arc<MessageQueue>>,
     staged: Vec<Staged>,
     /// Outbox address → index in `staged`.
     index: HashMap<usize, usize>,
@@ -308,6 +398,9 @@ impl Batch {
     pub(crate) fn new(stats: Arc<Stats>) -> Self {
         Batch {
             stats,
+            run: None,
+            to_wake: Vec::new(),
+            local_to_wake: Vec::new(),
             staged: Vec::new(),
             index: HashMap::default(),
             spare: Vec::new(),
@@ -320,24 +413,69 @@ impl Batch {
         }
     }
 
-    /// Delivers `publication` on `topic` to every plain subscriber and to one
-    /// member of each queue group.
+    /// Ends the current run unless it is for `topic`. Called before the
+    /// topic is resolved, so that no log lock is held while the route cache
+    /// takes the registry's (see [`Router::subscribe_from`]).
+    pub(crate) fn end_run_unless(&mut self, topic: &[u8]) {
+        if self
+            .run
+            .as_ref()
+            .is_some_and(|run| run.route.log.topic.as_bytes() != topic)
+        {
+            self.end_run();
+        }
+    }
+
+    /// Gives `publication` on `topic` its offset and delivers it to every
+    /// plain subscriber and to one member of each queue group.
     pub(crate) fn route(
         &mut self,
+        router: &Router,
         topic: &Topic,
-        matches: &Matches,
+        route: &Arc<Route>,
         publication: &Publication<'_>,
     ) {
+        let same = self
+            .run
+            .as_ref()
+            .is_some_and(|run| Arc::ptr_eq(&run.route.log, &route.log));
+        if !same {
+            self.end_run();
+            let log = route.log.state.lock_arc();
+            // Under the lock, a route made before a subscription landed is
+            // made again: a replaying subscriber must not miss this run.
+            let route = if router.generation() == route.generation {
+                route.clone()
+            } else {
+                // Only the subscribers are looked up again: the topic's
+                // log is the one locked (and the log registry is not
+                // taken under a log lock, see `Router::subscribe_from`).
+                let generation = router.generation();
+                Arc::new(Route {
+                    matches: router.matches(topic),
+                    log: route.log.clone(),
+                    generation,
+                })
+            };
+            self.run = Some(Run { route, log });
+        }
+        let Some(run) = self.run.as_mut() else {
+            unreachable!("a run was just started")
+        };
+        let (flags, body) = publication.wire_body();
+        let offset = run.log.append(publication.timestamp, flags, body);
         self.published += 1;
+        let route = run.route.clone();
+        let matches = &route.matches;
         for sub in &matches.plain {
-            self.deliver(sub, topic, publication);
+            self.deliver(sub, topic, publication, offset);
         }
         for group in &matches.groups {
             let n = group.members.len();
             let start = group.next.fetch_add(1, Ordering::Relaxed);
             // The first member that takes it; a closed or full one passes it on.
             for i in 0..n {
-                if self.deliver(&group.members[(start + i) % n], topic, publication) {
+                if self.deliver(&group.members[(start + i) % n], topic, publication, offset) {
                     break;
                 }
             }
@@ -348,7 +486,13 @@ impl Batch {
         self.bytes_in += n as u64;
     }
 
-    fn deliver(&mut self, sub: &Subscriber, topic: &Topic, publication: &Publication<'_>) -> bool {
+    fn deliver(
+        &mut self,
+        sub: &Subscriber,
+        topic: &Topic,
+        publication: &Publication<'_>,
+        offset: u64,
+    ) -> bool {
         let ok = match &sub.sink {
             Sink::Net(outbox) => {
                 if outbox.is_closed_hint() {
@@ -363,7 +507,8 @@ impl Batch {
                 if queue.is_closed_hint() {
                     false
                 } else {
-                    let message = publication.message(topic);
+                    let mut message = publication.message(topic);
+                    message.offset = Some(kaelix_core::Offset::new(offset));
                     self.stage_local(queue).push(message);
                     true
                 }
@@ -408,14 +553,18 @@ impl Batch {
         &mut staged.frames
     }
 
-    /// Appends the staged frames to their outboxes, wakes every buffer that
-    /// went from empty to non-empty, and publishes the counts.
-    pub(crate) fn finish(&mut self) {
+    /// Ends the run: hands its deliveries to the subscribers' buffers and
+    /// keeps its messages, under the log lock; then wakes the buffers that
+    /// went from empty to non-empty.
+    fn end_run(&mut self) {
+        let Some(mut run) = self.run.take() else {
+            return;
+        };
         for mut staged in self.staged.drain(..) {
             let bytes = staged.frames.len() as u64;
             match staged.outbox.append(&mut staged.frames) {
                 Pushed::First => {
-                    staged.outbox.wake();
+                    self.to_wake.push(staged.outbox.clone());
                     self.bytes_out += bytes;
                 }
                 Pushed::More => self.bytes_out += bytes,
@@ -432,7 +581,7 @@ impl Batch {
         for (queue, mut messages) in self.local.drain(..) {
             let n = messages.len() as u64;
             match queue.push_all(&mut messages) {
-                Pushed::First => queue.wake(),
+                Pushed::First => self.local_to_wake.push(queue),
                 Pushed::More => {}
                 Pushed::Full => {
                     queue.close(CloseReason::SlowConsumer);
@@ -443,6 +592,19 @@ impl Batch {
             }
         }
         self.local_index.clear();
+        run.log.end_run();
+        drop(run);
+        for outbox in self.to_wake.drain(..) {
+            outbox.wake();
+        }
+        for queue in self.local_to_wake.drain(..) {
+            queue.wake();
+        }
+    }
+
+    /// Ends the run and publishes the counts.
+    pub(crate) fn finish(&mut self) {
+        self.end_run();
         self.stats.add_routed(
             self.published,
             self.delivered,
@@ -477,7 +639,10 @@ mod tests {
     use super::*;
 
     fn router() -> Router {
-        Router::new(Arc::new(Stats::default()))
+        Router::new(
+            Arc::new(Stats::default()),
+            &kaelix_core::MemoryStreamerConfig::default(),
+        )
     }
 
     fn local(
@@ -499,7 +664,7 @@ mod tests {
         let mut batch = Batch::new(Arc::new(Stats::default()));
         let (topic, matches) = cache.resolve(router, topic.as_bytes()).unwrap();
         let message = Message::new(topic.clone(), "x").unwrap();
-        batch.route(topic, matches, &Publication::from_message(message));
+        batch.route(router, topic, matches, &Publication::from_message(message));
     }
 
     #[test]

@@ -131,6 +131,8 @@ impl MessageBroker {
         gauge!("kaelix_topics_active").set(stats.topics as f64);
         gauge!("kaelix_wildcard_subscriptions_active").set(stats.wildcard_subscriptions as f64);
         gauge!("kaelix_uptime_seconds").set(stats.uptime.as_secs_f64());
+        gauge!("kaelix_retained_bytes").set(stats.retained_bytes as f64);
+        gauge!("kaelix_topic_logs").set(stats.topic_logs as f64);
 
         if let Some(reloads) = self.reload_stats() {
             for (result, n) in [
@@ -246,6 +248,15 @@ fn describe() {
     describe_gauge!(
         "kaelix_wildcard_subscriptions_active",
         "Subscriptions with wildcards now."
+    );
+    describe_gauge!(
+        "kaelix_retained_bytes",
+        Unit::Bytes,
+        "Message bytes retained for replay, across all topics (capped by retention.max_bytes)."
+    );
+    describe_gauge!(
+        "kaelix_topic_logs",
+        "Topics with a log: offsets and retained messages."
     );
     describe_gauge!(
         "kaelix_uptime_seconds",

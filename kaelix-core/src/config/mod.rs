@@ -25,7 +25,8 @@ pub use reload::{
 };
 pub use schema::{
     LimitsConfig, LogFormat, LoggingConfig, MemoryStreamerConfig, MetricsConfig, NetworkConfig,
-    PrometheusConfig, RuntimeSection, SecurityConfig, TelemetryConfig, TlsConfig,
+    PrometheusConfig, RetentionConfig, RuntimeSection, SecurityConfig, TelemetryConfig, TlsConfig,
+    TopicConfig,
 };
 pub use validate::{ConfigValidator, ConfigWarning, Problem};
 

@@ -14,6 +14,9 @@ pub struct MemoryStreamerConfig {
     pub limits: LimitsConfig,
     pub telemetry: TelemetryConfig,
     pub security: SecurityConfig,
+    pub retention: RetentionConfig,
+    /// Per-topic settings, matched by pattern (the most specific wins).
+    pub topics: Vec<TopicConfig>,
 }
 
 /// `[network]`: where and how the broker listens.
@@ -199,4 +202,85 @@ pub struct TlsConfig {
     pub key_path: PathBuf,
     /// PEM CA bundle; when set, clients must present a certificate it signed.
     pub client_ca_path: PathBuf,
+}
+
+/// `[retention]`: what the broker keeps in memory for replay, across topics.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// Keep messages for replay at all. Off, no topic keeps any (offsets
+    /// are still given), whatever `[[topics]]` says.
+    pub enabled: bool,
+    /// Message bytes (bodies) all topics together may retain. A topic at
+    /// the cap makes room by dropping its own oldest messages; a message
+    /// that still does not fit is delivered but not retained.
+    pub max_bytes: usize,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig {
+            enabled: true,
+            max_bytes: 256 * 1024 * 1024,
+        }
+    }
+}
+
+/// One `[[topics]]` entry: settings for the topics its pattern matches.
+/// Keys left out take the defaults below; among the entries whose pattern
+/// matches a topic, the most specific pattern wins (literal tokens over
+/// `*` over `>`), then the first listed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TopicConfig {
+    /// Topic pattern: `orders.>`, `prices.*`, `audit.log`.
+    pub pattern: String,
+    /// Most recent messages kept per topic; 0 keeps none.
+    pub retain_messages: usize,
+    /// Most message bytes kept per topic.
+    pub retain_bytes: usize,
+    /// Oldest message age kept, in seconds; 0 keeps them regardless of age.
+    pub retain_age_secs: u64,
+}
+
+impl Default for TopicConfig {
+    fn default() -> Self {
+        TopicConfig {
+            pattern: ">".into(),
+            retain_messages: 1000,
+            retain_bytes: 16 * 1024 * 1024,
+            retain_age_secs: 0,
+        }
+    }
+}
+
+impl MemoryStreamerConfig {
+    /// The `[[topics]]` settings for `topic`: the most specific matching
+    /// entry, or the defaults.
+    pub fn topic_settings(&self, topic: &crate::Topic) -> TopicConfig {
+        let mut best: Option<(usize, &TopicConfig)> = None;
+        for entry in &self.topics {
+            let Ok(pattern) = crate::TopicPattern::new(&entry.pattern) else {
+                continue;
+            };
+            if !pattern.matches(topic) {
+                continue;
+            }
+            // Literal tokens weigh most, then `*`; `>` adds nothing.
+            let score = pattern
+                .tokens()
+                .map(|t| match t {
+                    ">" => 0,
+                    "*" => 1,
+                    _ => 3,
+                })
+                .sum::<usize>()
+                * 2
+                + usize::from(pattern.is_literal());
+            if best.is_none_or(|(s, _)| score > s) {
+                best = Some((score, entry));
+            }
+        }
+        best.map(|(_, e)| e.clone()).unwrap_or_default()
+    }
 }

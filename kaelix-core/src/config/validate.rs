@@ -126,6 +126,14 @@ impl ConfigValidator {
                 "must name a level (error, warn, info, debug, trace) or a filter".into(),
             );
         }
+        if config.retention.max_bytes == 0 {
+            bad("retention.max_bytes", "must be at least 1".into());
+        }
+        for (i, topic) in config.topics.iter().enumerate() {
+            if let Err(err) = crate::TopicPattern::new(&topic.pattern) {
+                bad(&format!("topics[{i}].pattern"), err.to_string());
+            }
+        }
         let buckets = &config.telemetry.metrics.delivery_latency_buckets_us;
         if buckets.is_empty() || buckets.windows(2).any(|w| w[0] >= w[1]) || buckets[0] == 0 {
             bad(
