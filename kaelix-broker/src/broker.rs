@@ -314,9 +314,8 @@ impl MessageBroker {
             };
             let mut batch = Batch::new(self.inner.stats.clone());
             for message in messages {
-                batch.end_run_unless(message.topic.as_bytes());
                 let (topic, matches) =
-                    cache.resolve(&self.inner.router, message.topic.as_bytes())?;
+                    cache.resolve(&self.inner.router, message.topic.as_bytes(), &mut batch)?;
                 batch.route(
                     &self.inner.router,
                     topic,

@@ -376,8 +376,10 @@ impl Connection {
                 return refused;
             }
         }
-        self.batch.end_run_unless(publish.topic);
-        match self.cache.resolve(&self.broker.router, publish.topic) {
+        match self
+            .cache
+            .resolve(&self.broker.router, publish.topic, &mut self.batch)
+        {
             Ok((topic, matches)) => {
                 let publication = Publication::from_wire(publish.body_flags, publish.body, now);
                 self.batch

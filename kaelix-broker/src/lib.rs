@@ -43,3 +43,8 @@ struct ReadmeDoctests;
 #[cfg(doctest)]
 #[doc = include_str!("../../docs/configuration.md")]
 struct ConfigurationDoc;
+
+/// The Rust snippets of docs/delivery.md.
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/delivery.md")]
+struct DeliveryDoc;

@@ -49,7 +49,23 @@ impl Retention {
     }
 }
 
-/// One kept message: its wire body, as it is forwarded.
+/// One kept message: where its wire body lies in the topic's chunks.
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    offset: u64,
+    timestamp: Timestamp,
+    flags: u8,
+    /// Sequence number of the chunk holding the body.
+    chunk: u64,
+    start: u32,
+    len: u32,
+}
+
+/// Most bytes in one chunk (so entries can point into it with `u32`s; a
+/// run from the network is far smaller, a large in-process batch is split).
+const CHUNK_MAX: usize = 64 * 1024 * 1024;
+
+/// A kept message handed out for replay.
 #[derive(Debug, Clone)]
 pub(crate) struct Kept {
     pub(crate) offset: u64,
@@ -65,19 +81,28 @@ pub(crate) struct TopicLog {
 }
 
 /// What the log lock guards.
+///
+/// The bodies of one run are copied into one buffer (a chunk) and the
+/// kept messages point into it, so keeping a message costs a copy and an
+/// entry, with no allocation or reference count of its own; a chunk goes
+/// when its last message does.
 pub(crate) struct LogState {
     /// The offset the next message gets.
     pub(crate) next: u64,
-    pub(crate) kept: VecDeque<Kept>,
+    kept: VecDeque<Entry>,
+    /// `(sequence number, bodies)`, oldest first.
+    chunks: VecDeque<(u64, Bytes)>,
+    /// The sequence number the chunk being filled will get.
+    next_chunk: u64,
+    /// Bodies copied during the current run.
+    filling: BytesMut,
     /// Body bytes in `kept`.
     bytes: usize,
+    /// Bytes added in the current run, not yet counted in the budget.
+    run_bytes: usize,
     retention: Retention,
     /// The broker-wide count of kept bytes, against `retention.max_bytes`.
     budget: Arc<Budget>,
-    /// Bodies copied during the current run, split off when it ends.
-    chunk: BytesMut,
-    /// `(offset, timestamp, flags, start, len)` of the bodies in `chunk`.
-    pending: Vec<(u64, Timestamp, u8, usize, usize)>,
 }
 
 /// Kept bytes across all topics.
@@ -87,66 +112,111 @@ pub(crate) struct Budget {
 }
 
 impl LogState {
+    fn new(retention: Retention, budget: Arc<Budget>) -> LogState {
+        LogState {
+            next: 0,
+            kept: VecDeque::new(),
+            chunks: VecDeque::new(),
+            next_chunk: 0,
+            filling: BytesMut::new(),
+            bytes: 0,
+            run_bytes: 0,
+            retention,
+            budget,
+        }
+    }
+
     /// Gives the next offset to a message and, if the topic keeps messages,
-    /// copies its body to be kept when the run ends.
+    /// copies its body.
     pub(crate) fn append(&mut self, timestamp: Timestamp, flags: u8, body: &[u8]) -> u64 {
         let offset = self.next;
         self.next += 1;
-        if self.retention.keeps_anything() && body.len() <= self.retention.bytes {
-            let start = self.chunk.len();
-            self.chunk.extend_from_slice(body);
-            self.pending
-                .push((offset, timestamp, flags, start, body.len()));
+        if self.retention.keeps_anything() && body.len() <= self.retention.bytes.min(CHUNK_MAX) {
+            if self.filling.len() + body.len() > CHUNK_MAX {
+                self.seal();
+            }
+            let start = self.filling.len();
+            self.filling.extend_from_slice(body);
+            self.kept.push_back(Entry {
+                offset,
+                timestamp,
+                flags,
+                chunk: self.next_chunk,
+                start: start as u32,
+                len: body.len() as u32,
+            });
+            self.bytes += body.len();
+            self.run_bytes += body.len();
         }
         offset
     }
 
-    /// Ends a run: the copied bodies become kept messages (one shared
-    /// buffer for the run), and the oldest go as the limits require.
+    /// Ends a run: its copies become a chunk, and the oldest messages go as
+    /// this topic's limits and the broker's budget require. The budget is
+    /// touched once or twice per run, not per message.
     pub(crate) fn end_run(&mut self) {
-        if self.pending.is_empty() {
-            return;
+        self.seal();
+        let added = std::mem::take(&mut self.run_bytes);
+        // Over the count: those go in one sweep.
+        let mut freed = self.drop_first(self.kept.len().saturating_sub(self.retention.messages));
+        while self.bytes > self.retention.bytes {
+            freed += self.pop_oldest();
         }
-        let chunk = self.chunk.split().freeze();
-        let mut pending = std::mem::take(&mut self.pending);
-        for (offset, timestamp, flags, start, len) in pending.drain(..) {
-            let body = chunk.slice(start..start + len);
-            self.make_room(len);
-            if !self.budget.take(len) {
-                // Everything of this topic is gone and the broker is still
-                // at its cap: delivered, not kept.
-                continue;
+        if added > 0 {
+            let max = self.budget.max.load(Ordering::Relaxed);
+            let used = self.budget.used.fetch_add(added, Ordering::AcqRel) + added;
+            // Over the broker's cap: this topic gives back its oldest, down
+            // to its newest messages if it must (delivered, not kept).
+            let mut over = used.saturating_sub(max + freed);
+            while over > 0 && !self.kept.is_empty() {
+                let len = self.pop_oldest();
+                freed += len;
+                over = over.saturating_sub(len);
             }
-            self.bytes += len;
-            self.kept.push_back(Kept {
-                offset,
-                timestamp,
-                flags,
-                body,
-            });
         }
-        // The emptied list goes back, keeping its capacity.
-        self.pending = pending;
+        if freed > 0 {
+            self.budget.give(freed);
+        }
         self.expire(Timestamp::now());
     }
 
-    /// Drops the oldest until one more message of `len` bytes fits this
-    /// topic's limits and, if it can, the broker's.
-    fn make_room(&mut self, len: usize) {
-        while !self.kept.is_empty()
-            && (self.kept.len() >= self.retention.messages
-                || self.bytes + len > self.retention.bytes
-                || !self.budget.fits(len))
-        {
-            self.drop_oldest();
+    /// Turns the copies gathered so far into a chunk.
+    fn seal(&mut self) {
+        if !self.filling.is_empty() {
+            let chunk = self.filling.split().freeze();
+            self.chunks.push_back((self.next_chunk, chunk));
+            self.next_chunk += 1;
         }
     }
 
-    fn drop_oldest(&mut self) {
-        if let Some(old) = self.kept.pop_front() {
-            self.bytes -= old.body.len();
-            self.budget.give(old.body.len());
+    /// Drops the `n` oldest kept messages, and the chunks they emptied;
+    /// returns their bytes.
+    fn drop_first(&mut self, n: usize) -> usize {
+        if n == 0 {
+            return 0;
         }
+        let freed: usize = self.kept.drain(..n).map(|e| e.len as usize).sum();
+        self.bytes -= freed;
+        self.drop_empty_chunks();
+        freed
+    }
+
+    fn drop_empty_chunks(&mut self) {
+        let live = self.kept.front().map_or(u64::MAX, |e| e.chunk);
+        while self.chunks.front().is_some_and(|(seq, _)| *seq < live) {
+            self.chunks.pop_front();
+        }
+    }
+
+    /// Drops the oldest kept message and, with its last message, its
+    /// chunk; returns its bytes (for the caller to give back).
+    fn pop_oldest(&mut self) -> usize {
+        let Some(old) = self.kept.pop_front() else {
+            return 0;
+        };
+        self.bytes -= old.len as usize;
+        self.drop_empty_chunks();
+        old.len as usize
     }
 
     /// Drops what is older than the age limit.
@@ -155,21 +225,29 @@ impl LogState {
             return;
         };
         let limit = now.as_nanos().saturating_sub(age.as_nanos() as u64);
+        let mut freed = 0;
         while self
             .kept
             .front()
             .is_some_and(|k| k.timestamp.as_nanos() < limit)
         {
-            self.drop_oldest();
+            freed += self.pop_oldest();
         }
+        self.budget.give(freed);
+    }
+
+    /// Drops the oldest until at most `bytes` are kept.
+    pub(crate) fn trim_to(&mut self, bytes: usize) {
+        let mut freed = 0;
+        while self.bytes > bytes {
+            freed += self.pop_oldest();
+        }
+        self.budget.give(freed);
     }
 
     /// What is kept from `start` on, and how many asked-for messages are
-    /// gone.
-    pub(crate) fn since(
-        &mut self,
-        start: kaelix_core::StartPosition,
-    ) -> (impl Iterator<Item = &Kept>, u64) {
+    /// gone. Called between runs (under the log lock), never during one.
+    pub(crate) fn since(&mut self, start: kaelix_core::StartPosition) -> (Vec<Kept>, u64) {
         self.expire(Timestamp::now());
         let (first, next) = (self.first_kept(), self.next);
         let kept = &self.kept;
@@ -179,7 +257,20 @@ impl LogState {
                 .map_or(next, |k| k.offset)
         });
         let at = kept.partition_point(|k| k.offset < from);
-        (kept.range(at..), missed)
+        let base = self.chunks.front().map_or(0, |(seq, _)| *seq);
+        let out = kept
+            .range(at..)
+            .map(|e| {
+                let chunk = &self.chunks[(e.chunk - base) as usize].1;
+                Kept {
+                    offset: e.offset,
+                    timestamp: e.timestamp,
+                    flags: e.flags,
+                    body: chunk.slice(e.start as usize..(e.start + e.len) as usize),
+                }
+            })
+            .collect();
+        (out, missed)
     }
 
     /// The first offset still kept, or `next` when none is.
@@ -192,13 +283,20 @@ impl LogState {
         (self.kept.len(), self.bytes)
     }
 
+    /// Whether nothing is kept.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.kept.is_empty()
+    }
+
     fn set_retention(&mut self, retention: Retention) {
         self.retention = retention;
+        let mut freed = 0;
         while !self.kept.is_empty()
             && (self.kept.len() > retention.messages || self.bytes > retention.bytes)
         {
-            self.drop_oldest();
+            freed += self.pop_oldest();
         }
+        self.budget.give(freed);
         self.expire(Timestamp::now());
     }
 }
@@ -210,21 +308,10 @@ impl Drop for LogState {
 }
 
 impl Budget {
-    fn fits(&self, len: usize) -> bool {
-        self.used.load(Ordering::Relaxed) + len <= self.max.load(Ordering::Relaxed)
-    }
-
-    fn take(&self, len: usize) -> bool {
-        let max = self.max.load(Ordering::Relaxed);
-        self.used
-            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |used| {
-                (used + len <= max).then_some(used + len)
-            })
-            .is_ok()
-    }
-
     fn give(&self, len: usize) {
-        self.used.fetch_sub(len, Ordering::AcqRel);
+        if len > 0 {
+            self.used.fetch_sub(len, Ordering::AcqRel);
+        }
     }
 }
 
@@ -260,15 +347,7 @@ impl Logs {
             .or_insert_with(|| {
                 Arc::new(TopicLog {
                     topic: topic.clone(),
-                    state: Arc::new(Mutex::new(LogState {
-                        next: 0,
-                        kept: VecDeque::new(),
-                        bytes: 0,
-                        retention,
-                        budget: self.budget.clone(),
-                        chunk: BytesMut::new(),
-                        pending: Vec::new(),
-                    })),
+                    state: Arc::new(Mutex::new(LogState::new(retention, self.budget.clone()))),
                 })
             })
             .clone()
@@ -328,17 +407,13 @@ impl Logs {
         if self.budget.used.load(Ordering::Relaxed) > max / 10 * 9 && !logs.is_empty() {
             let share = max / logs.len() / 10 * 9;
             for log in &logs {
-                let mut state = log.state.lock();
-                while state.bytes > share {
-                    state.drop_oldest();
-                }
+                log.state.lock().trim_to(share);
             }
         }
         drop(logs);
         self.map.write().retain(|_, log| {
             Arc::strong_count(log) > 1 || Arc::strong_count(&log.state) > 1 || {
-                let state = log.state.lock();
-                !state.kept.is_empty()
+                !log.state.lock().is_empty()
             }
         });
     }

@@ -201,6 +201,7 @@ impl Router {
             missed += gone;
             if let Sink::Local(queue) = &sub.sink {
                 let mut messages: Vec<Message> = kept
+                    .iter()
                     .map(|k| {
                         let mut message = Publication::from_wire(k.flags, &k.body, k.timestamp)
                             .message(&log.topic);
@@ -253,10 +254,15 @@ impl RouteCache {
 
     /// The subscribers of `topic`, validating the name on a miss. Validated
     /// names stay in the cache, so a hit skips validation too.
+    ///
+    /// `batch`'s run is always for the last topic resolved; any other topic
+    /// ends it first, so that no log lock is held while a miss takes the
+    /// registry's and the router's locks (see [`Router::subscribe_from`]).
     pub(crate) fn resolve(
         &mut self,
         router: &Router,
         topic: &[u8],
+        batch: &mut Batch,
     ) -> kaelix_core::Result<(&Topic, &Arc<Route>)> {
         let generation = router.generation();
         if generation != self.generation {
@@ -266,6 +272,7 @@ impl RouteCache {
         }
         let hit = matches!(&self.last, Some((t, _)) if t.as_bytes() == topic);
         if !hit {
+            batch.end_run();
             let entry = match self.map.get_key_value(topic) {
                 Some((t, m)) => (t.clone(), m.clone()),
                 None => {
@@ -413,19 +420,6 @@ impl Batch {
         }
     }
 
-    /// Ends the current run unless it is for `topic`. Called before the
-    /// topic is resolved, so that no log lock is held while the route cache
-    /// takes the registry's (see [`Router::subscribe_from`]).
-    pub(crate) fn end_run_unless(&mut self, topic: &[u8]) {
-        if self
-            .run
-            .as_ref()
-            .is_some_and(|run| run.route.log.topic.as_bytes() != topic)
-        {
-            self.end_run();
-        }
-    }
-
     /// Gives `publication` on `topic` its offset and delivers it to every
     /// plain subscriber and to one member of each queue group.
     pub(crate) fn route(
@@ -459,14 +453,15 @@ impl Batch {
             };
             self.run = Some(Run { route, log });
         }
-        let Some(run) = self.run.as_mut() else {
+        // Taken out for the deliveries (which borrow the batch) and put
+        // back: no reference count moves per message.
+        let Some(mut run) = self.run.take() else {
             unreachable!("a run was just started")
         };
         let (flags, body) = publication.wire_body();
         let offset = run.log.append(publication.timestamp, flags, body);
         self.published += 1;
-        let route = run.route.clone();
-        let matches = &route.matches;
+        let matches = &run.route.matches;
         for sub in &matches.plain {
             self.deliver(sub, topic, publication, offset);
         }
@@ -480,6 +475,7 @@ impl Batch {
                 }
             }
         }
+        self.run = Some(run);
     }
 
     pub(crate) fn add_bytes_in(&mut self, n: usize) {
@@ -556,7 +552,7 @@ impl Batch {
     /// Ends the run: hands its deliveries to the subscribers' buffers and
     /// keeps its messages, under the log lock; then wakes the buffers that
     /// went from empty to non-empty.
-    fn end_run(&mut self) {
+    pub(crate) fn end_run(&mut self) {
         let Some(mut run) = self.run.take() else {
             return;
         };
@@ -662,7 +658,7 @@ mod tests {
 
     fn publish(router: &Router, cache: &mut RouteCache, topic: &str) {
         let mut batch = Batch::new(Arc::new(Stats::default()));
-        let (topic, matches) = cache.resolve(router, topic.as_bytes()).unwrap();
+        let (topic, matches) = cache.resolve(router, topic.as_bytes(), &mut batch).unwrap();
         let message = Message::new(topic.clone(), "x").unwrap();
         batch.route(router, topic, matches, &Publication::from_message(message));
     }
@@ -717,7 +713,8 @@ mod tests {
     fn invalid_topic_is_refused() {
         let router = router();
         let mut cache = RouteCache::new();
-        let err = cache.resolve(&router, b"a..b").err().unwrap();
+        let mut batch = Batch::new(Arc::new(Stats::default()));
+        let err = cache.resolve(&router, b"a..b", &mut batch).err().unwrap();
         assert!(err
             .to_string()
             .starts_with("Topic name contains invalid characters"));
