@@ -93,7 +93,7 @@ fn bench_encode(c: &mut Criterion) {
         b.iter(|| {
             buf.clear();
             for sid in 0..FRAMES as u32 {
-                encode_deliver(&mut buf, sid, &body);
+                encode_deliver(&mut buf, sid, Some(sid as u64), &body);
             }
             buf.len()
         })

@@ -44,6 +44,7 @@ pub async fn topics(endpoint: &Endpoint, count: u64, pid: Option<u32>) -> Result
                         sid: i as u32 + 1,
                         pattern: format!("bench.t.{i}").into(),
                         group: None,
+                        start: kaelix_core::StartPosition::Latest,
                     })
                     .encode(&mut buf);
                     if buf.len() >= 64 * 1024 {

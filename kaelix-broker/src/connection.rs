@@ -24,7 +24,7 @@ use kaelix_core::protocol::{
 };
 use kaelix_core::runtime::TaskPriority;
 use kaelix_core::topic::check_group;
-use kaelix_core::{CloseReason, MemoryStreamerConfig, Timestamp, TopicPattern};
+use kaelix_core::{CloseReason, MemoryStreamerConfig, StartPosition, Timestamp, TopicPattern};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::TcpStream;
@@ -438,6 +438,7 @@ impl Connection {
             sid,
             pattern,
             group,
+            start,
         } = subscribe;
         let stats = &self.broker.stats;
         let refuse = |code, reason: String| {
@@ -462,13 +463,21 @@ impl Connection {
         } else {
             match parse_subscription(pattern, group) {
                 Err((code, reason)) => refuse(code, reason),
+                Ok((_, Some(_))) if start != StartPosition::Latest => refuse(
+                    ErrorCode::InvalidGroup,
+                    "a queue group subscription starts at the latest message: replaying \
+                     to one member of a group is not defined"
+                        .into(),
+                ),
                 Ok((pattern, group)) => {
-                    let sub = self.broker.router.subscribe(
-                        pattern,
-                        group,
-                        sid,
-                        Sink::Net(self.outbox.clone()),
-                    );
+                    let sink = Sink::Net(self.outbox.clone());
+                    let router = &self.broker.router;
+                    // A replay lands in the outbox before the SUB_ACK; the
+                    // client files messages by sid from the moment it asks.
+                    let sub = match start {
+                        StartPosition::Latest => router.subscribe(pattern, group, sid, sink),
+                        start => router.subscribe_from(pattern, group, sid, sink, start).0,
+                    };
                     self.subs.insert(sid, sub);
                     Frame::SubAck(sid)
                 }

@@ -120,6 +120,60 @@ fn queue_group_members_share_the_messages() {
     }
 }
 
+#[test]
+fn sub_from_replays_what_the_broker_holds_with_offsets() {
+    let broker = BrokerProcess::start(&[]);
+    for text in ["zero", "one", "two", "three"] {
+        let out = kaelix(&broker)
+            .args(["pub", "history", text])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+    }
+    let out = kaelix(&broker)
+        .args([
+            "sub",
+            "history",
+            "--from",
+            "offset:1",
+            "--offsets",
+            "-n",
+            "3",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "1 history one\n2 history two\n3 history three\n"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("from offset:1"));
+
+    let out = kaelix(&broker)
+        .args(["sub", "history", "--from", "last:1", "-n", "1"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "history three\n");
+
+    let out = kaelix(&broker)
+        .args(["sub", "history", "--from", "soon"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("unknown start position"), "{stderr}");
+    let out = kaelix(&broker)
+        .args(["sub", "history", "--queue", "q", "--from", "earliest"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot be combined"));
+}
+
 fn wait(child: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {
     let deadline = std::time::Instant::now() + limit;
     loop {

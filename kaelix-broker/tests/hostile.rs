@@ -157,6 +157,7 @@ async fn a_consumer_that_stops_reading_is_cut_off_not_the_others() {
             sid: 1,
             pattern: "flood".into(),
             group: None,
+            start: kaelix_core::StartPosition::Latest,
         }))
         .await;
     let consumer = Consumer::connect(&addr).await.unwrap();

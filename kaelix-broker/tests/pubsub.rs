@@ -238,6 +238,7 @@ async fn unsubscribe_stops_delivery() {
         sid: 7,
         pattern: "u".into(),
         group: None,
+        start: kaelix_core::StartPosition::Latest,
     }))
     .await;
     assert_eq!(raw.next().await, Some(Frame::SubAck(7)));

@@ -27,7 +27,7 @@ fn cpus_allowed(pid: u32, tid: &str) -> String {
 
 #[test]
 fn workers_are_pinned_as_logged() {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kaelix-broker"))
+    let child = Command::new(env!("CARGO_BIN_EXE_kaelix-broker"))
         .current_dir(std::env::temp_dir())
         .env("KAELIX_NETWORK_HOST", "127.0.0.1")
         .env("KAELIX_NETWORK_PORT", "0")
@@ -39,6 +39,17 @@ fn workers_are_pinned_as_logged() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    // Killed however the test ends, so a failed assertion leaves no broker
+    // running.
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut guard = KillOnDrop(child);
+    let child = &mut guard.0;
     let pid = child.id();
     let stderr = BufReader::new(child.stderr.take().unwrap());
     let started = stderr
@@ -72,8 +83,6 @@ fn workers_are_pinned_as_logged() {
         assert_eq!(cpus_allowed(pid, &tid), said, "{started}");
         assert!(allowed.contains(said.parse().unwrap()));
     }
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 #[test]

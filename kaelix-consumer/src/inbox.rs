@@ -16,7 +16,8 @@ use std::task::{ready, Context, Poll, Waker};
 use bytes::Bytes;
 use kaelix_core::outbox::Pushed;
 use kaelix_core::protocol::decode::{body_parts, header_pairs};
-use kaelix_core::{CloseReason, Message, MessageId, PartitionId, Timestamp, Topic};
+use kaelix_core::protocol::flags;
+use kaelix_core::{CloseReason, Message, MessageId, Offset, PartitionId, Timestamp, Topic};
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
@@ -30,6 +31,8 @@ pub(crate) struct Inbox {
     space: Notify,
     max_messages: usize,
     max_bytes: usize,
+    /// Messages the subscription asked for that the broker no longer held.
+    missed: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -48,7 +51,17 @@ impl Inbox {
             space: Notify::new(),
             max_messages: max_messages.max(1),
             max_bytes,
+            missed: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    pub(crate) fn add_missed(&self, n: u64) {
+        self.missed
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub(crate) fn missed(&self) -> u64 {
+        self.missed.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Moves `chunks` (holding `count` frames) into the inbox. Returns
@@ -115,11 +128,22 @@ impl Inbox {
 
 /// The frame at the front of `chunk`: its body flags and body range. The
 /// reader puts only whole, validated MESSAGE frames in chunks.
-fn frame_at(chunk: &[u8]) -> Option<(u8, std::ops::Range<usize>)> {
+/// The frame at the front of `chunk`: its body flags, its offset when it
+/// carries one, and where its message body lies.
+fn frame_at(chunk: &[u8]) -> Option<(u8, Option<Offset>, std::ops::Range<usize>)> {
     let header = chunk.get(..FRAME_HEADER)?;
     let len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]) as usize;
     let end = 4 + len;
-    (end >= FRAME_HEADER && end <= chunk.len()).then_some((header[5], FRAME_HEADER..end))
+    let flags = header[5];
+    let (offset, start) = if flags & flags::OFFSET != 0 {
+        let raw = chunk.get(FRAME_HEADER..FRAME_HEADER + 8)?;
+        let mut b = [0u8; 8];
+        b.copy_from_slice(raw);
+        (Some(Offset::new(u64::from_be_bytes(b))), FRAME_HEADER + 8)
+    } else {
+        (None, FRAME_HEADER)
+    };
+    (end >= start && end <= chunk.len()).then_some((flags & flags::BODY, offset, start..end))
 }
 
 /// The receiving half: the chunks taken from the inbox, turned into
@@ -212,7 +236,7 @@ impl Receiver {
         let mut n = 0;
         for chunk in self.chunks.drain(..) {
             let mut rest = &chunk[..];
-            while let Some((flags, body)) = frame_at(rest) {
+            while let Some((flags, offset, body)) = frame_at(rest) {
                 let body_bytes = &rest[body.clone()];
                 rest = &rest[body.end..];
                 let Ok(parts) = body_parts(body_bytes, flags) else {
@@ -225,6 +249,7 @@ impl Receiver {
                     topic,
                     payload: parts.payload,
                     partition: parts.partition.map(PartitionId::new),
+                    offset,
                     headers: parts.headers,
                     received_at: self.received_at,
                 });
@@ -236,7 +261,7 @@ impl Receiver {
 
     fn next_message(&mut self) -> Option<Message> {
         let chunk = self.chunks.front_mut()?;
-        let (flags, body) = frame_at(chunk)?;
+        let (flags, offset, body) = frame_at(chunk)?;
         let frame = chunk.split_to(body.end);
         if chunk.is_empty() {
             self.chunks.pop_front();
@@ -259,7 +284,7 @@ impl Receiver {
             payload: body.slice(payload_at..),
             timestamp: self.received_at,
             partition: parts.partition.map(PartitionId::new),
-            offset: None,
+            offset,
             headers: parts
                 .headers
                 .map(|h| header_pairs(h).collect())
@@ -279,6 +304,8 @@ pub struct MessageView<'a> {
     pub payload: &'a [u8],
     /// The partition the publisher chose, if any.
     pub partition: Option<PartitionId>,
+    /// Its offset in its topic.
+    pub offset: Option<Offset>,
     headers: Option<&'a [u8]>,
     received_at: Timestamp,
 }
@@ -299,7 +326,7 @@ impl MessageView<'_> {
             payload: Bytes::copy_from_slice(self.payload),
             timestamp: self.received_at,
             partition: self.partition,
-            offset: None,
+            offset: self.offset,
             headers: self
                 .headers
                 .map(|h| header_pairs(h).collect())
@@ -317,7 +344,7 @@ mod tests {
 
     fn frame(sid: u32, body: &MessageBody) -> Bytes {
         let mut b = BytesMut::new();
-        encode_deliver(&mut b, sid, body);
+        encode_deliver(&mut b, sid, None, body);
         b.freeze()
     }
 

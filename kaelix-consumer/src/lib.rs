@@ -38,7 +38,7 @@ use kaelix_core::client::{self, ClientOptions, CloseOnDrop, FrameReader};
 use kaelix_core::outbox::{Outbox, Pushed};
 use kaelix_core::protocol::{self, Frame, Peek, Subscribe, HEADER_LEN};
 use kaelix_core::topic::check_group;
-use kaelix_core::{CloseReason, Error, Message, Result, TopicPattern};
+use kaelix_core::{CloseReason, Error, Message, Result, StartPosition, TopicPattern};
 
 mod inbox;
 use inbox::Inbox;
@@ -122,7 +122,21 @@ impl Consumer {
     /// more). Returns once the broker has confirmed the subscription, so
     /// every message published after that reaches it.
     pub async fn subscribe(&self, pattern: impl AsRef<str>) -> Result<Subscription> {
-        self.subscribe_inner(TopicPattern::new(pattern)?, None)
+        self.subscribe_inner(TopicPattern::new(pattern)?, None, StartPosition::Latest)
+            .await
+    }
+
+    /// Subscribes starting at `start`: what the broker still holds of the
+    /// matching topics from there comes first, in offset order per topic,
+    /// then live messages, with no gap and no duplicate between the two.
+    /// [`Subscription::missed`] tells how many asked-for messages the broker
+    /// no longer held.
+    pub async fn subscribe_from(
+        &self,
+        pattern: impl AsRef<str>,
+        start: StartPosition,
+    ) -> Result<Subscription> {
+        self.subscribe_inner(TopicPattern::new(pattern)?, None, start)
             .await
     }
 
@@ -134,14 +148,19 @@ impl Consumer {
         group: &str,
     ) -> Result<Subscription> {
         check_group(group)?;
-        self.subscribe_inner(TopicPattern::new(pattern)?, Some(group))
-            .await
+        self.subscribe_inner(
+            TopicPattern::new(pattern)?,
+            Some(group),
+            StartPosition::Latest,
+        )
+        .await
     }
 
     async fn subscribe_inner(
         &self,
         pattern: TopicPattern,
         group: Option<&str>,
+        start: StartPosition,
     ) -> Result<Subscription> {
         let inner = &self.inner;
         let sid = inner.next_sid.fetch_add(1, Ordering::Relaxed);
@@ -163,6 +182,7 @@ impl Consumer {
             sid,
             pattern: pattern.to_bytes(),
             group: group.map(|g| Bytes::copy_from_slice(g.as_bytes())),
+            start,
         });
         let subscription = Subscription {
             sid,
@@ -227,6 +247,12 @@ pub struct Subscription {
 }
 
 impl Subscription {
+    /// How many of the messages its start position asked for the broker no
+    /// longer held (it then started at the oldest one it had); 0 otherwise.
+    pub fn missed(&self) -> u64 {
+        self.inbox.missed()
+    }
+
     /// The next message. When the subscription has ended it returns
     /// [`Error::Closed`] with the reason (unsubscribed, broker shutting
     /// down, connection lost), after every message already received.
@@ -490,6 +516,11 @@ fn handle_control(frame: Frame, inner: &Inner) -> Result<(), CloseReason> {
             inner.outbox.push_now(HEADER_LEN + 8, |b| pong.encode(b));
         }
         Frame::Pong(_) => {}
+        Frame::Missed(missed) => {
+            if let Some(inbox) = inner.state.lock().subs.get(&missed.sid) {
+                inbox.add_missed(missed.count);
+            }
+        }
         Frame::Error(e) => {
             return Err(CloseReason::Server {
                 code: e.code,

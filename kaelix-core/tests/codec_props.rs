@@ -90,12 +90,14 @@ fn frame() -> impl Strategy<Value = Frame> {
         (
             any::<u32>(),
             "[a-z.*>]{1,40}",
-            proptest::option::of("[a-z]{1,20}")
+            proptest::option::of("[a-z]{1,20}"),
+            start(),
         )
-            .prop_map(|(sid, pattern, group)| Frame::Subscribe(Subscribe {
+            .prop_map(|(sid, pattern, group, start)| Frame::Subscribe(Subscribe {
                 sid,
                 pattern: Bytes::from(pattern),
                 group: group.map(Bytes::from),
+                start,
             })),
         any::<u32>().prop_map(Frame::SubAck),
         (any::<u32>(), code(), text(100)).prop_map(|(sid, code, reason)| Frame::SubNack(Nack {
@@ -104,7 +106,21 @@ fn frame() -> impl Strategy<Value = Frame> {
             reason
         })),
         any::<u32>().prop_map(Frame::Unsubscribe),
-        (any::<u32>(), body()).prop_map(|(sid, body)| Frame::Message(Deliver { sid, body })),
+        (any::<u32>(), proptest::option::of(any::<u64>()), body())
+            .prop_map(|(sid, offset, body)| Frame::Message(Deliver { sid, offset, body })),
+        (any::<u32>(), any::<u64>())
+            .prop_map(|(sid, count)| Frame::Missed(kaelix_core::protocol::Missed { sid, count })),
+    ]
+}
+
+fn start() -> impl Strategy<Value = kaelix_core::StartPosition> {
+    use kaelix_core::StartPosition as S;
+    prop_oneof![
+        Just(S::Latest),
+        Just(S::Earliest),
+        any::<u64>().prop_map(S::Offset),
+        any::<u64>().prop_map(|t| S::Time(kaelix_core::Timestamp::from_nanos(t))),
+        any::<u64>().prop_map(S::Last),
     ]
 }
 

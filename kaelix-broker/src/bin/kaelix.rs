@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! kaelix sub 'events.>'                 # one line per message: topic, then payload
+//! kaelix sub orders --from earliest      # what the broker still holds, then live
 //! kaelix pub events.user.signup alice   # exits once the broker acknowledged it
 //! kaelix stats [--json]                 # the broker's statistics and rates
 //! ```
@@ -59,6 +60,14 @@ enum Command {
         /// Exit after this many messages.
         #[arg(long, short = 'n')]
         count: Option<u64>,
+        /// Where to start: latest (default), earliest, offset:N, last:N,
+        /// time:RFC3339 or ago:DURATION. What the broker still holds from
+        /// there comes first, then live messages.
+        #[arg(long, default_value = "latest")]
+        from: kaelix_core::StartPosition,
+        /// Begin each line with the message's offset in its topic.
+        #[arg(long)]
+        offsets: bool,
     },
     /// Print the broker's statistics: uptime, health, connections,
     /// subscriptions and topics, message and byte rates, refusals, drops.
@@ -97,7 +106,17 @@ async fn main() -> ExitCode {
             pattern,
             queue,
             count,
-        } => subscribe(&server, &pattern, queue.as_deref(), count).await,
+            from,
+            offsets,
+        } => {
+            let options = SubOptions {
+                queue,
+                count,
+                from,
+                offsets,
+            };
+            subscribe(&server, &pattern, options).await
+        }
         Command::Stats { json, interval } => stats(&server, json, interval).await,
     };
     match result {
@@ -135,21 +154,40 @@ async fn publish(server: &str, topic: &str, text: String, count: u64) -> Result<
     Ok(())
 }
 
-async fn subscribe(
-    server: &str,
-    pattern: &str,
-    queue: Option<&str>,
+struct SubOptions {
+    queue: Option<String>,
     count: Option<u64>,
-) -> Result<(), String> {
+    from: kaelix_core::StartPosition,
+    offsets: bool,
+}
+
+async fn subscribe(server: &str, pattern: &str, options: SubOptions) -> Result<(), String> {
+    let SubOptions {
+        queue,
+        count,
+        from,
+        offsets,
+    } = options;
     let consumer = Consumer::connect(server)
         .await
         .map_err(|e| format!("cannot connect to {server}: {e}"))?;
     let mut subscription = match queue {
-        Some(group) => consumer.subscribe_queue(pattern, group).await,
-        None => consumer.subscribe(pattern).await,
+        Some(_) if from != kaelix_core::StartPosition::Latest => {
+            return Err("--queue and --from cannot be combined: a queue group \
+                        starts at the latest message"
+                .into())
+        }
+        Some(group) => consumer.subscribe_queue(pattern, &group).await,
+        None => consumer.subscribe_from(pattern, from).await,
     }
     .map_err(|e| e.to_string())?;
-    eprintln!("subscribed to {pattern}");
+    eprintln!("subscribed to {pattern} from {from}");
+    if subscription.missed() > 0 {
+        eprintln!(
+            "missed {} message(s) no longer held by the broker; starting at the oldest it holds",
+            subscription.missed()
+        );
+    }
     let mut out = std::io::stdout().lock();
     let mut received = 0u64;
     while count.is_none_or(|n| received < n) {
@@ -162,6 +200,11 @@ async fn subscribe(
             }
         };
         received += 1;
+        if offsets {
+            if let Some(offset) = message.offset {
+                let _ = write!(out, "{offset} ");
+            }
+        }
         let line = writeln!(
             out,
             "{} {}",

@@ -217,11 +217,28 @@ impl Router {
                     self.stats.slow_consumers.fetch_add(1, Ordering::Relaxed);
                 }
             }
+            if let Sink::Net(outbox) = &sub.sink {
+                let mut frames = BytesMut::new();
+                if gone > 0 {
+                    Frame::Missed(kaelix_core::protocol::Missed {
+                        sid: sub.sid,
+                        count: gone,
+                    })
+                    .encode(&mut frames);
+                }
+                for k in &kept {
+                    encode_deliver_raw(&mut frames, sub.sid, Some(k.offset), k.flags, &k.body);
+                }
+                if !frames.is_empty() && outbox.append(&mut frames) == Pushed::Full {
+                    slow_consumer_net(outbox, &self.stats);
+                }
+            }
         }
         drop(locked);
         drop(registry);
-        if let Sink::Local(queue) = &sub.sink {
-            queue.wake();
+        match &sub.sink {
+            Sink::Local(queue) => queue.wake(),
+            Sink::Net(outbox) => outbox.wake(),
         }
         (sub, missed)
     }
@@ -495,7 +512,7 @@ impl Batch {
                     false
                 } else {
                     let (flags, body) = publication.wire_body();
-                    encode_deliver_raw(self.stage(outbox), sub.sid, flags, body);
+                    encode_deliver_raw(self.stage(outbox), sub.sid, Some(offset), flags, body);
                     true
                 }
             }

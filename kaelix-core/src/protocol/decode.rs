@@ -71,6 +71,8 @@ pub struct PublishRef<'a> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DeliverRef<'a> {
     pub sid: u32,
+    /// The message's offset in its topic, when the broker sent it.
+    pub offset: Option<u64>,
     pub body_flags: u8,
     pub body: &'a [u8],
 }
@@ -114,14 +116,20 @@ pub fn peek(buf: &[u8], max_frame_bytes: usize) -> Result<Peek<'_>, ProtocolErro
             ))
         }
         opcode::MESSAGE => {
-            check_flags("MESSAGE", fl, flags::BODY)?;
+            check_flags("MESSAGE", fl, flags::BODY | flags::OFFSET)?;
             let mut r = Reader::new(body, "MESSAGE");
             let sid = r.u32("sid")?;
+            let offset = if fl & flags::OFFSET != 0 {
+                Some(r.u64("offset")?)
+            } else {
+                None
+            };
             let body = r.rest();
             body_layout(body, fl, "MESSAGE")?;
             Ok(Peek::Deliver(
                 DeliverRef {
                     sid,
+                    offset,
                     body_flags: fl & flags::BODY,
                     body,
                 },
@@ -149,8 +157,8 @@ fn parse(frame: Bytes) -> Result<Frame, ProtocolError> {
     let name = opcode_name(op).ok_or(ProtocolError::UnknownOpcode(op))?;
     let allowed = match op {
         opcode::PUBLISH => flags::ACK | flags::BODY,
-        opcode::MESSAGE => flags::BODY,
-        opcode::SUBSCRIBE => flags::QUEUE,
+        opcode::MESSAGE => flags::BODY | flags::OFFSET,
+        opcode::SUBSCRIBE => flags::QUEUE | flags::START,
         _ => 0,
     };
     check_flags(name, fl, allowed)?;
@@ -196,9 +204,15 @@ fn parse(frame: Bytes) -> Result<Frame, ProtocolError> {
         }
         opcode::MESSAGE => {
             let sid = r.u32("sid")?;
+            let offset = if fl & flags::OFFSET != 0 {
+                Some(r.u64("offset")?)
+            } else {
+                None
+            };
             let start = r.pos;
             return Ok(Frame::Message(Deliver {
                 sid,
+                offset,
                 body: parse_body(body.slice(start..), fl, "MESSAGE")?,
             }));
         }
@@ -216,10 +230,30 @@ fn parse(frame: Bytes) -> Result<Frame, ProtocolError> {
             } else {
                 None
             };
+            let start = if fl & flags::START != 0 {
+                let kind = r.take(1, "start")?[0];
+                let value = r.u64("start value")?;
+                match kind {
+                    1 => crate::StartPosition::Earliest,
+                    2 => crate::StartPosition::Offset(value),
+                    3 => crate::StartPosition::Time(crate::Timestamp::from_nanos(value)),
+                    4 => crate::StartPosition::Last(value),
+                    other => {
+                        return Err(ProtocolError::UnknownValue {
+                            frame: "SUBSCRIBE",
+                            field: "start",
+                            value: u64::from(other),
+                        })
+                    }
+                }
+            } else {
+                crate::StartPosition::Latest
+            };
             Frame::Subscribe(Subscribe {
                 sid,
                 pattern: body.slice(pattern),
                 group,
+                start,
             })
         }
         opcode::SUB_ACK => Frame::SubAck(r.u32("sid")?),
@@ -229,6 +263,10 @@ fn parse(frame: Bytes) -> Result<Frame, ProtocolError> {
             reason: r.str16("reason")?,
         }),
         opcode::UNSUBSCRIBE => Frame::Unsubscribe(r.u32("sid")?),
+        opcode::MISSED => Frame::Missed(Missed {
+            sid: r.u32("sid")?,
+            count: r.u64("count")?,
+        }),
         _ => return Err(ProtocolError::UnknownOpcode(op)),
     };
     r.finish()?;
@@ -337,6 +375,7 @@ fn opcode_name(op: u8) -> Option<&'static str> {
         opcode::SUB_NACK => "SUB_NACK",
         opcode::UNSUBSCRIBE => "UNSUBSCRIBE",
         opcode::MESSAGE => "MESSAGE",
+        opcode::MISSED => "MISSED",
         _ => return None,
     })
 }
@@ -532,11 +571,11 @@ mod tests {
         );
 
         let mut out = BytesMut::new();
-        super::super::encode::encode_deliver_raw(&mut out, 9, p.body_flags, p.body);
+        super::super::encode::encode_deliver_raw(&mut out, 9, Some(77), p.body_flags, p.body);
         let Ok(Peek::Deliver(d, _)) = peek(&out, 1024) else {
             panic!("expected a delivery")
         };
-        assert_eq!((d.sid, d.body), (9, p.body));
+        assert_eq!((d.sid, d.offset, d.body), (9, Some(77), p.body));
         assert_eq!(peek(&Frame::Ping(1).to_bytes(), 1024), Ok(Peek::Other));
     }
 }

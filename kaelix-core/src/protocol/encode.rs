@@ -56,15 +56,25 @@ impl Frame {
                 put_str16(b, &n.reason);
             }),
             Frame::Subscribe(s) => {
-                let fl = if s.group.is_some() { flags::QUEUE } else { 0 };
+                let start = start_fields(s.start);
+                let fl = if s.group.is_some() { flags::QUEUE } else { 0 }
+                    | if start.is_some() { flags::START } else { 0 };
                 with_header(buf, opcode::SUBSCRIBE, fl, |b| {
                     b.put_u32(s.sid);
                     put_bytes8(b, &s.pattern);
                     if let Some(group) = &s.group {
                         put_bytes8(b, group);
                     }
+                    if let Some((kind, value)) = start {
+                        b.put_u8(kind);
+                        b.put_u64(value);
+                    }
                 })
             }
+            Frame::Missed(m) => with_header(buf, opcode::MISSED, 0, |b| {
+                b.put_u32(m.sid);
+                b.put_u64(m.count);
+            }),
             Frame::SubAck(sid) => with_header(buf, opcode::SUB_ACK, 0, |b| b.put_u32(*sid)),
             Frame::SubNack(n) => with_header(buf, opcode::SUB_NACK, 0, |b| {
                 b.put_u32(n.id as u32);
@@ -74,7 +84,9 @@ impl Frame {
             Frame::Unsubscribe(sid) => {
                 with_header(buf, opcode::UNSUBSCRIBE, 0, |b| b.put_u32(*sid))
             }
-            Frame::Message(d) => encode_deliver(buf, d.sid, &d.body),
+            Frame::Message(d) => {
+                encode_deliver_raw(buf, d.sid, d.offset, d.body.flags(), d.body.raw())
+            }
         }
     }
 
@@ -118,19 +130,48 @@ pub fn publish_len(
 }
 
 /// Writes a MESSAGE frame: the subscription id, then `body` unchanged.
-pub fn encode_deliver(buf: &mut BytesMut, sid: u32, body: &MessageBody) {
-    encode_deliver_raw(buf, sid, body.flags(), body.raw());
+pub fn encode_deliver(buf: &mut BytesMut, sid: u32, offset: Option<u64>, body: &MessageBody) {
+    encode_deliver_raw(buf, sid, offset, body.flags(), body.raw());
 }
 
 /// Writes a MESSAGE frame around an encoded body (as borrowed from a
 /// PUBLISH by [`peek`](super::decode::peek)).
-pub fn encode_deliver_raw(buf: &mut BytesMut, sid: u32, body_flags: u8, body: &[u8]) {
-    buf.reserve(deliver_len_raw(body));
-    buf.put_u32((2 + 4 + body.len()) as u32);
+pub fn encode_deliver_raw(
+    buf: &mut BytesMut,
+    sid: u32,
+    offset: Option<u64>,
+    body_flags: u8,
+    body: &[u8],
+) {
+    let extra = if offset.is_some() { 8 } else { 0 };
+    buf.reserve(deliver_len_raw(body) + extra);
+    buf.put_u32((2 + 4 + extra + body.len()) as u32);
     buf.put_u8(opcode::MESSAGE);
-    buf.put_u8(body_flags & flags::BODY);
-    buf.put_u32(sid);
+    let fl = body_flags & flags::BODY;
+    match offset {
+        Some(offset) => {
+            buf.put_u8(fl | flags::OFFSET);
+            buf.put_u32(sid);
+            buf.put_u64(offset);
+        }
+        None => {
+            buf.put_u8(fl);
+            buf.put_u32(sid);
+        }
+    }
     buf.put_slice(body);
+}
+
+/// SUBSCRIBE's start fields: `(kind, value)`, none for `Latest`.
+fn start_fields(start: crate::StartPosition) -> Option<(u8, u64)> {
+    use crate::StartPosition as S;
+    Some(match start {
+        S::Latest => return None,
+        S::Earliest => (1, 0),
+        S::Offset(n) => (2, n),
+        S::Time(t) => (3, t.as_nanos()),
+        S::Last(n) => (4, n),
+    })
 }
 
 /// The bytes a MESSAGE frame with `body` occupies.
@@ -138,7 +179,8 @@ pub fn deliver_len(body: &MessageBody) -> usize {
     deliver_len_raw(body.raw())
 }
 
-/// The bytes a MESSAGE frame around an encoded body occupies.
+/// The bytes a MESSAGE frame around an encoded body occupies (without an
+/// offset; add 8 with one).
 pub fn deliver_len_raw(body: &[u8]) -> usize {
     super::HEADER_LEN + 4 + body.len()
 }

@@ -38,6 +38,12 @@ pub enum ProtocolError {
         min: u16,
         max: u16,
     },
+    #[error("{frame} frame's {field} field has an undefined value {value}")]
+    UnknownValue {
+        frame: &'static str,
+        field: &'static str,
+        value: u64,
+    },
     #[error("{frame} frame is not allowed {context}")]
     Unexpected {
         frame: &'static str,

@@ -42,6 +42,9 @@ pub enum Frame {
     Unsubscribe(u32),
     /// Broker → client: a message for a subscription.
     Message(Deliver),
+    /// Broker → client: messages a subscription asked for that it will not
+    /// get (no longer retained).
+    Missed(Missed),
 }
 
 impl Frame {
@@ -63,6 +66,7 @@ impl Frame {
             Frame::SubNack(_) => "SUB_NACK",
             Frame::Unsubscribe(_) => "UNSUBSCRIBE",
             Frame::Message(_) => "MESSAGE",
+            Frame::Missed(_) => "MISSED",
         }
     }
 }
@@ -137,12 +141,23 @@ pub struct Subscribe {
     pub pattern: Bytes,
     /// The queue group, not yet validated.
     pub group: Option<Bytes>,
+    /// Where to start; `Latest` is sent as no start at all.
+    pub start: crate::StartPosition,
+}
+
+/// MISSED: how many messages a subscription asked for are gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Missed {
+    pub sid: u32,
+    pub count: u64,
 }
 
 /// A message delivered to a subscription.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Deliver {
     pub sid: u32,
+    /// The message's offset in its topic, when the broker sent it.
+    pub offset: Option<u64>,
     pub body: MessageBody,
 }
 

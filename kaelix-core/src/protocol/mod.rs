@@ -22,7 +22,8 @@ pub use decode::{decode, peek, Peek};
 pub use encode::{encode_deliver, encode_deliver_raw, encode_publish};
 pub use error::{ErrorCode, ProtocolError};
 pub use frame::{
-    Deliver, ErrorFrame, Frame, Hello, MessageBody, Nack, Publish, StatsReply, Subscribe, Welcome,
+    Deliver, ErrorFrame, Frame, Hello, MessageBody, Missed, Nack, Publish, StatsReply, Subscribe,
+    Welcome,
 };
 
 /// The protocol version this build speaks.
@@ -54,6 +55,7 @@ pub mod opcode {
     pub const SUB_NACK: u8 = 0x22;
     pub const UNSUBSCRIBE: u8 = 0x23;
     pub const MESSAGE: u8 = 0x30;
+    pub const MISSED: u8 = 0x31;
 }
 
 /// Flag bits. Bits a frame does not define must be zero.
@@ -69,4 +71,8 @@ pub mod flags {
     pub const BODY: u8 = HEADERS | PARTITION;
     /// SUBSCRIBE: a queue group name follows the pattern.
     pub const QUEUE: u8 = 0x01;
+    /// SUBSCRIBE: a start position follows (pattern and group).
+    pub const START: u8 = 0x02;
+    /// MESSAGE: the message's offset in its topic follows the sid.
+    pub const OFFSET: u8 = 0x08;
 }
