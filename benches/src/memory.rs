@@ -45,6 +45,7 @@ pub async fn topics(endpoint: &Endpoint, count: u64, pid: Option<u32>) -> Result
                         pattern: format!("bench.t.{i}").into(),
                         group: None,
                         start: kaelix_core::StartPosition::Latest,
+                        policy: None,
                     })
                     .encode(&mut buf);
                     if buf.len() >= 64 * 1024 {

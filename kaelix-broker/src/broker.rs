@@ -9,14 +9,16 @@ use kaelix_core::queue::{MessageQueue, QueueReceiver};
 use kaelix_core::runtime::Handle;
 use kaelix_core::topic::check_group;
 use kaelix_core::{
-    CloseReason, Error, MemoryStreamerConfig, Message, MessageBatch, Result, StartPosition, Topic,
-    TopicPattern,
+    CloseReason, Error, Gap, MemoryStreamerConfig, Message, MessageBatch, Result,
+    SlowConsumerPolicy, StartPosition, SubscribeOptions, Topic, TopicPattern,
 };
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::live::{LiveConfig, LiveLimits};
-use crate::router::{Batch, Publication, RouteCache, Router, Sink, Subscriber};
+use crate::router::{
+    Batch, Blocked, NewSub, Owner, Publication, RouteCache, Router, Sink, Subscriber,
+};
 use crate::stats::{BrokerStats, RuntimeStats, Stats};
 use crate::telemetry::{Endpoint, Metrics};
 use kaelix_core::config::HotReloadManager;
@@ -244,11 +246,38 @@ impl MessageBroker {
         pattern: impl IntoPattern,
         start: StartPosition,
     ) -> Result<Receiver> {
-        self.subscribe_start(pattern.into_pattern()?, None, start)
+        self.subscribe_start(pattern.into_pattern()?, None, start, None)
+    }
+
+    /// Subscribes with `options`: a start position, a queue group, and
+    /// this subscription's own slow-consumer policy (over the topics'
+    /// `[[topics]] slow_consumer`). A queue group starts at the latest
+    /// message: asking for both is an error.
+    pub async fn subscribe_with(
+        &self,
+        pattern: impl IntoPattern,
+        options: SubscribeOptions,
+    ) -> Result<Receiver> {
+        let pattern = pattern.into_pattern()?;
+        let group = match &options.queue_group {
+            Some(group) => {
+                check_group(group)?;
+                if options.start != StartPosition::Latest {
+                    return Err(Error::InvalidGroup {
+                        group: group.clone(),
+                        reason: "a queue group subscription starts at the latest message: \
+                                 replaying to one member of a group is not defined",
+                    });
+                }
+                Some(Arc::from(group.as_str()))
+            }
+            None => None,
+        };
+        self.subscribe_start(pattern, group, options.start, options.slow_consumer)
     }
 
     fn subscribe_inner(&self, pattern: TopicPattern, group: Option<Arc<str>>) -> Result<Receiver> {
-        self.subscribe_start(pattern, group, StartPosition::Latest)
+        self.subscribe_start(pattern, group, StartPosition::Latest, None)
     }
 
     fn subscribe_start(
@@ -256,6 +285,7 @@ impl MessageBroker {
         pattern: TopicPattern,
         group: Option<Arc<str>>,
         start: StartPosition,
+        policy: Option<SlowConsumerPolicy>,
     ) -> Result<Receiver> {
         if self.inner.shutdown.is_cancelled() {
             return Err(Error::BrokerNotRunning);
@@ -265,13 +295,17 @@ impl MessageBroker {
             LiveLimits::get(&limits.max_pending_messages),
             LiveLimits::get(&limits.max_pending_bytes),
         ));
-        let sink = Sink::Local(queue.clone());
+        let new = NewSub {
+            pattern,
+            group,
+            sid: 0,
+            sink: Sink::Local(queue.clone()),
+            policy,
+            owner: Owner::in_process(),
+        };
         let (sub, missed) = match start {
-            StartPosition::Latest => (self.inner.router.subscribe(pattern, group, 0, sink), 0),
-            start => self
-                .inner
-                .router
-                .subscribe_from(pattern, group, 0, sink, start),
+            StartPosition::Latest => (self.inner.router.subscribe(new), 0),
+            start => self.inner.router.subscribe_from(new, start),
         };
         Ok(Receiver {
             rx: QueueReceiver::new(queue),
@@ -288,19 +322,35 @@ impl MessageBroker {
         if message.topic != *topic {
             message.topic = topic.clone();
         }
-        self.route(std::iter::once(message))
+        let blocked = self.route(std::iter::once(message))?;
+        self.wait_for(blocked).await;
+        Ok(())
     }
 
     /// Publishes every message of `batch` on its own topic, waking each
     /// subscriber once for the whole batch.
     pub async fn publish_batch(&self, batch: MessageBatch) -> Result<()> {
         self.check_running()?;
-        self.route(batch)
+        let blocked = self.route(batch)?;
+        self.wait_for(blocked).await;
+        Ok(())
+    }
+
+    /// Under the block policy: returns once the subscribers this publish
+    /// filled past their limit have caught up (or were disconnected after
+    /// `limits.slow_consumer_block_ms`).
+    async fn wait_for(&self, blocked: Blocked) {
+        if blocked.is_empty() {
+            return;
+        }
+        let wait = LiveLimits::get(&self.inner.live.limits.slow_consumer_block_ms);
+        let limit = (wait > 0).then(|| std::time::Duration::from_millis(wait as u64));
+        blocked.wait(limit, &self.inner.stats).await;
     }
 
     /// Routes on the calling thread, with that thread's route cache, so
     /// that in-process publishers share no lock on a cache hit.
-    fn route(&self, messages: impl IntoIterator<Item = Message>) -> Result<()> {
+    fn route(&self, messages: impl IntoIterator<Item = Message>) -> Result<Blocked> {
         thread_local! {
             static CACHE: RefCell<Option<(u64, RouteCache)>> = const { RefCell::new(None) };
         }
@@ -324,7 +374,7 @@ impl MessageBroker {
                 );
             }
             batch.finish();
-            Ok(())
+            Ok(batch.take_blocked())
         })
     }
 
@@ -402,10 +452,18 @@ pub struct Receiver {
 }
 
 impl Receiver {
-    /// How many of the messages its start position asked for the broker no
-    /// longer held (an offset older than what is retained); 0 otherwise.
+    /// How many messages this receiver will not get: those its start
+    /// position asked for that the broker no longer held, and those
+    /// dropped because it fell behind under the `drop_oldest` policy.
     pub fn missed(&self) -> u64 {
-        self.missed
+        self.missed + self.rx.queue().dropped()
+    }
+
+    /// Where the messages dropped since the last call were (topic and
+    /// offsets), oldest first; they can be read again with a subscription
+    /// starting at a gap's first offset while the topic retains them.
+    pub fn take_gaps(&self) -> Vec<Gap> {
+        self.rx.queue().take_gaps()
     }
 
     /// The next message. After the subscription ends (the broker shut down,

@@ -32,7 +32,7 @@ use tokio::net::TcpStream;
 use crate::broker::Inner;
 use crate::exec;
 use crate::live::LiveLimits;
-use crate::router::{Batch, Publication, RouteCache, Sink, Subscriber};
+use crate::router::{Batch, NewSub, Owner, Publication, RouteCache, Sink, Subscriber};
 use crate::stats::{Disconnect, Rejection};
 
 /// Bytes of a connection's first reads; see `Connection::run`.
@@ -165,6 +165,7 @@ pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, broker: Arc<Inner
         cache: RouteCache::new(),
         batch: Batch::new(broker.stats.clone()),
         client: String::new(),
+        owner: None,
         config,
         acks: 0,
         id,
@@ -202,6 +203,9 @@ struct Connection {
     cache: RouteCache,
     batch: Batch,
     client: String,
+    /// Who this connection is, for the logs of its subscriptions; made
+    /// once the client has said its name.
+    owner: Option<Arc<Owner>>,
     config: Arc<MemoryStreamerConfig>,
     /// PUB_ACKs queued in this read batch, counted once per batch.
     acks: u64,
@@ -237,6 +241,20 @@ impl Connection {
         loop {
             if let Err(exit) = self.process(&mut buf, max_frame) {
                 return exit;
+            }
+            let blocked = self.batch.take_blocked();
+            if !blocked.is_empty() {
+                // A subscriber under the block policy is behind: read
+                // nothing more (TCP pushes back on this publisher) until it
+                // has caught up.
+                let wait = LiveLimits::get(&self.broker.live.limits.slow_consumer_block_ms);
+                let limit = (wait > 0).then(|| Duration::from_millis(wait as u64));
+                tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => return Exit::ShuttingDown,
+                    reason = self.outbox.closed() => return Exit::Outbox(reason),
+                    _ = blocked.wait(limit, &self.broker.stats) => {}
+                }
             }
             reads = reads.wrapping_add(1);
             if reads.is_multiple_of(READS_PER_YIELD) {
@@ -439,6 +457,7 @@ impl Connection {
             pattern,
             group,
             start,
+            policy,
         } = subscribe;
         let stats = &self.broker.stats;
         let refuse = |code, reason: String| {
@@ -470,13 +489,30 @@ impl Connection {
                         .into(),
                 ),
                 Ok((pattern, group)) => {
-                    let sink = Sink::Net(self.outbox.clone());
+                    let owner = self
+                        .owner
+                        .get_or_insert_with(|| {
+                            Arc::new(Owner {
+                                conn: self.id,
+                                peer: self.peer.to_string(),
+                                client: self.client.clone(),
+                            })
+                        })
+                        .clone();
+                    let new = NewSub {
+                        pattern,
+                        group,
+                        sid,
+                        sink: Sink::Net(self.outbox.clone()),
+                        policy,
+                        owner,
+                    };
                     let router = &self.broker.router;
                     // A replay lands in the outbox before the SUB_ACK; the
                     // client files messages by sid from the moment it asks.
                     let sub = match start {
-                        StartPosition::Latest => router.subscribe(pattern, group, sid, sink),
-                        start => router.subscribe_from(pattern, group, sid, sink, start).0,
+                        StartPosition::Latest => router.subscribe(new),
+                        start => router.subscribe_from(new, start).0,
                     };
                     self.subs.insert(sid, sub);
                     Frame::SubAck(sid)

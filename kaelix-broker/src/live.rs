@@ -38,6 +38,7 @@ const LIMITS: &[&str] = &[
     "limits.max_pending_bytes",
     "limits.max_subscriptions_per_connection",
     "limits.max_pending_messages",
+    "limits.slow_consumer_block_ms",
 ];
 
 /// The limits the data path checks, as atomics a reload can move.
@@ -49,6 +50,7 @@ pub(crate) struct LiveLimits {
     pub(crate) max_pending_bytes: Arc<AtomicUsize>,
     pub(crate) max_subscriptions_per_connection: AtomicUsize,
     pub(crate) max_pending_messages: AtomicUsize,
+    pub(crate) slow_consumer_block_ms: AtomicUsize,
 }
 
 impl LiveLimits {
@@ -59,6 +61,7 @@ impl LiveLimits {
             max_pending_bytes: Arc::new(AtomicUsize::new(0)),
             max_subscriptions_per_connection: AtomicUsize::new(0),
             max_pending_messages: AtomicUsize::new(0),
+            slow_consumer_block_ms: AtomicUsize::new(0),
         };
         limits.set(config);
         limits
@@ -75,6 +78,10 @@ impl LiveLimits {
             l.max_subscriptions_per_connection,
         );
         store(&self.max_pending_messages, l.max_pending_messages);
+        store(
+            &self.slow_consumer_block_ms,
+            usize::try_from(l.slow_consumer_block_ms).unwrap_or(usize::MAX),
+        );
     }
 
     pub(crate) fn get(a: &AtomicUsize) -> usize {

@@ -140,6 +140,10 @@ pub(crate) struct Stats {
     pub(crate) bytes_out: AtomicU64,
     pub(crate) acked: AtomicU64,
     pub(crate) slow_consumers: AtomicU64,
+    /// Messages dropped from slow subscribers' buffers (drop_oldest).
+    pub(crate) slow_dropped: AtomicU64,
+    /// Times a publisher waited for a slow subscriber (block).
+    pub(crate) slow_blocked: AtomicU64,
     pub(crate) subscriptions: AtomicI64,
     pub(crate) connections_active: AtomicI64,
     pub(crate) connections_total: AtomicU64,
@@ -158,6 +162,8 @@ impl Default for Stats {
             bytes_out: AtomicU64::new(0),
             acked: AtomicU64::new(0),
             slow_consumers: AtomicU64::new(0),
+            slow_dropped: AtomicU64::new(0),
+            slow_blocked: AtomicU64::new(0),
             subscriptions: AtomicI64::new(0),
             connections_active: AtomicI64::new(0),
             connections_total: AtomicU64::new(0),
@@ -214,6 +220,8 @@ impl Stats {
             publish_refusals,
             subscribe_refusals: self.subscribe_refused.snapshot(),
             slow_consumers: get(&self.slow_consumers),
+            slow_consumer_drops: get(&self.slow_dropped),
+            slow_consumer_waits: get(&self.slow_blocked),
             subscriptions: self.subscriptions.load(Ordering::Relaxed).max(0) as u64,
             topics: 0,
             wildcard_subscriptions: 0,
@@ -259,6 +267,12 @@ pub struct BrokerStats {
     pub subscribe_refusals: Vec<(&'static str, u64)>,
     /// Subscribers disconnected because they fell too far behind.
     pub slow_consumers: u64,
+    /// Messages dropped from the buffers of subscribers that fell behind
+    /// under the `drop_oldest` policy (each subscriber was told which).
+    pub slow_consumer_drops: u64,
+    /// Times a publisher waited for a subscriber that fell behind under the
+    /// `block` policy.
+    pub slow_consumer_waits: u64,
     /// Subscriptions active now.
     pub subscriptions: u64,
     /// Distinct exact topics with at least one subscription now.
@@ -333,6 +347,8 @@ impl BrokerStats {
             },
             "subscribe_refusals": map(&self.subscribe_refusals),
             "slow_consumers": self.slow_consumers,
+            "slow_consumer_drops": self.slow_consumer_drops,
+            "slow_consumer_waits": self.slow_consumer_waits,
             "runtime": self.runtime.as_ref().map(|r| serde_json::json!({
                 "workers": r.workers,
                 "placement": r.placement,
@@ -374,7 +390,7 @@ impl fmt::Display for BrokerStats {
             f,
             "up {}, {} connections ({} accepted, {} rejected), {} subscriptions on {} topics \
              (+{} wildcard), {} published ({}/s), {} delivered ({}/s), {}B in, {}B out, \
-             {} acknowledged, {} refused, {} slow consumers",
+             {} acknowledged, {} refused, {} slow consumers ({} messages dropped, {} waits)",
             duration(self.uptime),
             self.connections_active,
             human(self.connections_total as f64),
@@ -391,6 +407,8 @@ impl fmt::Display for BrokerStats {
             human(self.publishes_acknowledged as f64),
             self.publishes_refused,
             self.slow_consumers,
+            self.slow_consumer_drops,
+            self.slow_consumer_waits,
         )?;
         if let Some(runtime) = &self.runtime {
             write!(

@@ -158,6 +158,7 @@ async fn a_consumer_that_stops_reading_is_cut_off_not_the_others() {
             pattern: "flood".into(),
             group: None,
             start: kaelix_core::StartPosition::Latest,
+            policy: None,
         }))
         .await;
     let consumer = Consumer::connect(&addr).await.unwrap();

@@ -239,6 +239,7 @@ async fn unsubscribe_stops_delivery() {
         pattern: "u".into(),
         group: None,
         start: kaelix_core::StartPosition::Latest,
+        policy: None,
     }))
     .await;
     assert_eq!(raw.next().await, Some(Frame::SubAck(7)));

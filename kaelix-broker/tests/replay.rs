@@ -154,6 +154,7 @@ async fn retention_is_bounded_by_topic_bytes_and_by_the_broker_cap() {
             retain_messages: 1000,
             retain_bytes: 100 * 1024,
             retain_age_secs: 0,
+            ..TopicConfig::default()
         }],
         250 * 1024,
     );

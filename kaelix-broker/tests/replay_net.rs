@@ -159,11 +159,16 @@ async fn an_offset_no_longer_retained_starts_at_earliest_and_says_how_many_were_
         pattern: "short.window".into(),
         group: None,
         start: StartPosition::Offset(0),
+        policy: None,
     }))
     .await;
     assert_eq!(
         raw.next().await,
-        Some(Frame::Missed(Missed { sid: 7, count: 15 }))
+        Some(Frame::Missed(Missed {
+            sid: 7,
+            count: 15,
+            range: None
+        }))
     );
     for i in 15..20 {
         match raw.next().await {
@@ -180,6 +185,7 @@ async fn an_offset_no_longer_retained_starts_at_earliest_and_says_how_many_were_
         pattern: "short.window".into(),
         group: Some("workers".into()),
         start: StartPosition::Earliest,
+        policy: None,
     }))
     .await;
     match raw.next().await {

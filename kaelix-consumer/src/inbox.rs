@@ -17,7 +17,7 @@ use bytes::Bytes;
 use kaelix_core::outbox::Pushed;
 use kaelix_core::protocol::decode::{body_parts, header_pairs};
 use kaelix_core::protocol::flags;
-use kaelix_core::{CloseReason, Message, MessageId, Offset, PartitionId, Timestamp, Topic};
+use kaelix_core::{CloseReason, Gap, Message, MessageId, Offset, PartitionId, Timestamp, Topic};
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
@@ -31,8 +31,10 @@ pub(crate) struct Inbox {
     space: Notify,
     max_messages: usize,
     max_bytes: usize,
-    /// Messages the subscription asked for that the broker no longer held.
+    /// Messages the subscription will not get (see `Subscription::missed`).
     missed: std::sync::atomic::AtomicU64,
+    /// Where dropped ones were, until taken.
+    gaps: Mutex<Vec<Gap>>,
 }
 
 #[derive(Debug, Default)]
@@ -52,7 +54,16 @@ impl Inbox {
             max_messages: max_messages.max(1),
             max_bytes,
             missed: std::sync::atomic::AtomicU64::new(0),
+            gaps: Mutex::new(Vec::new()),
         }
+    }
+
+    pub(crate) fn add_gap(&self, gap: Gap) {
+        kaelix_core::flow::record_gap(&mut self.gaps.lock(), gap);
+    }
+
+    pub(crate) fn take_gaps(&self) -> Vec<Gap> {
+        std::mem::take(&mut self.gaps.lock())
     }
 
     pub(crate) fn add_missed(&self, n: u64) {

@@ -38,7 +38,9 @@ use kaelix_core::client::{self, ClientOptions, CloseOnDrop, FrameReader};
 use kaelix_core::outbox::{Outbox, Pushed};
 use kaelix_core::protocol::{self, Frame, Peek, Subscribe, HEADER_LEN};
 use kaelix_core::topic::check_group;
-use kaelix_core::{CloseReason, Error, Message, Result, StartPosition, TopicPattern};
+use kaelix_core::{
+    CloseReason, Error, Gap, Message, Result, StartPosition, SubscribeOptions, TopicPattern,
+};
 
 mod inbox;
 use inbox::Inbox;
@@ -122,8 +124,46 @@ impl Consumer {
     /// more). Returns once the broker has confirmed the subscription, so
     /// every message published after that reaches it.
     pub async fn subscribe(&self, pattern: impl AsRef<str>) -> Result<Subscription> {
-        self.subscribe_inner(TopicPattern::new(pattern)?, None, StartPosition::Latest)
+        self.subscribe_inner(TopicPattern::new(pattern)?, SubscribeOptions::new())
             .await
+    }
+
+    /// Subscribes with `options`: a start position, a queue group, and this
+    /// subscription's own slow-consumer policy (over the broker's
+    /// `[[topics]] slow_consumer` for the topics it matches).
+    ///
+    /// ```no_run
+    /// use kaelix_consumer::Consumer;
+    /// use kaelix_core::{SlowConsumerPolicy, StartPosition, SubscribeOptions};
+    /// # #[tokio::main] async fn main() -> kaelix_core::Result<()> {
+    /// let consumer = Consumer::connect("127.0.0.1:8080").await?;
+    /// let options = SubscribeOptions::new()
+    ///     .start(StartPosition::Last(100))
+    ///     .slow_consumer(SlowConsumerPolicy::DropOldest);
+    /// let mut ticks = consumer.subscribe_with("prices.>", options).await?;
+    /// let tick = ticks.recv().await?;
+    /// for gap in ticks.take_gaps() {
+    ///     eprintln!("missed {} on {} ({}..={})", gap.count, gap.topic, gap.first, gap.last);
+    /// }
+    /// # let _ = tick; Ok(()) }
+    /// ```
+    pub async fn subscribe_with(
+        &self,
+        pattern: impl AsRef<str>,
+        options: SubscribeOptions,
+    ) -> Result<Subscription> {
+        let pattern = TopicPattern::new(pattern)?;
+        if let Some(group) = &options.queue_group {
+            check_group(group)?;
+            if options.start != StartPosition::Latest {
+                return Err(Error::InvalidGroup {
+                    group: group.clone(),
+                    reason: "a queue group subscription starts at the latest message: \
+                             replaying to one member of a group is not defined",
+                });
+            }
+        }
+        self.subscribe_inner(pattern, options).await
     }
 
     /// Subscribes starting at `start`: what the broker still holds of the
@@ -136,8 +176,11 @@ impl Consumer {
         pattern: impl AsRef<str>,
         start: StartPosition,
     ) -> Result<Subscription> {
-        self.subscribe_inner(TopicPattern::new(pattern)?, None, start)
-            .await
+        self.subscribe_inner(
+            TopicPattern::new(pattern)?,
+            SubscribeOptions::new().start(start),
+        )
+        .await
     }
 
     /// Subscribes as a member of queue group `group`: each message matching
@@ -148,19 +191,15 @@ impl Consumer {
         group: &str,
     ) -> Result<Subscription> {
         check_group(group)?;
-        self.subscribe_inner(
-            TopicPattern::new(pattern)?,
-            Some(group),
-            StartPosition::Latest,
-        )
-        .await
+        let options = SubscribeOptions::new().queue_group(group);
+        self.subscribe_inner(TopicPattern::new(pattern)?, options)
+            .await
     }
 
     async fn subscribe_inner(
         &self,
         pattern: TopicPattern,
-        group: Option<&str>,
-        start: StartPosition,
+        options: SubscribeOptions,
     ) -> Result<Subscription> {
         let inner = &self.inner;
         let sid = inner.next_sid.fetch_add(1, Ordering::Relaxed);
@@ -181,8 +220,12 @@ impl Consumer {
         let frame = Frame::Subscribe(Subscribe {
             sid,
             pattern: pattern.to_bytes(),
-            group: group.map(|g| Bytes::copy_from_slice(g.as_bytes())),
-            start,
+            group: options
+                .queue_group
+                .as_ref()
+                .map(|g| Bytes::copy_from_slice(g.as_bytes())),
+            start: options.start,
+            policy: options.slow_consumer,
         });
         let subscription = Subscription {
             sid,
@@ -247,10 +290,19 @@ pub struct Subscription {
 }
 
 impl Subscription {
-    /// How many of the messages its start position asked for the broker no
-    /// longer held (it then started at the oldest one it had); 0 otherwise.
+    /// How many messages this subscription will not get: those its start
+    /// position asked for that the broker no longer held (it then started
+    /// at the oldest one it had), and those the broker dropped because the
+    /// subscription fell behind under the `drop_oldest` policy.
     pub fn missed(&self) -> u64 {
         self.inbox.missed()
+    }
+
+    /// Where the messages dropped since the last call were (topic and
+    /// offsets), oldest first. While the topic retains them they can be
+    /// read again with [`Consumer::subscribe_from`] at a gap's first offset.
+    pub fn take_gaps(&self) -> Vec<Gap> {
+        self.inbox.take_gaps()
     }
 
     /// The next message. When the subscription has ended it returns
@@ -519,6 +571,17 @@ fn handle_control(frame: Frame, inner: &Inner) -> Result<(), CloseReason> {
         Frame::Missed(missed) => {
             if let Some(inbox) = inner.state.lock().subs.get(&missed.sid) {
                 inbox.add_missed(missed.count);
+                let range = missed.range.and_then(|r| {
+                    Some(Gap {
+                        topic: kaelix_core::Topic::from_bytes(r.topic).ok()?,
+                        first: kaelix_core::Offset::new(r.first),
+                        last: kaelix_core::Offset::new(r.last),
+                        count: missed.count,
+                    })
+                });
+                if let Some(gap) = range {
+                    inbox.add_gap(gap);
+                }
             }
         }
         Frame::Error(e) => {

@@ -127,6 +127,50 @@ impl Outbox {
         Pushed::More
     }
 
+    /// Appends everything in `data` whatever the limit (the block policy:
+    /// the publisher then waits for [`wait_below_limit`](Self::wait_below_limit)).
+    pub fn append_over(&self, data: &mut BytesMut) -> Pushed {
+        self.append_then(data, |_, _| ()).0
+    }
+
+    /// Appends everything in `data` whatever the limit, then, if the buffer
+    /// is over the limit, lets `make_room(buffer, limit)` edit the frames
+    /// not yet handed to the writer (the drop-oldest policy), all under one
+    /// lock. Returns what became of the append, `make_room`'s answer (if it
+    /// ran) and whether the buffer is within the limit afterwards.
+    pub fn append_then<R>(
+        &self,
+        data: &mut BytesMut,
+        make_room: impl FnOnce(&mut BytesMut, usize) -> R,
+    ) -> (Pushed, Option<R>, bool) {
+        let mut state = self.state.lock();
+        if state.closed.is_some() {
+            data.clear();
+            return (Pushed::Closed, None, true);
+        }
+        if state.since.is_none() {
+            state.since = Some(Instant::now());
+        }
+        let pushed = if state.buf.is_empty() {
+            std::mem::swap(&mut state.buf, data);
+            Pushed::First
+        } else {
+            state.buf.extend_from_slice(data);
+            data.clear();
+            Pushed::More
+        };
+        let limit = self.limit();
+        let answer = (state.buf.len() > limit).then(|| make_room(&mut state.buf, limit));
+        let fits = state.buf.len() <= limit;
+        (pushed, answer, fits)
+    }
+
+    /// Waits until what is pending is within the limit again, or the
+    /// outbox closes.
+    pub async fn wait_below_limit(&self) {
+        self.wait_for_space(0).await
+    }
+
     fn limit(&self) -> usize {
         self.limit.load(Ordering::Relaxed)
     }

@@ -15,6 +15,7 @@ use parking_lot::Mutex;
 use tokio::sync::Notify;
 
 use crate::error::CloseReason;
+use crate::flow::{record_gap, Gap};
 use crate::message::Message;
 pub use crate::outbox::Pushed;
 
@@ -35,6 +36,10 @@ struct State {
     bytes: usize,
     waker: Option<Waker>,
     closed: Option<CloseReason>,
+    /// Messages dropped to make room (the drop-oldest policy).
+    dropped: u64,
+    /// Where they were, until the receiver takes the list.
+    gaps: Vec<Gap>,
 }
 
 impl MessageQueue {
@@ -107,6 +112,77 @@ impl MessageQueue {
         } else {
             Pushed::More
         }
+    }
+
+    /// Appends all of `messages` whatever the limits (the block policy:
+    /// the caller then waits for [`wait_for_space`](Self::wait_for_space)).
+    pub fn push_all_over(&self, messages: &mut Vec<Message>) -> Pushed {
+        let mut state = self.state.lock();
+        if state.closed.is_some() {
+            messages.clear();
+            return Pushed::Closed;
+        }
+        let was_empty = state.items.is_empty();
+        state.bytes += messages.iter().map(|m| m.payload.len()).sum::<usize>();
+        state.items.extend(messages.drain(..));
+        if was_empty {
+            Pushed::First
+        } else {
+            Pushed::More
+        }
+    }
+
+    /// Appends all of `messages`, then drops the oldest queued messages
+    /// until the queue is within its limits again (the drop-oldest
+    /// policy). Returns what became of the append and how many were
+    /// dropped; the drops are recorded as gaps for the receiver.
+    pub fn push_all_dropping_oldest(&self, messages: &mut Vec<Message>) -> (Pushed, u64) {
+        let mut state = self.state.lock();
+        if state.closed.is_some() {
+            messages.clear();
+            return (Pushed::Closed, 0);
+        }
+        let was_empty = state.items.is_empty();
+        state.bytes += messages.iter().map(|m| m.payload.len()).sum::<usize>();
+        state.items.extend(messages.drain(..));
+        let mut dropped = 0;
+        while state.items.len() > self.max_messages
+            || (state.items.len() > 1 && state.bytes > self.max_bytes)
+        {
+            let Some(old) = state.items.pop_front() else {
+                break;
+            };
+            state.bytes -= old.payload.len();
+            dropped += 1;
+            if let Some(offset) = old.offset {
+                record_gap(
+                    &mut state.gaps,
+                    Gap {
+                        topic: old.topic,
+                        first: offset,
+                        last: offset,
+                        count: 1,
+                    },
+                );
+            }
+        }
+        state.dropped += dropped;
+        let pushed = if was_empty || dropped > 0 && state.items.len() == 1 {
+            Pushed::First
+        } else {
+            Pushed::More
+        };
+        (pushed, dropped)
+    }
+
+    /// Messages dropped so far to make room (the drop-oldest policy).
+    pub fn dropped(&self) -> u64 {
+        self.state.lock().dropped
+    }
+
+    /// The gaps recorded since the last call, oldest first.
+    pub fn take_gaps(&self) -> Vec<Gap> {
+        std::mem::take(&mut self.state.lock().gaps)
     }
 
     /// Whether the queue is closed, without taking the lock: a hint for

@@ -92,13 +92,17 @@ fn frame() -> impl Strategy<Value = Frame> {
             "[a-z.*>]{1,40}",
             proptest::option::of("[a-z]{1,20}"),
             start(),
+            proptest::option::of(1u8..=3),
         )
-            .prop_map(|(sid, pattern, group, start)| Frame::Subscribe(Subscribe {
-                sid,
-                pattern: Bytes::from(pattern),
-                group: group.map(Bytes::from),
-                start,
-            })),
+            .prop_map(
+                |(sid, pattern, group, start, policy)| Frame::Subscribe(Subscribe {
+                    sid,
+                    pattern: Bytes::from(pattern),
+                    group: group.map(Bytes::from),
+                    start,
+                    policy: policy.and_then(kaelix_core::SlowConsumerPolicy::from_code),
+                })
+            ),
         any::<u32>().prop_map(Frame::SubAck),
         (any::<u32>(), code(), text(100)).prop_map(|(sid, code, reason)| Frame::SubNack(Nack {
             id: u64::from(sid),
@@ -108,8 +112,22 @@ fn frame() -> impl Strategy<Value = Frame> {
         any::<u32>().prop_map(Frame::Unsubscribe),
         (any::<u32>(), proptest::option::of(any::<u64>()), body())
             .prop_map(|(sid, offset, body)| Frame::Message(Deliver { sid, offset, body })),
-        (any::<u32>(), any::<u64>())
-            .prop_map(|(sid, count)| Frame::Missed(kaelix_core::protocol::Missed { sid, count })),
+        (
+            any::<u32>(),
+            any::<u64>(),
+            proptest::option::of(("[a-z.]{1,40}", any::<u64>(), any::<u64>()))
+        )
+            .prop_map(
+                |(sid, count, range)| Frame::Missed(kaelix_core::protocol::Missed {
+                    sid,
+                    count,
+                    range: range.map(|(topic, first, last)| kaelix_core::protocol::MissedRange {
+                        topic: Bytes::from(topic),
+                        first,
+                        last,
+                    }),
+                })
+            ),
     ]
 }
 

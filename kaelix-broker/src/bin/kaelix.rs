@@ -380,7 +380,13 @@ fn summary(server: &str, s: &serde_json::Value, rates: &serde_json::Value) -> St
     line(
         &mut out,
         "drops",
-        format!("{} slow consumers disconnected", n(&s["slow_consumers"])),
+        format!(
+            "{} slow consumers disconnected, {} messages dropped for slow consumers, \
+             {} publisher waits",
+            n(&s["slow_consumers"]),
+            n(&s["slow_consumer_drops"]),
+            n(&s["slow_consumer_waits"])
+        ),
     );
     if let Some(runtime) = s["runtime"].as_object() {
         line(

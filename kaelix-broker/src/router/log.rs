@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use foldhash::HashMap;
-use kaelix_core::{MemoryStreamerConfig, Timestamp, Topic, TopicPattern};
+use kaelix_core::{MemoryStreamerConfig, SlowConsumerPolicy, Timestamp, Topic, TopicPattern};
 use parking_lot::{Mutex, RwLock, RwLockWriteGuard};
 
 /// How much one topic keeps.
@@ -101,6 +101,9 @@ pub(crate) struct LogState {
     /// Bytes added in the current run, not yet counted in the budget.
     run_bytes: usize,
     retention: Retention,
+    /// What happens to this topic's subscribers that fall behind, unless a
+    /// subscription chose for itself.
+    pub(crate) slow_consumer: SlowConsumerPolicy,
     /// The broker-wide count of kept bytes, against `retention.max_bytes`.
     budget: Arc<Budget>,
 }
@@ -112,8 +115,13 @@ pub(crate) struct Budget {
 }
 
 impl LogState {
-    fn new(retention: Retention, budget: Arc<Budget>) -> LogState {
+    fn new(
+        retention: Retention,
+        slow_consumer: SlowConsumerPolicy,
+        budget: Arc<Budget>,
+    ) -> LogState {
         LogState {
+            slow_consumer,
             next: 0,
             kept: VecDeque::new(),
             chunks: VecDeque::new(),
@@ -340,14 +348,24 @@ impl Logs {
         if let Some(log) = self.map.read().get(topic) {
             return log.clone();
         }
-        let retention = Retention::of(&self.config.read(), topic);
+        let (retention, policy) = {
+            let config = self.config.read();
+            (
+                Retention::of(&config, topic),
+                config.topic_settings(topic).slow_consumer,
+            )
+        };
         self.map
             .write()
             .entry(topic.clone())
             .or_insert_with(|| {
                 Arc::new(TopicLog {
                     topic: topic.clone(),
-                    state: Arc::new(Mutex::new(LogState::new(retention, self.budget.clone()))),
+                    state: Arc::new(Mutex::new(LogState::new(
+                        retention,
+                        policy,
+                        self.budget.clone(),
+                    ))),
                 })
             })
             .clone()
@@ -387,7 +405,9 @@ impl Logs {
         let logs: Vec<Arc<TopicLog>> = self.map.read().values().cloned().collect();
         for log in logs {
             let retention = Retention::of(config, &log.topic);
-            log.state.lock().set_retention(retention);
+            let mut state = log.state.lock();
+            state.set_retention(retention);
+            state.slow_consumer = config.topic_settings(&log.topic).slow_consumer;
         }
     }
 

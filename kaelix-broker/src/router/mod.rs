@@ -11,6 +11,7 @@
 //! its whole batch ([`Batch::finish`]).
 
 pub(crate) mod log;
+mod shed;
 mod sublist;
 
 use std::cell::OnceCell;
@@ -23,7 +24,7 @@ use kaelix_core::outbox::{Outbox, Pushed};
 use kaelix_core::protocol::decode::{body_parts, header_pairs};
 use kaelix_core::protocol::{encode_deliver_raw, ErrorCode, ErrorFrame, Frame, MessageBody};
 use kaelix_core::queue::MessageQueue;
-use kaelix_core::{CloseReason, Message, Timestamp, Topic, TopicPattern};
+use kaelix_core::{CloseReason, Message, SlowConsumerPolicy, Timestamp, Topic, TopicPattern};
 use parking_lot::lock_api::ArcMutexGuard;
 use parking_lot::{RawMutex, RwLock};
 
@@ -39,6 +40,36 @@ pub(crate) enum Sink {
     Local(Arc<MessageQueue>),
 }
 
+/// Who holds a subscription, for the logs.
+#[derive(Debug)]
+pub(crate) struct Owner {
+    /// The connection id in the logs; 0 in process.
+    pub(crate) conn: u64,
+    pub(crate) peer: String,
+    pub(crate) client: String,
+}
+
+impl Owner {
+    pub(crate) fn in_process() -> Arc<Owner> {
+        Arc::new(Owner {
+            conn: 0,
+            peer: "in-process".into(),
+            client: String::new(),
+        })
+    }
+}
+
+/// A subscription about to be made.
+pub(crate) struct NewSub {
+    pub(crate) pattern: TopicPattern,
+    pub(crate) group: Option<Arc<str>>,
+    pub(crate) sid: u32,
+    pub(crate) sink: Sink,
+    /// Its own slow-consumer policy, over its topics'.
+    pub(crate) policy: Option<SlowConsumerPolicy>,
+    pub(crate) owner: Arc<Owner>,
+}
+
 /// One subscription.
 pub(crate) struct Subscriber {
     /// Unique in this broker.
@@ -48,6 +79,8 @@ pub(crate) struct Subscriber {
     pub(crate) pattern: TopicPattern,
     pub(crate) group: Option<Arc<str>>,
     pub(crate) sink: Sink,
+    pub(crate) policy: Option<SlowConsumerPolicy>,
+    pub(crate) owner: Arc<Owner>,
 }
 
 /// The subscribers of one topic.
@@ -119,19 +152,23 @@ impl Router {
         }
     }
 
-    pub(crate) fn subscribe(
-        &self,
-        pattern: TopicPattern,
-        group: Option<Arc<str>>,
-        sid: u32,
-        sink: Sink,
-    ) -> Arc<Subscriber> {
+    pub(crate) fn subscribe(&self, new: NewSub) -> Arc<Subscriber> {
+        let NewSub {
+            pattern,
+            group,
+            sid,
+            sink,
+            policy,
+            owner,
+        } = new;
         let sub = Arc::new(Subscriber {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             sid,
             pattern,
             group,
             sink,
+            policy,
+            owner,
         });
         self.subs.write().insert(sub.clone());
         self.generation.fetch_add(1, Ordering::Release);
@@ -184,21 +221,22 @@ impl Router {
     /// here, what comes after is delivered live.
     pub(crate) fn subscribe_from(
         &self,
-        pattern: TopicPattern,
-        group: Option<Arc<str>>,
-        sid: u32,
-        sink: Sink,
+        new: NewSub,
         start: kaelix_core::StartPosition,
     ) -> (Arc<Subscriber>, u64) {
         let registry = self.logs.lock_registry();
-        let mut logs = Logs::matching_in(&registry, &pattern);
+        let mut logs = Logs::matching_in(&registry, &new.pattern);
         logs.sort_by_key(|log| Arc::as_ptr(log) as usize);
         let mut locked: Vec<_> = logs.iter().map(|log| log.state.lock()).collect();
-        let sub = self.subscribe(pattern, group, sid, sink);
+        let sub = self.subscribe(new);
         let mut missed = 0;
+        // A replay never waits: under block it may pass the limit (by at
+        // most what the topics retain).
+        let mut never_waited = Blocked::default();
         for (log, state) in logs.iter().zip(locked.iter_mut()) {
             let (kept, gone) = state.since(start);
             missed += gone;
+            let policy = sub.policy.unwrap_or(state.slow_consumer);
             if let Sink::Local(queue) = &sub.sink {
                 let mut messages: Vec<Message> = kept
                     .iter()
@@ -212,10 +250,7 @@ impl Router {
                 if messages.is_empty() {
                     continue;
                 }
-                if queue.push_all(&mut messages) == Pushed::Full {
-                    queue.close(CloseReason::SlowConsumer);
-                    self.stats.slow_consumers.fetch_add(1, Ordering::Relaxed);
-                }
+                offer_local(queue, &mut messages, policy, &self.stats, &mut never_waited);
             }
             if let Sink::Net(outbox) = &sub.sink {
                 let mut frames = BytesMut::new();
@@ -223,6 +258,7 @@ impl Router {
                     Frame::Missed(kaelix_core::protocol::Missed {
                         sid: sub.sid,
                         count: gone,
+                        range: None,
                     })
                     .encode(&mut frames);
                 }
@@ -230,7 +266,9 @@ impl Router {
                     encode_deliver_raw(&mut frames, sub.sid, Some(k.offset), k.flags, &k.body);
                 }
                 if !frames.is_empty() && outbox.append(&mut frames) == Pushed::Full {
-                    slow_consumer_net(outbox, &self.stats);
+                    let mut overflow = Overflow::new(&sub.owner);
+                    overflow.add(sub.sid, policy);
+                    overflow_net(outbox, &mut frames, &overflow, &self.stats);
                 }
             }
         }
@@ -382,12 +420,107 @@ struct Staged {
     outbox: Arc<Outbox>,
     frames: BytesMut,
     count: u64,
+    /// What to do if the outbox is full.
+    overflow: Overflow,
+}
+
+/// What a full buffer's subscriptions in one run chose.
+struct Overflow {
+    owner: Arc<Owner>,
+    /// Subscriptions (sids) under drop_oldest.
+    shed: Vec<u32>,
+    /// Any subscription under block.
+    block: bool,
+}
+
+impl Overflow {
+    fn new(owner: &Arc<Owner>) -> Overflow {
+        Overflow {
+            owner: owner.clone(),
+            shed: Vec::new(),
+            block: false,
+        }
+    }
+
+    fn add(&mut self, sid: u32, policy: SlowConsumerPolicy) {
+        match policy {
+            SlowConsumerPolicy::Disconnect => {}
+            SlowConsumerPolicy::DropOldest => {
+                if !self.shed.contains(&sid) {
+                    self.shed.push(sid);
+                }
+            }
+            SlowConsumerPolicy::Block => self.block = true,
+        }
+    }
+}
+
+/// Messages for one in-process receiver, gathered during a run.
+struct LocalStaged {
+    queue: Arc<MessageQueue>,
+    messages: Vec<Message>,
+    policy: SlowConsumerPolicy,
+}
+
+/// Buffers a publisher filled past their limit under the block policy: it
+/// waits for them (see [`Blocked::wait`]) before it reads more.
+#[derive(Default)]
+pub(crate) struct Blocked {
+    outboxes: Vec<(Arc<Outbox>, Arc<Owner>)>,
+    queues: Vec<Arc<MessageQueue>>,
+}
+
+impl Blocked {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.outboxes.is_empty() && self.queues.is_empty()
+    }
+
+    /// Waits until every buffer is within its limit again; one that is not
+    /// within `limit` (if any) is closed as a slow consumer.
+    pub(crate) async fn wait(self, limit: Option<std::time::Duration>, stats: &Stats) {
+        stats.slow_blocked.fetch_add(1, Ordering::Relaxed);
+        let deadline = limit.map(|l| tokio::time::Instant::now() + l);
+        let until = |deadline: Option<tokio::time::Instant>| async move {
+            match deadline {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        for (outbox, owner) in self.outboxes {
+            tokio::select! {
+                _ = outbox.wait_below_limit() => {}
+                _ = until(deadline) => {
+                    tracing::warn!(
+                        conn = owner.conn, peer = %owner.peer, client = ?owner.client,
+                        "slow consumer disconnected: publishers waited longer than \
+                         limits.slow_consumer_block_ms for it to catch up"
+                    );
+                    slow_consumer_net(&outbox, stats);
+                }
+            }
+        }
+        for queue in self.queues {
+            tokio::select! {
+                _ = queue.wait_for_space() => {}
+                _ = until(deadline) => {
+                    tracing::warn!(
+                        "slow in-process receiver closed: publishers waited longer than \
+                         limits.slow_consumer_block_ms for it to catch up"
+                    );
+                    queue.close(CloseReason::SlowConsumer);
+                    stats.slow_consumers.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
 }
 
 /// The topic a batch is publishing to now, with its log locked.
 struct Run {
     route: Arc<Route>,
     log: ArcMutexGuard<RawMutex, LogState>,
+    /// The topic's slow-consumer policy.
+    policy: SlowConsumerPolicy,
 }
 
 /// Routing state of one publisher: frames staged per subscriber, receivers
@@ -407,8 +540,10 @@ pub(crate) struct Batch {
     index: HashMap<usize, usize>,
     /// Emptied staging buffers, kept for reuse.
     spare: Vec<BytesMut>,
-    /// Messages for in-process receivers, appended once per batch.
-    local: Vec<(Arc<MessageQueue>, Vec<Message>)>,
+    /// Messages for in-process receivers, appended once per run.
+    local: Vec<LocalStaged>,
+    /// Buffers filled past their limit under the block policy.
+    blocked: Blocked,
     /// Queue address → index in `local`.
     local_index: HashMap<usize, usize>,
     published: u64,
@@ -430,6 +565,7 @@ impl Batch {
             spare: Vec::new(),
             local: Vec::new(),
             local_index: HashMap::default(),
+            blocked: Blocked::default(),
             published: 0,
             delivered: 0,
             bytes_in: 0,
@@ -468,7 +604,8 @@ impl Batch {
                     generation,
                 })
             };
-            self.run = Some(Run { route, log });
+            let policy = log.slow_consumer;
+            self.run = Some(Run { route, log, policy });
         }
         // Taken out for the deliveries (which borrow the batch) and put
         // back: no reference count moves per message.
@@ -479,15 +616,16 @@ impl Batch {
         let offset = run.log.append(publication.timestamp, flags, body);
         self.published += 1;
         let matches = &run.route.matches;
+        let at = (offset, run.policy);
         for sub in &matches.plain {
-            self.deliver(sub, topic, publication, offset);
+            self.deliver(sub, topic, publication, at);
         }
         for group in &matches.groups {
             let n = group.members.len();
             let start = group.next.fetch_add(1, Ordering::Relaxed);
             // The first member that takes it; a closed or full one passes it on.
             for i in 0..n {
-                if self.deliver(&group.members[(start + i) % n], topic, publication, offset) {
+                if self.deliver(&group.members[(start + i) % n], topic, publication, at) {
                     break;
                 }
             }
@@ -499,20 +637,24 @@ impl Batch {
         self.bytes_in += n as u64;
     }
 
+    /// Delivers to one subscriber the message at `offset` of a topic
+    /// whose slow-consumer policy is `policy`.
     fn deliver(
         &mut self,
         sub: &Subscriber,
         topic: &Topic,
         publication: &Publication<'_>,
-        offset: u64,
+        (offset, policy): (u64, SlowConsumerPolicy),
     ) -> bool {
+        let policy = sub.policy.unwrap_or(policy);
         let ok = match &sub.sink {
             Sink::Net(outbox) => {
                 if outbox.is_closed_hint() {
                     false
                 } else {
                     let (flags, body) = publication.wire_body();
-                    encode_deliver_raw(self.stage(outbox), sub.sid, Some(offset), flags, body);
+                    let frames = self.stage(outbox, sub, policy);
+                    encode_deliver_raw(frames, sub.sid, Some(offset), flags, body);
                     true
                 }
             }
@@ -522,7 +664,7 @@ impl Batch {
                 } else {
                     let mut message = publication.message(topic);
                     message.offset = Some(kaelix_core::Offset::new(offset));
-                    self.stage_local(queue).push(message);
+                    self.stage_local(queue, policy).push(message);
                     true
                 }
             }
@@ -532,21 +674,35 @@ impl Batch {
     }
 
     /// The messages staged for an in-process receiver's `queue`.
-    fn stage_local(&mut self, queue: &Arc<MessageQueue>) -> &mut Vec<Message> {
+    fn stage_local(
+        &mut self,
+        queue: &Arc<MessageQueue>,
+        policy: SlowConsumerPolicy,
+    ) -> &mut Vec<Message> {
         let key = Arc::as_ptr(queue) as usize;
         let at = match self.local_index.get(&key) {
             Some(&at) => at,
             None => {
-                self.local.push((queue.clone(), Vec::new()));
+                self.local.push(LocalStaged {
+                    queue: queue.clone(),
+                    messages: Vec::new(),
+                    policy,
+                });
                 self.local_index.insert(key, self.local.len() - 1);
                 self.local.len() - 1
             }
         };
-        &mut self.local[at].1
+        &mut self.local[at].messages
     }
 
-    /// The staging buffer for `outbox`.
-    fn stage(&mut self, outbox: &Arc<Outbox>) -> &mut BytesMut {
+    /// The staging buffer for `outbox`, noting `sub`'s `policy` for the
+    /// case where the outbox turns out to be full.
+    fn stage(
+        &mut self,
+        outbox: &Arc<Outbox>,
+        sub: &Subscriber,
+        policy: SlowConsumerPolicy,
+    ) -> &mut BytesMut {
         let key = Arc::as_ptr(outbox) as usize;
         let at = match self.index.get(&key) {
             Some(&at) => at,
@@ -556,6 +712,7 @@ impl Batch {
                     outbox: outbox.clone(),
                     frames,
                     count: 0,
+                    overflow: Overflow::new(&sub.owner),
                 });
                 self.index.insert(key, self.staged.len() - 1);
                 self.staged.len() - 1
@@ -563,6 +720,9 @@ impl Batch {
         };
         let staged = &mut self.staged[at];
         staged.count += 1;
+        if policy != SlowConsumerPolicy::Disconnect {
+            staged.overflow.add(sub.sid, policy);
+        }
         &mut staged.frames
     }
 
@@ -575,33 +735,54 @@ impl Batch {
         };
         for mut staged in self.staged.drain(..) {
             let bytes = staged.frames.len() as u64;
-            match staged.outbox.append(&mut staged.frames) {
+            let mut pushed = staged.outbox.append(&mut staged.frames);
+            if pushed == Pushed::Full {
+                let (then, dropped) = overflow_net(
+                    &staged.outbox,
+                    &mut staged.frames,
+                    &staged.overflow,
+                    &self.stats,
+                );
+                pushed = then;
+                self.delivered = self.delivered.saturating_sub(dropped);
+                if staged.overflow.block && pushed != Pushed::Closed {
+                    let blocked = &mut self.blocked.outboxes;
+                    if !blocked.iter().any(|(o, _)| Arc::ptr_eq(o, &staged.outbox)) {
+                        blocked.push((staged.outbox.clone(), staged.overflow.owner.clone()));
+                    }
+                }
+            }
+            match pushed {
                 Pushed::First => {
                     self.to_wake.push(staged.outbox.clone());
                     self.bytes_out += bytes;
                 }
                 Pushed::More => self.bytes_out += bytes,
-                Pushed::Full => {
-                    slow_consumer_net(&staged.outbox, &self.stats);
-                    self.delivered -= staged.count;
-                }
-                Pushed::Closed => self.delivered -= staged.count,
+                Pushed::Full | Pushed::Closed => self.delivered -= staged.count,
             }
             staged.frames.clear();
             self.spare.push(staged.frames);
         }
         self.index.clear();
-        for (queue, mut messages) in self.local.drain(..) {
+        for LocalStaged {
+            queue,
+            mut messages,
+            policy,
+        } in self.local.drain(..)
+        {
             let n = messages.len() as u64;
-            match queue.push_all(&mut messages) {
+            let (pushed, dropped) = offer_local(
+                &queue,
+                &mut messages,
+                policy,
+                &self.stats,
+                &mut self.blocked,
+            );
+            self.delivered = self.delivered.saturating_sub(dropped);
+            match pushed {
                 Pushed::First => self.local_to_wake.push(queue),
                 Pushed::More => {}
-                Pushed::Full => {
-                    queue.close(CloseReason::SlowConsumer);
-                    self.stats.slow_consumers.fetch_add(1, Ordering::Relaxed);
-                    self.delivered -= n;
-                }
-                Pushed::Closed => self.delivered -= n,
+                Pushed::Full | Pushed::Closed => self.delivered -= n,
             }
         }
         self.local_index.clear();
@@ -613,6 +794,12 @@ impl Batch {
         for queue in self.local_to_wake.drain(..) {
             queue.wake();
         }
+    }
+
+    /// The buffers this batch filled past their limit under the block
+    /// policy, to wait for before reading more.
+    pub(crate) fn take_blocked(&mut self) -> Blocked {
+        std::mem::take(&mut self.blocked)
     }
 
     /// Ends the run and publishes the counts.
@@ -635,6 +822,96 @@ impl Drop for Batch {
     fn drop(&mut self) {
         self.finish();
     }
+}
+
+/// Hands `messages` to an in-process receiver's queue under `policy`.
+/// Returns what became of them and how many were dropped to make room; a
+/// queue filled past its limit under block is added to `blocked`.
+fn offer_local(
+    queue: &Arc<MessageQueue>,
+    messages: &mut Vec<Message>,
+    policy: SlowConsumerPolicy,
+    stats: &Stats,
+    blocked: &mut Blocked,
+) -> (Pushed, u64) {
+    let pushed = match policy {
+        SlowConsumerPolicy::Disconnect => queue.push_all(messages),
+        SlowConsumerPolicy::DropOldest => {
+            let (pushed, dropped) = queue.push_all_dropping_oldest(messages);
+            if dropped > 0 {
+                stats.slow_dropped.fetch_add(dropped, Ordering::Relaxed);
+                tracing::warn!(
+                    dropped,
+                    "slow in-process receiver: dropped its oldest messages"
+                );
+            }
+            return (pushed, dropped);
+        }
+        SlowConsumerPolicy::Block => match queue.push_all(messages) {
+            Pushed::Full => {
+                if !blocked.queues.iter().any(|q| Arc::ptr_eq(q, queue)) {
+                    blocked.queues.push(queue.clone());
+                }
+                queue.push_all_over(messages)
+            }
+            pushed => pushed,
+        },
+    };
+    if pushed == Pushed::Full {
+        tracing::warn!("slow in-process receiver closed: its queue is full");
+        queue.close(CloseReason::SlowConsumer);
+        stats.slow_consumers.fetch_add(1, Ordering::Relaxed);
+    }
+    (pushed, 0)
+}
+
+/// A full outbox: the subscriptions' policies decide. Returns what became
+/// of `frames` and how many messages were dropped to make room.
+fn overflow_net(
+    outbox: &Outbox,
+    frames: &mut BytesMut,
+    overflow: &Overflow,
+    stats: &Stats,
+) -> (Pushed, u64) {
+    let owner = &overflow.owner;
+    if overflow.block {
+        return (outbox.append_over(frames), 0);
+    }
+    if overflow.shed.is_empty() {
+        tracing::warn!(
+            conn = owner.conn, peer = %owner.peer, client = ?owner.client,
+            pending = outbox.pending_bytes(),
+            "slow consumer disconnected: more was pending than limits.max_pending_bytes"
+        );
+        slow_consumer_net(outbox, stats);
+        return (Pushed::Full, 0);
+    }
+    // Down to three quarters of the limit, so that a consumer that stays
+    // behind costs one pass over its buffer per quarter of it, not one per
+    // batch.
+    let (pushed, dropped, fits) = outbox.append_then(frames, |buf, limit| {
+        shed::drop_oldest(buf, limit / 4 * 3, &overflow.shed)
+    });
+    let dropped = dropped.unwrap_or_default();
+    let count: u64 = dropped.iter().map(|d| d.new).sum();
+    stats.slow_dropped.fetch_add(count, Ordering::Relaxed);
+    for d in &dropped {
+        tracing::warn!(
+            conn = owner.conn, peer = %owner.peer, client = ?owner.client,
+            sid = d.sid, topic = %String::from_utf8_lossy(&d.topic),
+            dropped = d.new, missed = d.count, first = d.first, last = d.last,
+            "slow consumer: dropped its oldest messages"
+        );
+    }
+    if !fits {
+        tracing::warn!(
+            conn = owner.conn, peer = %owner.peer, client = ?owner.client,
+            "slow consumer disconnected: dropping its drop_oldest subscriptions' messages \
+             did not make enough room"
+        );
+        slow_consumer_net(outbox, stats);
+    }
+    (pushed, count)
 }
 
 fn slow_consumer_net(outbox: &Outbox, stats: &Stats) {
@@ -664,12 +941,14 @@ mod tests {
         group: Option<&str>,
     ) -> (Arc<Subscriber>, Arc<MessageQueue>) {
         let queue = Arc::new(MessageQueue::new(1000, 1 << 20));
-        let sub = router.subscribe(
-            TopicPattern::new(pattern).unwrap(),
-            group.map(Into::into),
-            0,
-            Sink::Local(queue.clone()),
-        );
+        let sub = router.subscribe(NewSub {
+            pattern: TopicPattern::new(pattern).unwrap(),
+            group: group.map(Into::into),
+            sid: 0,
+            sink: Sink::Local(queue.clone()),
+            policy: None,
+            owner: Owner::in_process(),
+        });
         (sub, queue)
     }
 

@@ -113,6 +113,14 @@ impl MessageBroker {
         set("kaelix_bytes_delivered_total", stats.bytes_delivered);
         set("kaelix_publish_acks_total", stats.publishes_acknowledged);
         set("kaelix_slow_consumers_total", stats.slow_consumers);
+        set(
+            "kaelix_slow_consumer_dropped_total",
+            stats.slow_consumer_drops,
+        );
+        set(
+            "kaelix_slow_consumer_waits_total",
+            stats.slow_consumer_waits,
+        );
         set("kaelix_connections_accepted_total", stats.connections_total);
         for (reason, n) in &stats.publish_refusals {
             counter!("kaelix_publish_refusals_total", "reason" => *reason).absolute(*n);
@@ -226,6 +234,14 @@ fn describe() {
     describe_counter!(
         "kaelix_slow_consumers_total",
         "Subscribers closed because more was pending for them than their limit."
+    );
+    describe_counter!(
+        "kaelix_slow_consumer_dropped_total",
+        "Messages dropped from the buffers of subscribers that fell behind (drop_oldest)."
+    );
+    describe_counter!(
+        "kaelix_slow_consumer_waits_total",
+        "Times a publisher waited for a subscriber that fell behind (block)."
     );
     describe_counter!(
         "kaelix_connections_accepted_total",

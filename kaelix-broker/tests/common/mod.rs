@@ -222,6 +222,17 @@ pub async fn eventually(limit: Duration, what: &str, mut check: impl FnMut() -> 
     }
 }
 
+/// The resident memory of process `pid`, in bytes.
+pub fn rss_of(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("VmRSS");
+    kb * 1024
+}
+
 /// A client that speaks raw frames, for hostile-input tests.
 pub struct RawClient {
     pub stream: TcpStream,
@@ -236,9 +247,28 @@ impl RawClient {
         }
     }
 
+    /// Connects with a small receive buffer, so that a client that does
+    /// not read falls behind quickly, and completes the handshake.
+    pub async fn handshake_small(addr: &str) -> RawClient {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+        let stream = socket
+            .connect(addr.parse().expect("an address"))
+            .await
+            .expect("connect");
+        Self::hello(RawClient {
+            stream,
+            buf: BytesMut::new(),
+        })
+        .await
+    }
+
     /// Connects and completes the handshake.
     pub async fn handshake(addr: &str) -> RawClient {
-        let mut client = Self::connect(addr).await;
+        Self::hello(Self::connect(addr).await).await
+    }
+
+    async fn hello(mut client: RawClient) -> RawClient {
         client
             .send(&Frame::Hello(Hello {
                 min_version: 1,

@@ -65,12 +65,16 @@ pub struct LimitsConfig {
     /// larger ones are refused and the connection stays.
     pub max_payload_bytes: usize,
     /// Bytes queued for one connection before it counts as a slow consumer
-    /// and is disconnected.
+    /// and its topics' `slow_consumer` policy applies.
     pub max_pending_bytes: usize,
     /// Subscriptions one connection may hold.
     pub max_subscriptions_per_connection: usize,
     /// Messages an in-process receiver may hold before it counts as slow.
     pub max_pending_messages: usize,
+    /// Under the `block` policy, how long a publisher waits for a slow
+    /// subscriber to make room before that subscriber is disconnected;
+    /// 0 waits for as long as it takes.
+    pub slow_consumer_block_ms: u64,
 }
 
 impl Default for LimitsConfig {
@@ -81,6 +85,7 @@ impl Default for LimitsConfig {
             max_pending_bytes: 64 * 1024 * 1024,
             max_subscriptions_per_connection: 10_000,
             max_pending_messages: 1_000_000,
+            slow_consumer_block_ms: 10_000,
         }
     }
 }
@@ -241,6 +246,9 @@ pub struct TopicConfig {
     pub retain_bytes: usize,
     /// Oldest message age kept, in seconds; 0 keeps them regardless of age.
     pub retain_age_secs: u64,
+    /// What happens to a subscriber of these topics that falls behind:
+    /// `disconnect`, `drop_oldest` or `block`.
+    pub slow_consumer: crate::SlowConsumerPolicy,
 }
 
 impl Default for TopicConfig {
@@ -250,6 +258,7 @@ impl Default for TopicConfig {
             retain_messages: 1000,
             retain_bytes: 16 * 1024 * 1024,
             retain_age_secs: 0,
+            slow_consumer: crate::SlowConsumerPolicy::Disconnect,
         }
     }
 }

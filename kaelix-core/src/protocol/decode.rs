@@ -158,7 +158,8 @@ fn parse(frame: Bytes) -> Result<Frame, ProtocolError> {
     let allowed = match op {
         opcode::PUBLISH => flags::ACK | flags::BODY,
         opcode::MESSAGE => flags::BODY | flags::OFFSET,
-        opcode::SUBSCRIBE => flags::QUEUE | flags::START,
+        opcode::SUBSCRIBE => flags::QUEUE | flags::START | flags::POLICY,
+        opcode::MISSED => flags::RANGE,
         _ => 0,
     };
     check_flags(name, fl, allowed)?;
@@ -249,11 +250,24 @@ fn parse(frame: Bytes) -> Result<Frame, ProtocolError> {
             } else {
                 crate::StartPosition::Latest
             };
+            let policy = if fl & flags::POLICY != 0 {
+                let code = r.take(1, "policy")?[0];
+                Some(crate::SlowConsumerPolicy::from_code(code).ok_or(
+                    ProtocolError::UnknownValue {
+                        frame: "SUBSCRIBE",
+                        field: "policy",
+                        value: u64::from(code),
+                    },
+                )?)
+            } else {
+                None
+            };
             Frame::Subscribe(Subscribe {
                 sid,
                 pattern: body.slice(pattern),
                 group,
                 start,
+                policy,
             })
         }
         opcode::SUB_ACK => Frame::SubAck(r.u32("sid")?),
@@ -263,10 +277,21 @@ fn parse(frame: Bytes) -> Result<Frame, ProtocolError> {
             reason: r.str16("reason")?,
         }),
         opcode::UNSUBSCRIBE => Frame::Unsubscribe(r.u32("sid")?),
-        opcode::MISSED => Frame::Missed(Missed {
-            sid: r.u32("sid")?,
-            count: r.u64("count")?,
-        }),
+        opcode::MISSED => {
+            let sid = r.u32("sid")?;
+            let count = r.u64("count")?;
+            let range = if fl & flags::RANGE != 0 {
+                let topic = body.slice(r.range8("topic")?);
+                Some(MissedRange {
+                    topic,
+                    first: r.u64("first")?,
+                    last: r.u64("last")?,
+                })
+            } else {
+                None
+            };
+            Frame::Missed(Missed { sid, count, range })
+        }
         _ => return Err(ProtocolError::UnknownOpcode(op)),
     };
     r.finish()?;

@@ -58,7 +58,8 @@ impl Frame {
             Frame::Subscribe(s) => {
                 let start = start_fields(s.start);
                 let fl = if s.group.is_some() { flags::QUEUE } else { 0 }
-                    | if start.is_some() { flags::START } else { 0 };
+                    | if start.is_some() { flags::START } else { 0 }
+                    | if s.policy.is_some() { flags::POLICY } else { 0 };
                 with_header(buf, opcode::SUBSCRIBE, fl, |b| {
                     b.put_u32(s.sid);
                     put_bytes8(b, &s.pattern);
@@ -69,12 +70,23 @@ impl Frame {
                         b.put_u8(kind);
                         b.put_u64(value);
                     }
+                    if let Some(policy) = s.policy {
+                        b.put_u8(policy.code());
+                    }
                 })
             }
-            Frame::Missed(m) => with_header(buf, opcode::MISSED, 0, |b| {
-                b.put_u32(m.sid);
-                b.put_u64(m.count);
-            }),
+            Frame::Missed(m) => {
+                let fl = if m.range.is_some() { flags::RANGE } else { 0 };
+                with_header(buf, opcode::MISSED, fl, |b| {
+                    b.put_u32(m.sid);
+                    b.put_u64(m.count);
+                    if let Some(range) = &m.range {
+                        put_bytes8(b, &range.topic);
+                        b.put_u64(range.first);
+                        b.put_u64(range.last);
+                    }
+                })
+            }
             Frame::SubAck(sid) => with_header(buf, opcode::SUB_ACK, 0, |b| b.put_u32(*sid)),
             Frame::SubNack(n) => with_header(buf, opcode::SUB_NACK, 0, |b| {
                 b.put_u32(n.id as u32);

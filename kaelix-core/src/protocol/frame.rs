@@ -143,13 +143,31 @@ pub struct Subscribe {
     pub group: Option<Bytes>,
     /// Where to start; `Latest` is sent as no start at all.
     pub start: crate::StartPosition,
+    /// The subscription's own slow-consumer policy; `None` takes the
+    /// topic's.
+    pub policy: Option<crate::SlowConsumerPolicy>,
 }
 
-/// MISSED: how many messages a subscription asked for are gone.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// MISSED: messages a subscription will not get, either because its start
+/// position asked for more than the broker still held, or because it fell
+/// behind and its oldest undelivered messages were dropped.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Missed {
     pub sid: u32,
     pub count: u64,
+    /// Where they were, for dropped messages.
+    pub range: Option<MissedRange>,
+}
+
+/// The messages of one topic a MISSED notice is about: `count` of the
+/// offsets `first..=last` (all of them, unless the subscription is one
+/// member of a queue group).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MissedRange {
+    /// The topic, not validated by the decoder.
+    pub topic: Bytes,
+    pub first: u64,
+    pub last: u64,
 }
 
 /// A message delivered to a subscription.

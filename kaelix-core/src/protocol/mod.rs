@@ -22,8 +22,8 @@ pub use decode::{decode, peek, Peek};
 pub use encode::{encode_deliver, encode_deliver_raw, encode_publish};
 pub use error::{ErrorCode, ProtocolError};
 pub use frame::{
-    Deliver, ErrorFrame, Frame, Hello, MessageBody, Missed, Nack, Publish, StatsReply, Subscribe,
-    Welcome,
+    Deliver, ErrorFrame, Frame, Hello, MessageBody, Missed, MissedRange, Nack, Publish, StatsReply,
+    Subscribe, Welcome,
 };
 
 /// The protocol version this build speaks.
@@ -73,6 +73,10 @@ pub mod flags {
     pub const QUEUE: u8 = 0x01;
     /// SUBSCRIBE: a start position follows (pattern and group).
     pub const START: u8 = 0x02;
+    /// SUBSCRIBE: a slow-consumer policy follows (after the start).
+    pub const POLICY: u8 = 0x04;
+    /// MISSED: the topic and the first and last offsets missed follow.
+    pub const RANGE: u8 = 0x01;
     /// MESSAGE: the message's offset in its topic follows the sid.
     pub const OFFSET: u8 = 0x08;
 }

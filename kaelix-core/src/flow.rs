@@ -1,0 +1,224 @@
+//! What the broker does when a subscriber falls behind.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// What happens when a subscriber's buffer in the broker is full
+/// (`limits.max_pending_bytes` for a connection, `limits.max_pending_messages`
+/// for an in-process receiver). Set per topic pattern (`[[topics]]
+/// slow_consumer`) and, overriding that, per subscription.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SlowConsumerPolicy {
+    /// Close the slow connection (or receiver) with a `slow-consumer`
+    /// error. Other subscribers are untouched. The default, as in NATS.
+    #[default]
+    Disconnect,
+    /// Drop the subscription's oldest undelivered messages to make room,
+    /// and tell it how many it missed and their offsets; it can replay them
+    /// while the topic still retains them.
+    DropOldest,
+    /// Make the publishers wait: a publisher whose delivery finds the
+    /// buffer full stops reading (TCP pushes back on it, and its
+    /// acknowledgements wait) until the subscriber has caught up. A
+    /// subscriber that does not catch up within
+    /// `limits.slow_consumer_block_ms` is disconnected.
+    Block,
+}
+
+impl SlowConsumerPolicy {
+    /// The name used in configuration and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SlowConsumerPolicy::Disconnect => "disconnect",
+            SlowConsumerPolicy::DropOldest => "drop_oldest",
+            SlowConsumerPolicy::Block => "block",
+        }
+    }
+
+    /// Its code in a SUBSCRIBE frame.
+    pub fn code(self) -> u8 {
+        match self {
+            SlowConsumerPolicy::Disconnect => 1,
+            SlowConsumerPolicy::DropOldest => 2,
+            SlowConsumerPolicy::Block => 3,
+        }
+    }
+
+    /// The policy with this SUBSCRIBE code.
+    pub fn from_code(code: u8) -> Option<SlowConsumerPolicy> {
+        match code {
+            1 => Some(SlowConsumerPolicy::Disconnect),
+            2 => Some(SlowConsumerPolicy::DropOldest),
+            3 => Some(SlowConsumerPolicy::Block),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for SlowConsumerPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for SlowConsumerPolicy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().replace('-', "_").as_str() {
+            "disconnect" => Ok(SlowConsumerPolicy::Disconnect),
+            "drop_oldest" => Ok(SlowConsumerPolicy::DropOldest),
+            "block" => Ok(SlowConsumerPolicy::Block),
+            _ => Err(format!(
+                "unknown slow-consumer policy {s:?}: use disconnect, drop_oldest or block"
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gap(topic: &str, first: u64, last: u64, count: u64) -> Gap {
+        Gap {
+            topic: crate::Topic::new(topic).unwrap(),
+            first: crate::Offset::new(first),
+            last: crate::Offset::new(last),
+            count,
+        }
+    }
+
+    #[test]
+    fn adjacent_gaps_merge_and_the_list_stays_bounded() {
+        let mut gaps = Vec::new();
+        for offset in 10..20 {
+            record_gap(&mut gaps, gap("a", offset, offset, 1));
+        }
+        record_gap(&mut gaps, gap("a", 30, 30, 1));
+        record_gap(&mut gaps, gap("b", 31, 31, 1));
+        assert_eq!(
+            gaps,
+            [
+                gap("a", 10, 19, 10),
+                gap("a", 30, 30, 1),
+                gap("b", 31, 31, 1)
+            ]
+        );
+
+        for offset in (100..10_000).step_by(2) {
+            record_gap(&mut gaps, gap("c", offset, offset, 1));
+        }
+        assert_eq!(gaps.len(), MAX_GAPS);
+        let total: u64 = gaps.iter().map(|g| g.count).sum();
+        assert_eq!(total, 12 + 4950);
+    }
+
+    #[test]
+    fn names_and_codes_round_trip() {
+        for policy in [
+            SlowConsumerPolicy::Disconnect,
+            SlowConsumerPolicy::DropOldest,
+            SlowConsumerPolicy::Block,
+        ] {
+            assert_eq!(policy.as_str().parse(), Ok(policy));
+            assert_eq!(SlowConsumerPolicy::from_code(policy.code()), Some(policy));
+        }
+        assert_eq!("drop-oldest".parse(), Ok(SlowConsumerPolicy::DropOldest));
+        assert!("later".parse::<SlowConsumerPolicy>().is_err());
+        assert_eq!(SlowConsumerPolicy::from_code(0), None);
+    }
+}
+
+/// How to subscribe, beyond the pattern: where to start, a queue group, and
+/// the subscription's own slow-consumer policy.
+///
+/// ```
+/// use kaelix_core::{SlowConsumerPolicy, StartPosition, SubscribeOptions};
+///
+/// let options = SubscribeOptions::new()
+///     .start(StartPosition::Earliest)
+///     .slow_consumer(SlowConsumerPolicy::DropOldest);
+/// assert_eq!(options.start, StartPosition::Earliest);
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SubscribeOptions {
+    /// Where to start (default: the latest message).
+    pub start: crate::StartPosition,
+    /// Join this queue group: each message goes to one member.
+    pub queue_group: Option<String>,
+    /// Overrides the topics' `slow_consumer` policy for this subscription.
+    pub slow_consumer: Option<SlowConsumerPolicy>,
+}
+
+impl SubscribeOptions {
+    /// Latest, no group, the topics' policy.
+    pub fn new() -> SubscribeOptions {
+        SubscribeOptions::default()
+    }
+
+    /// Starts at `start`.
+    pub fn start(mut self, start: crate::StartPosition) -> Self {
+        self.start = start;
+        self
+    }
+
+    /// Joins queue group `group`.
+    pub fn queue_group(mut self, group: impl Into<String>) -> Self {
+        self.queue_group = Some(group.into());
+        self
+    }
+
+    /// Uses `policy` when this subscription falls behind.
+    pub fn slow_consumer(mut self, policy: SlowConsumerPolicy) -> Self {
+        self.slow_consumer = Some(policy);
+        self
+    }
+}
+
+/// Messages of one topic a subscription did not get because it fell
+/// behind under [`SlowConsumerPolicy::DropOldest`]: `count` of the offsets
+/// `first..=last` (every one of them, unless the subscription is one member
+/// of a queue group). While the topic still retains them they can be read
+/// again with a subscription that starts at `first`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Gap {
+    pub topic: crate::Topic,
+    pub first: crate::Offset,
+    pub last: crate::Offset,
+    pub count: u64,
+}
+
+/// Most gaps a subscription remembers until they are taken; later ones
+/// are merged into the newest gap of their topic (their count stays exact).
+pub const MAX_GAPS: usize = 1024;
+
+/// Records `gap` in `gaps`, keeping at most [`MAX_GAPS`].
+pub fn record_gap(gaps: &mut Vec<Gap>, gap: Gap) {
+    if let Some(last) = gaps.last_mut() {
+        // Adjacent drops of one topic make one gap.
+        if last.topic == gap.topic && last.last.get() + 1 == gap.first.get() {
+            last.last = gap.last;
+            last.count += gap.count;
+            return;
+        }
+    }
+    if gaps.len() >= MAX_GAPS {
+        match gaps.iter_mut().rev().find(|g| g.topic == gap.topic) {
+            Some(same) => {
+                same.first = same.first.min(gap.first);
+                same.last = same.last.max(gap.last);
+                same.count += gap.count;
+            }
+            None => {
+                gaps.remove(0);
+                gaps.push(gap);
+            }
+        }
+        return;
+    }
+    gaps.push(gap);
+}
