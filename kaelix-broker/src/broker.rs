@@ -305,7 +305,7 @@ impl MessageBroker {
         };
         let (sub, missed) = match start {
             StartPosition::Latest => (self.inner.router.subscribe(new), 0),
-            start => self.inner.router.subscribe_from(new, start),
+            start => self.inner.router.subscribe_from(new, start, None),
         };
         Ok(Receiver {
             rx: QueueReceiver::new(queue),

@@ -508,14 +508,20 @@ impl Connection {
                         owner,
                     };
                     let router = &self.broker.router;
-                    // A replay lands in the outbox before the SUB_ACK; the
-                    // client files messages by sid from the moment it asks.
-                    let sub = match start {
-                        StartPosition::Latest => router.subscribe(new),
-                        start => router.subscribe_from(new, start).0,
-                    };
-                    self.subs.insert(sid, sub);
-                    Frame::SubAck(sid)
+                    match start {
+                        StartPosition::Latest => {
+                            self.subs.insert(sid, router.subscribe(new));
+                            Frame::SubAck(sid)
+                        }
+                        start => {
+                            // The SUB_ACK goes out with the replay, in front
+                            // of its messages (and the outbox is woken).
+                            let ack = Frame::SubAck(sid);
+                            let (sub, _) = router.subscribe_from(new, start, Some(&ack));
+                            self.subs.insert(sid, sub);
+                            return false;
+                        }
+                    }
                 }
             }
         };

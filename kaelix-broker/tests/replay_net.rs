@@ -151,8 +151,8 @@ async fn an_offset_no_longer_retained_starts_at_earliest_and_says_how_many_were_
     }
     assert_eq!(sub.missed(), 12);
 
-    // The same on the wire: MISSED comes first, then the messages with
-    // their offsets, then SUB_ACK.
+    // The same on the wire: MISSED comes first, then SUB_ACK, then the
+    // messages with their offsets.
     let mut raw = RawClient::handshake(&broker.addr()).await;
     raw.send(&Frame::Subscribe(Subscribe {
         sid: 7,
@@ -170,13 +170,13 @@ async fn an_offset_no_longer_retained_starts_at_earliest_and_says_how_many_were_
             range: None
         }))
     );
+    assert_eq!(raw.next().await, Some(Frame::SubAck(7)));
     for i in 15..20 {
         match raw.next().await {
             Some(Frame::Message(m)) => assert_eq!((m.sid, m.offset), (7, Some(i))),
             other => panic!("expected MESSAGE, got {other:?}"),
         }
     }
-    assert_eq!(raw.next().await, Some(Frame::SubAck(7)));
 
     // A queue group cannot replay: refused with a reason, and the
     // connection carries on.
@@ -197,4 +197,37 @@ async fn an_offset_no_longer_retained_starts_at_earliest_and_says_how_many_were_
     }
     raw.send(&Frame::Ping(1)).await;
     assert_eq!(raw.next().await, Some(Frame::Pong(1)));
+}
+
+/// A replay larger than the consumer's buffer: the subscription is
+/// confirmed before the replayed messages, so subscribing returns and the
+/// application drains them.
+#[tokio::test]
+async fn a_replay_larger_than_the_consumers_buffer_does_not_stall_subscribing() {
+    let broker = BrokerProcess::start(&[]);
+    let publisher = Publisher::connect(broker.addr()).await.unwrap();
+    for i in 0..1000u64 {
+        publisher
+            .send("net.big", i.to_be_bytes().to_vec())
+            .await
+            .unwrap();
+    }
+    publisher.flush().await.unwrap();
+    let options = kaelix_consumer::ConsumerOptions {
+        max_pending_messages: 10,
+        ..Default::default()
+    };
+    let consumer = Consumer::connect_with(broker.addr(), options)
+        .await
+        .unwrap();
+    let mut sub = tokio::time::timeout(
+        Duration::from_secs(5),
+        consumer.subscribe_from("net.big", StartPosition::Earliest),
+    )
+    .await
+    .expect("subscribing returns although the replay does not fit")
+    .unwrap();
+    for i in 0..1000 {
+        assert_eq!(offset(&recv(&mut sub).await), i);
+    }
 }

@@ -68,6 +68,11 @@ enum Command {
         /// Begin each line with the message's offset in its topic.
         #[arg(long)]
         offsets: bool,
+        /// This subscription's policy when it falls behind, over the
+        /// topic's: disconnect, drop_oldest (gaps are reported on standard
+        /// error) or block.
+        #[arg(long)]
+        slow_consumer: Option<kaelix_core::SlowConsumerPolicy>,
     },
     /// Print the broker's statistics: uptime, health, connections,
     /// subscriptions and topics, message and byte rates, refusals, drops.
@@ -108,12 +113,14 @@ async fn main() -> ExitCode {
             count,
             from,
             offsets,
+            slow_consumer,
         } => {
             let options = SubOptions {
                 queue,
                 count,
                 from,
                 offsets,
+                slow_consumer,
             };
             subscribe(&server, &pattern, options).await
         }
@@ -159,6 +166,7 @@ struct SubOptions {
     count: Option<u64>,
     from: kaelix_core::StartPosition,
     offsets: bool,
+    slow_consumer: Option<kaelix_core::SlowConsumerPolicy>,
 }
 
 async fn subscribe(server: &str, pattern: &str, options: SubOptions) -> Result<(), String> {
@@ -167,20 +175,25 @@ async fn subscribe(server: &str, pattern: &str, options: SubOptions) -> Result<(
         count,
         from,
         offsets,
+        slow_consumer,
     } = options;
     let consumer = Consumer::connect(server)
         .await
         .map_err(|e| format!("cannot connect to {server}: {e}"))?;
-    let mut subscription = match queue {
-        Some(_) if from != kaelix_core::StartPosition::Latest => {
-            return Err("--queue and --from cannot be combined: a queue group \
-                        starts at the latest message"
-                .into())
-        }
-        Some(group) => consumer.subscribe_queue(pattern, &group).await,
-        None => consumer.subscribe_from(pattern, from).await,
+    if queue.is_some() && from != kaelix_core::StartPosition::Latest {
+        return Err("--queue and --from cannot be combined: a queue group \
+                    starts at the latest message"
+            .into());
     }
-    .map_err(|e| e.to_string())?;
+    let options = kaelix_core::SubscribeOptions {
+        start: from,
+        queue_group: queue,
+        slow_consumer,
+    };
+    let mut subscription = consumer
+        .subscribe_with(pattern, options)
+        .await
+        .map_err(|e| e.to_string())?;
     eprintln!("subscribed to {pattern} from {from}");
     if subscription.missed() > 0 {
         eprintln!(
@@ -200,6 +213,12 @@ async fn subscribe(server: &str, pattern: &str, options: SubOptions) -> Result<(
             }
         };
         received += 1;
+        for gap in subscription.take_gaps() {
+            eprintln!(
+                "missed {} message(s) of {} (offsets {} to {}): this subscriber fell behind",
+                gap.count, gap.topic, gap.first, gap.last
+            );
+        }
         if offsets {
             if let Some(offset) = message.offset {
                 let _ = write!(out, "{offset} ");

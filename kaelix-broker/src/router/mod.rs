@@ -223,6 +223,7 @@ impl Router {
         &self,
         new: NewSub,
         start: kaelix_core::StartPosition,
+        ack: Option<&Frame>,
     ) -> (Arc<Subscriber>, u64) {
         let registry = self.logs.lock_registry();
         let mut logs = Logs::matching_in(&registry, &new.pattern);
@@ -230,44 +231,58 @@ impl Router {
         let mut locked: Vec<_> = logs.iter().map(|log| log.state.lock()).collect();
         let sub = self.subscribe(new);
         let mut missed = 0;
-        // A replay never waits: under block it may pass the limit (by at
-        // most what the topics retain).
-        let mut never_waited = Blocked::default();
+        let mut replay = Vec::with_capacity(logs.len());
         for (log, state) in logs.iter().zip(locked.iter_mut()) {
             let (kept, gone) = state.since(start);
             missed += gone;
-            let policy = sub.policy.unwrap_or(state.slow_consumer);
-            if let Sink::Local(queue) = &sub.sink {
-                let mut messages: Vec<Message> = kept
-                    .iter()
-                    .map(|k| {
-                        let mut message = Publication::from_wire(k.flags, &k.body, k.timestamp)
-                            .message(&log.topic);
-                        message.offset = Some(kaelix_core::Offset::new(k.offset));
-                        message
-                    })
-                    .collect();
-                if messages.is_empty() {
-                    continue;
+            replay.push((log, kept, sub.policy.unwrap_or(state.slow_consumer)));
+        }
+        match &sub.sink {
+            Sink::Local(queue) => {
+                // A replay never waits: under block it may pass the limit
+                // (by at most what the topics retain).
+                let mut never_waited = Blocked::default();
+                for (log, kept, policy) in replay {
+                    let mut messages: Vec<Message> = kept
+                        .iter()
+                        .map(|k| {
+                            let mut message = Publication::from_wire(k.flags, &k.body, k.timestamp)
+                                .message(&log.topic);
+                            message.offset = Some(kaelix_core::Offset::new(k.offset));
+                            message
+                        })
+                        .collect();
+                    if !messages.is_empty() {
+                        offer_local(queue, &mut messages, policy, &self.stats, &mut never_waited);
+                    }
                 }
-                offer_local(queue, &mut messages, policy, &self.stats, &mut never_waited);
             }
-            if let Sink::Net(outbox) = &sub.sink {
+            Sink::Net(outbox) => {
+                // MISSED and the acknowledgement first: a client returns
+                // from subscribing on the acknowledgement, and a replay
+                // larger than its buffer must not stand in front of it.
                 let mut frames = BytesMut::new();
-                if gone > 0 {
+                if missed > 0 {
                     Frame::Missed(kaelix_core::protocol::Missed {
                         sid: sub.sid,
-                        count: gone,
+                        count: missed,
                         range: None,
                     })
                     .encode(&mut frames);
                 }
-                for k in &kept {
-                    encode_deliver_raw(&mut frames, sub.sid, Some(k.offset), k.flags, &k.body);
+                if let Some(ack) = ack {
+                    ack.encode(&mut frames);
+                }
+                let mut overflow = Overflow::new(&sub.owner);
+                for (_, kept, policy) in &replay {
+                    overflow.add(sub.sid, *policy);
+                    for k in kept {
+                        encode_deliver_raw(&mut frames, sub.sid, Some(k.offset), k.flags, &k.body);
+                    }
                 }
                 if !frames.is_empty() && outbox.append(&mut frames) == Pushed::Full {
-                    let mut overflow = Overflow::new(&sub.owner);
-                    overflow.add(sub.sid, policy);
+                    // Under block the replay passes the limit (it never
+                    // waits; by at most what the topics retain).
                     overflow_net(outbox, &mut frames, &overflow, &self.stats);
                 }
             }
