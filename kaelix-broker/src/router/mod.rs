@@ -243,15 +243,8 @@ impl Router {
                 // (by at most what the topics retain).
                 let mut never_waited = Blocked::default();
                 for (log, kept, policy) in replay {
-                    let mut messages: Vec<Message> = kept
-                        .iter()
-                        .map(|k| {
-                            let mut message = Publication::from_wire(k.flags, &k.body, k.timestamp)
-                                .message(&log.topic);
-                            message.offset = Some(kaelix_core::Offset::new(k.offset));
-                            message
-                        })
-                        .collect();
+                    let mut messages: Vec<Message> =
+                        kept.iter().map(|k| kept_message(&log.topic, k)).collect();
                     if !messages.is_empty() {
                         offer_local(queue, &mut messages, policy, &self.stats, &mut never_waited);
                     }
@@ -298,6 +291,26 @@ impl Router {
 
     pub(crate) fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
+    }
+}
+
+/// A retained message as an in-process receiver gets it: its payload is a
+/// slice of the retained chunk, not a copy.
+fn kept_message(topic: &Topic, k: &log::Kept) -> Message {
+    // Kept bodies were validated when they were published.
+    let parts = body_parts(&k.body, k.flags).unwrap_or_else(|e| unreachable!("{e}"));
+    let start = parts.payload.as_ptr() as usize - k.body.as_ptr() as usize;
+    Message {
+        id: kaelix_core::MessageId::next(),
+        topic: topic.clone(),
+        payload: k.body.slice(start..start + parts.payload.len()),
+        timestamp: k.timestamp,
+        partition: parts.partition.map(kaelix_core::PartitionId::new),
+        offset: Some(kaelix_core::Offset::new(k.offset)),
+        headers: parts
+            .headers
+            .map(|h| header_pairs(h).collect())
+            .unwrap_or_default(),
     }
 }
 
