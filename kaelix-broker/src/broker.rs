@@ -259,20 +259,8 @@ impl MessageBroker {
         options: SubscribeOptions,
     ) -> Result<Receiver> {
         let pattern = pattern.into_pattern()?;
-        let group = match &options.queue_group {
-            Some(group) => {
-                check_group(group)?;
-                if options.start != StartPosition::Latest {
-                    return Err(Error::InvalidGroup {
-                        group: group.clone(),
-                        reason: "a queue group subscription starts at the latest message: \
-                                 replaying to one member of a group is not defined",
-                    });
-                }
-                Some(Arc::from(group.as_str()))
-            }
-            None => None,
-        };
+        options.check()?;
+        let group = options.queue_group.as_deref().map(Arc::from);
         self.subscribe_start(pattern, group, options.start, options.slow_consumer)
     }
 

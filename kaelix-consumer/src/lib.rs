@@ -153,16 +153,7 @@ impl Consumer {
         options: SubscribeOptions,
     ) -> Result<Subscription> {
         let pattern = TopicPattern::new(pattern)?;
-        if let Some(group) = &options.queue_group {
-            check_group(group)?;
-            if options.start != StartPosition::Latest {
-                return Err(Error::InvalidGroup {
-                    group: group.clone(),
-                    reason: "a queue group subscription starts at the latest message: \
-                             replaying to one member of a group is not defined",
-                });
-            }
-        }
+        options.check()?;
         self.subscribe_inner(pattern, options).await
     }
 

@@ -177,6 +177,22 @@ impl SubscribeOptions {
         self.slow_consumer = Some(policy);
         self
     }
+
+    /// Checks the queue group's name, and that a group starts at the
+    /// latest message (replaying to one member of a group is not defined).
+    pub fn check(&self) -> crate::Result<()> {
+        if let Some(group) = &self.queue_group {
+            crate::topic::check_group(group)?;
+            if self.start != crate::StartPosition::Latest {
+                return Err(crate::Error::InvalidGroup {
+                    group: group.clone(),
+                    reason: "a queue group subscription starts at the latest message: \
+                             replaying to one member of a group is not defined",
+                });
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Messages of one topic a subscription did not get because it fell

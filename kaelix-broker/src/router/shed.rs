@@ -42,74 +42,60 @@ pub(crate) fn drop_oldest(buf: &mut BytesMut, target: usize, sids: &[u32]) -> Ve
             break;
         }
         let frame = &buf[at..end];
-        if frame[4] == opcode::MISSED {
-            // An earlier notice of these subscriptions: folded into the new
-            // one, which goes in front of everything left.
-            if let Some((sid, count, topic, first, last)) = parse_missed(frame) {
-                if sids.contains(&sid) {
-                    let topic = at + topic.start..at + topic.end;
-                    let group = groups
-                        .iter_mut()
-                        .position(|g| g.sid == sid && g.topic[..] == buf[topic.clone()]);
-                    match group {
-                        Some(i) => {
-                            let g = &mut groups[i];
-                            g.first = g.first.min(first);
-                            g.last = g.last.max(last);
-                            g.count += count;
-                        }
-                        None => {
-                            need += notice_len(topic.len());
-                            groups.push(Dropped {
-                                sid,
-                                topic: Bytes::copy_from_slice(&buf[topic]),
-                                first,
-                                last,
-                                count,
-                                new: 0,
-                            });
-                        }
-                    }
-                    freed += end - at;
-                    match cut.last_mut() {
-                        Some(last) if last.end == at => last.end = end,
-                        _ => cut.push(at..end),
-                    }
+        // An earlier notice of these subscriptions is folded into the new
+        // one, which goes in front of everything left.
+        let found = match frame[4] {
+            opcode::MISSED => parse_missed(frame).map(|(sid, count, topic, first, last)| {
+                (
+                    sid,
+                    topic,
+                    Dropped {
+                        sid,
+                        topic: Bytes::new(),
+                        first,
+                        last,
+                        count,
+                        new: 0,
+                    },
+                )
+            }),
+            opcode::MESSAGE => parse_message(frame).map(|(sid, offset, topic)| {
+                let one = Dropped {
+                    sid,
+                    topic: Bytes::new(),
+                    first: offset,
+                    last: offset,
+                    count: 1,
+                    new: 1,
+                };
+                (sid, topic, one)
+            }),
+            _ => None,
+        };
+        if let Some((sid, topic, dropped)) = found.filter(|(sid, ..)| sids.contains(sid)) {
+            let topic = &buf[at + topic.start..at + topic.end];
+            match groups
+                .iter_mut()
+                .find(|g| g.sid == sid && g.topic[..] == *topic)
+            {
+                Some(g) => {
+                    g.first = g.first.min(dropped.first);
+                    g.last = g.last.max(dropped.last);
+                    g.count += dropped.count;
+                    g.new += dropped.new;
+                }
+                None => {
+                    need += notice_len(topic.len());
+                    groups.push(Dropped {
+                        topic: Bytes::copy_from_slice(topic),
+                        ..dropped
+                    });
                 }
             }
-        } else if frame[4] == opcode::MESSAGE {
-            if let Some(parsed) = parse_message(frame) {
-                if sids.contains(&parsed.0) {
-                    let (sid, offset, topic) = parsed;
-                    let topic = at + topic.start..at + topic.end;
-                    let group = groups
-                        .iter_mut()
-                        .position(|g| g.sid == sid && g.topic[..] == buf[topic.clone()]);
-                    match group {
-                        Some(i) => {
-                            let g = &mut groups[i];
-                            g.last = offset;
-                            g.count += 1;
-                            g.new += 1;
-                        }
-                        None => {
-                            need += notice_len(topic.len());
-                            groups.push(Dropped {
-                                sid,
-                                topic: Bytes::copy_from_slice(&buf[topic]),
-                                first: offset,
-                                last: offset,
-                                count: 1,
-                                new: 1,
-                            });
-                        }
-                    }
-                    freed += end - at;
-                    match cut.last_mut() {
-                        Some(last) if last.end == at => last.end = end,
-                        _ => cut.push(at..end),
-                    }
-                }
+            freed += end - at;
+            match cut.last_mut() {
+                Some(last) if last.end == at => last.end = end,
+                _ => cut.push(at..end),
             }
         }
         at = end;
