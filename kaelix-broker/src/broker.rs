@@ -310,6 +310,7 @@ impl MessageBroker {
         if message.topic != *topic {
             message.topic = topic.clone();
         }
+        self.check_size(&message)?;
         let blocked = self.route(std::iter::once(message))?;
         self.wait_for(blocked).await;
         Ok(())
@@ -319,8 +320,30 @@ impl MessageBroker {
     /// subscriber once for the whole batch.
     pub async fn publish_batch(&self, batch: MessageBatch) -> Result<()> {
         self.check_running()?;
+        // All or nothing: a batch with a message over the limit routes none.
+        for message in batch.iter() {
+            self.check_size(message)?;
+        }
         let blocked = self.route(batch)?;
         self.wait_for(blocked).await;
+        Ok(())
+    }
+
+    /// `limits.max_payload_bytes` applies in process as on the wire: the
+    /// payload and the headers as the protocol carries them.
+    fn check_size(&self, message: &Message) -> Result<()> {
+        let max = LiveLimits::get(&self.inner.live.limits.max_payload_bytes);
+        let headers = &message.headers;
+        let size = message.payload.len()
+            + if headers.is_empty() {
+                0
+            } else {
+                // A count, then a length-prefixed name and value each.
+                2 + headers.size_bytes() + 3 * headers.len()
+            };
+        if size > max {
+            return Err(Error::PayloadTooLarge { size, max });
+        }
         Ok(())
     }
 
@@ -574,6 +597,35 @@ mod tests {
             exact.recv().await,
             Err(Error::Closed(CloseReason::ShuttingDown))
         ));
+    }
+
+    #[tokio::test]
+    async fn in_process_publishes_keep_to_the_payload_limit() {
+        let mut config = MemoryStreamerConfig::default();
+        config.limits.max_payload_bytes = 16;
+        let broker = MessageBroker::with_config(config);
+        broker.start().await.unwrap();
+        let topic = Topic::new("sized").unwrap();
+        let mut receiver = broker.subscribe(&topic).await.unwrap();
+        let big = Message::new(topic.clone(), vec![0u8; 17]).unwrap();
+        let err = broker.publish(&topic, big.clone()).await.unwrap_err();
+        assert!(
+            matches!(err, Error::PayloadTooLarge { size: 17, max: 16 }),
+            "{err}"
+        );
+        let mut with_header = Message::new(topic.clone(), vec![0u8; 10]).unwrap();
+        with_header.set_header("k", "v");
+        // 10 + 2 (count) + 1 + 1 + 2 + 1 = 17
+        assert!(broker.publish(&topic, with_header).await.is_err());
+        let ok = Message::new(topic.clone(), vec![0u8; 16]).unwrap();
+        let batch = MessageBatch::new(vec![ok.clone(), big]);
+        assert!(broker.publish_batch(batch).await.is_err());
+        assert!(
+            receiver.try_recv().is_none(),
+            "a refused batch routes nothing"
+        );
+        broker.publish(&topic, ok).await.unwrap();
+        assert_eq!(receiver.recv().await.unwrap().payload.len(), 16);
     }
 
     #[tokio::test]
