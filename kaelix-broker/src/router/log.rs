@@ -65,6 +65,12 @@ struct Entry {
 /// run from the network is far smaller, a large in-process batch is split).
 const CHUNK_MAX: usize = 64 * 1024 * 1024;
 
+/// Most room reserved ahead for a run's copies: one network read batch
+/// (`network.read_buffer_bytes` by default). Consecutive runs share an
+/// allocation until it is full, so what a topic can hold unused is about
+/// one run's worth.
+const RUN_RESERVE_MAX: usize = 64 * 1024;
+
 /// A kept message handed out for replay.
 #[derive(Debug, Clone)]
 pub(crate) struct Kept {
@@ -100,6 +106,10 @@ pub(crate) struct LogState {
     bytes: usize,
     /// Bytes added in the current run, not yet counted in the budget.
     run_bytes: usize,
+    /// Bytes of the last chunk sealed: the room a new run's copies get at
+    /// once (up to [`RUN_RESERVE_MAX`]), so that a run rarely grows its
+    /// buffer and copies it again.
+    last_chunk: usize,
     retention: Retention,
     /// What happens to this topic's subscribers that fall behind, unless a
     /// subscription chose for itself.
@@ -129,6 +139,7 @@ impl LogState {
             filling: BytesMut::new(),
             bytes: 0,
             run_bytes: 0,
+            last_chunk: 0,
             retention,
             budget,
         }
@@ -142,6 +153,10 @@ impl LogState {
         if self.retention.keeps_anything() && body.len() <= self.retention.bytes.min(CHUNK_MAX) {
             if self.filling.len() + body.len() > CHUNK_MAX {
                 self.seal();
+            }
+            if self.filling.is_empty() {
+                self.filling
+                    .reserve(self.last_chunk.min(RUN_RESERVE_MAX).max(body.len()));
             }
             let start = self.filling.len();
             self.filling.extend_from_slice(body);
@@ -191,6 +206,7 @@ impl LogState {
     /// Turns the copies gathered so far into a chunk.
     fn seal(&mut self) {
         if !self.filling.is_empty() {
+            self.last_chunk = self.filling.len();
             let chunk = self.filling.split().freeze();
             self.chunks.push_back((self.next_chunk, chunk));
             self.next_chunk += 1;
