@@ -46,6 +46,7 @@ pub async fn topics(endpoint: &Endpoint, count: u64, pid: Option<u32>) -> Result
                         group: None,
                         start: kaelix_core::StartPosition::Latest,
                         policy: None,
+                        ..Default::default()
                     })
                     .encode(&mut buf);
                     if buf.len() >= 64 * 1024 {

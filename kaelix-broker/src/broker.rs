@@ -9,15 +9,15 @@ use kaelix_core::queue::{MessageQueue, QueueReceiver};
 use kaelix_core::runtime::Handle;
 use kaelix_core::topic::check_group;
 use kaelix_core::{
-    CloseReason, Error, Gap, MemoryStreamerConfig, Message, MessageBatch, Result,
-    SlowConsumerPolicy, StartPosition, SubscribeOptions, Topic, TopicPattern,
+    CloseReason, Error, Gap, MemoryStreamerConfig, Message, MessageBatch, PartitionId, Result,
+    StartPosition, SubscribeOptions, Topic, TopicPattern,
 };
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::live::{LiveConfig, LiveLimits};
 use crate::router::{
-    Batch, Blocked, NewSub, Owner, Publication, RouteCache, Router, Sink, Subscriber,
+    Batch, Blocked, NewSub, Owner, PartitionSet, Publication, RouteCache, Router, Sink, Subscriber,
 };
 use crate::stats::{BrokerStats, RuntimeStats, Stats};
 use crate::telemetry::{Endpoint, Metrics};
@@ -108,7 +108,7 @@ impl MessageBroker {
         let inner = Arc::downgrade(&broker.inner);
         broker.on_reconfigure("retention", &["retention", "topics"], move |config| {
             if let Some(inner) = inner.upgrade() {
-                inner.router.logs.reconfigure(config);
+                inner.router.reconfigure_logs(config);
             }
             Ok(())
         });
@@ -183,13 +183,21 @@ impl MessageBroker {
         }
     }
 
-    /// What the broker holds of `topic`: offsets and retained messages;
+    /// What the broker holds of `topic`'s first partition (of all of it,
+    /// for a topic with one partition): offsets and retained messages;
     /// `None` if nothing was published to it (or its log was dropped).
     pub fn topic_info(&self, topic: &Topic) -> Option<TopicInfo> {
+        self.partition_info(topic, PartitionId::new(0))
+    }
+
+    /// What the broker holds of one partition of `topic`; `None` if
+    /// nothing was published to the topic or it has no such partition.
+    pub fn partition_info(&self, topic: &Topic, partition: PartitionId) -> Option<TopicInfo> {
         let log = self.inner.router.logs.get(topic)?;
-        let state = log.state.lock();
+        let state = log.parts.get(partition.get() as usize)?.lock();
         let (messages, bytes) = state.usage();
         Some(TopicInfo {
+            partitions: log.partitions(),
             first_offset: state.first_kept(),
             next_offset: state.next,
             retained_messages: messages,
@@ -204,7 +212,7 @@ impl MessageBroker {
 
     /// Subscribes to a topic or pattern (`&Topic`, `&TopicPattern` or `&str`).
     pub async fn subscribe(&self, pattern: impl IntoPattern) -> Result<Receiver> {
-        self.subscribe_inner(pattern.into_pattern()?, None)
+        self.subscribe_start(pattern.into_pattern()?, SubscribeOptions::new())
     }
 
     /// Subscribes as a member of queue group `group`: each message matching
@@ -215,7 +223,8 @@ impl MessageBroker {
         group: &str,
     ) -> Result<Receiver> {
         check_group(group)?;
-        self.subscribe_inner(pattern.into_pattern()?, Some(group.into()))
+        let options = SubscribeOptions::new().queue_group(group);
+        self.subscribe_start(pattern.into_pattern()?, options)
     }
 
     /// Subscribes starting at `start`: what the matching topics still hold
@@ -246,12 +255,16 @@ impl MessageBroker {
         pattern: impl IntoPattern,
         start: StartPosition,
     ) -> Result<Receiver> {
-        self.subscribe_start(pattern.into_pattern()?, None, start, None)
+        self.subscribe_start(
+            pattern.into_pattern()?,
+            SubscribeOptions::new().start(start),
+        )
     }
 
-    /// Subscribes with `options`: a start position, a queue group, and
-    /// this subscription's own slow-consumer policy (over the topics'
-    /// `[[topics]] slow_consumer`). A queue group starts at the latest
+    /// Subscribes with `options`: a start position, a queue group, this
+    /// subscription's own slow-consumer policy (over the topics'
+    /// `[[topics]] slow_consumer`), the partitions to take, or a
+    /// partition-sticky queue group. A queue group starts at the latest
     /// message: asking for both is an error.
     pub async fn subscribe_with(
         &self,
@@ -260,20 +273,13 @@ impl MessageBroker {
     ) -> Result<Receiver> {
         let pattern = pattern.into_pattern()?;
         options.check()?;
-        let group = options.queue_group.as_deref().map(Arc::from);
-        self.subscribe_start(pattern, group, options.start, options.slow_consumer)
-    }
-
-    fn subscribe_inner(&self, pattern: TopicPattern, group: Option<Arc<str>>) -> Result<Receiver> {
-        self.subscribe_start(pattern, group, StartPosition::Latest, None)
+        self.subscribe_start(pattern, options)
     }
 
     fn subscribe_start(
         &self,
         pattern: TopicPattern,
-        group: Option<Arc<str>>,
-        start: StartPosition,
-        policy: Option<SlowConsumerPolicy>,
+        options: SubscribeOptions,
     ) -> Result<Receiver> {
         if self.inner.shutdown.is_cancelled() {
             return Err(Error::BrokerNotRunning);
@@ -283,15 +289,28 @@ impl MessageBroker {
             LiveLimits::get(&limits.max_pending_messages),
             LiveLimits::get(&limits.max_pending_bytes),
         ));
+        let partitions = if options.partitions.is_empty() {
+            None
+        } else {
+            let set = PartitionSet::new(options.partitions.iter().map(|p| p.get()));
+            Some(set.map_err(|p| {
+                Error::InvalidPartition(format!(
+                    "partition {p} does not exist: a topic has at most {} partitions",
+                    PartitionId::MAX_PARTITIONS
+                ))
+            })?)
+        };
         let new = NewSub {
             pattern,
-            group,
+            group: options.queue_group.as_deref().map(Arc::from),
             sid: 0,
             sink: Sink::Local(queue.clone()),
-            policy,
+            policy: options.slow_consumer,
             owner: Owner::in_process(),
+            partitions,
+            sticky: options.sticky_partitions,
         };
-        let (sub, missed) = match start {
+        let (sub, missed) = match options.start {
             StartPosition::Latest => (self.inner.router.subscribe(new), 0),
             start => self.inner.router.subscribe_from(new, start, None),
         };
@@ -311,6 +330,7 @@ impl MessageBroker {
             message.topic = topic.clone();
         }
         self.check_size(&message)?;
+        self.check_partition(&message)?;
         let blocked = self.route(std::iter::once(message))?;
         self.wait_for(blocked).await;
         Ok(())
@@ -323,6 +343,7 @@ impl MessageBroker {
         // All or nothing: a batch with a message over the limit routes none.
         for message in batch.iter() {
             self.check_size(message)?;
+            self.check_partition(message)?;
         }
         let blocked = self.route(batch)?;
         self.wait_for(blocked).await;
@@ -345,6 +366,18 @@ impl MessageBroker {
             return Err(Error::PayloadTooLarge { size, max });
         }
         Ok(())
+    }
+
+    /// A message that names a partition its topic does not have is refused.
+    fn check_partition(&self, message: &Message) -> Result<()> {
+        match message.partition {
+            Some(p) => self
+                .inner
+                .router
+                .check_partition(&message.topic, p)
+                .map_err(|refused| Error::InvalidPartition(refused.0)),
+            None => Ok(()),
+        }
     }
 
     /// Under the block policy: returns once the subscribers this publish
@@ -377,12 +410,11 @@ impl MessageBroker {
             for message in messages {
                 let (topic, matches) =
                     cache.resolve(&self.inner.router, message.topic.as_bytes(), &mut batch)?;
-                batch.route(
-                    &self.inner.router,
-                    topic,
-                    matches,
-                    &Publication::from_message(message),
-                );
+                let publication = Publication::from_message(message);
+                if let Err(refused) = batch.route(&self.inner.router, topic, matches, &publication)
+                {
+                    return Err(Error::InvalidPartition(refused.0));
+                }
             }
             batch.finish();
             Ok(batch.take_blocked())
@@ -440,9 +472,12 @@ impl MessageBroker {
     }
 }
 
-/// What the broker holds of one topic; see [`MessageBroker::topic_info`].
+/// What the broker holds of one topic partition; see
+/// [`MessageBroker::partition_info`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TopicInfo {
+    /// The topic's partitions.
+    pub partitions: u32,
     /// The oldest offset still retained (`next_offset` when none is).
     pub first_offset: u64,
     /// The offset the next message will get.

@@ -32,7 +32,9 @@ use tokio::net::TcpStream;
 use crate::broker::Inner;
 use crate::exec;
 use crate::live::LiveLimits;
-use crate::router::{Batch, NewSub, Owner, Publication, RouteCache, Sink, Subscriber};
+use crate::router::{
+    Batch, NewSub, Owner, PartitionSet, Publication, RouteCache, Sink, Subscriber,
+};
 use crate::stats::{Disconnect, Rejection};
 
 /// Bytes of a connection's first reads; see `Connection::run`.
@@ -400,8 +402,12 @@ impl Connection {
         {
             Ok((topic, matches)) => {
                 let publication = Publication::from_wire(publish.body_flags, publish.body, now);
-                self.batch
+                let routed = self
+                    .batch
                     .route(&self.broker.router, topic, matches, &publication);
+                if let Err(refused) = routed {
+                    return self.refuse(publish.seq, ErrorCode::UnknownPartition, refused.0);
+                }
                 if publish.ack {
                     self.acks += 1;
                     self.reply(&Frame::PubAck(publish.seq))
@@ -409,15 +415,19 @@ impl Connection {
                     false
                 }
             }
-            Err(err) => {
-                self.broker.stats.publish_refused(ErrorCode::InvalidTopic);
-                self.reply(&Frame::PubNack(Nack {
-                    id: publish.seq,
-                    code: ErrorCode::InvalidTopic,
-                    reason: err.to_string(),
-                }))
-            }
+            Err(err) => self.refuse(publish.seq, ErrorCode::InvalidTopic, err.to_string()),
         }
+    }
+
+    /// Answers publish `seq` with a refusal, counted by its code.
+    #[cold]
+    fn refuse(&mut self, seq: u64, code: ErrorCode, reason: String) -> bool {
+        self.broker.stats.publish_refused(code);
+        self.reply(&Frame::PubNack(Nack {
+            id: seq,
+            code,
+            reason,
+        }))
     }
 
     /// Refuses a publish whose payload and headers (the body without its
@@ -458,6 +468,8 @@ impl Connection {
             group,
             start,
             policy,
+            partitions,
+            sticky,
         } = subscribe;
         let stats = &self.broker.stats;
         let refuse = |code, reason: String| {
@@ -488,41 +500,58 @@ impl Connection {
                      to one member of a group is not defined"
                         .into(),
                 ),
-                Ok((pattern, group)) => {
-                    let owner = self
-                        .owner
-                        .get_or_insert_with(|| {
-                            Arc::new(Owner {
-                                conn: self.id,
-                                peer: self.peer.to_string(),
-                                client: self.client.clone(),
+                Ok((_, Some(_))) if !partitions.is_empty() => refuse(
+                    ErrorCode::InvalidGroup,
+                    "a queue group member takes the partitions the group gives it: ask for \
+                     sticky partitions instead of naming them"
+                        .into(),
+                ),
+                Ok((pattern, group)) => match partition_set(&partitions) {
+                    Err(p) => refuse(
+                        ErrorCode::UnknownPartition,
+                        format!(
+                            "partition {p} does not exist: a topic has at most {} partitions",
+                            kaelix_core::PartitionId::MAX_PARTITIONS
+                        ),
+                    ),
+                    Ok(partitions) => {
+                        let owner = self
+                            .owner
+                            .get_or_insert_with(|| {
+                                Arc::new(Owner {
+                                    conn: self.id,
+                                    peer: self.peer.to_string(),
+                                    client: self.client.clone(),
+                                })
                             })
-                        })
-                        .clone();
-                    let new = NewSub {
-                        pattern,
-                        group,
-                        sid,
-                        sink: Sink::Net(self.outbox.clone()),
-                        policy,
-                        owner,
-                    };
-                    let router = &self.broker.router;
-                    match start {
-                        StartPosition::Latest => {
-                            self.subs.insert(sid, router.subscribe(new));
-                            Frame::SubAck(sid)
-                        }
-                        start => {
-                            // The SUB_ACK goes out with the replay, in front
-                            // of its messages (and the outbox is woken).
-                            let ack = Frame::SubAck(sid);
-                            let (sub, _) = router.subscribe_from(new, start, Some(&ack));
-                            self.subs.insert(sid, sub);
-                            return false;
+                            .clone();
+                        let new = NewSub {
+                            pattern,
+                            group,
+                            sid,
+                            sink: Sink::Net(self.outbox.clone()),
+                            policy,
+                            owner,
+                            partitions,
+                            sticky,
+                        };
+                        let router = &self.broker.router;
+                        match start {
+                            StartPosition::Latest => {
+                                self.subs.insert(sid, router.subscribe(new));
+                                Frame::SubAck(sid)
+                            }
+                            start => {
+                                // The SUB_ACK goes out with the replay, in front
+                                // of its messages (and the outbox is woken).
+                                let ack = Frame::SubAck(sid);
+                                let (sub, _) = router.subscribe_from(new, start, Some(&ack));
+                                self.subs.insert(sid, sub);
+                                return false;
+                            }
                         }
                     }
-                }
+                },
             }
         };
         self.reply(&answer)
@@ -602,4 +631,13 @@ async fn read_first(
             Err(err) => return Err(Exit::ReadError(err)),
         }
     }
+}
+
+/// The partitions a SUBSCRIBE names as a set (`None`: all); the first one
+/// no topic can have is refused.
+fn partition_set(partitions: &[u32]) -> Result<Option<PartitionSet>, u32> {
+    if partitions.is_empty() {
+        return Ok(None);
+    }
+    PartitionSet::new(partitions.iter().copied()).map(Some)
 }

@@ -159,6 +159,7 @@ async fn a_consumer_that_stops_reading_is_cut_off_not_the_others() {
             group: None,
             start: kaelix_core::StartPosition::Latest,
             policy: None,
+            ..Default::default()
         }))
         .await;
     let consumer = Consumer::connect(&addr).await.unwrap();

@@ -240,6 +240,7 @@ async fn unsubscribe_stops_delivery() {
         group: None,
         start: kaelix_core::StartPosition::Latest,
         policy: None,
+        ..Default::default()
     }))
     .await;
     assert_eq!(raw.next().await, Some(Frame::SubAck(7)));

@@ -160,6 +160,7 @@ async fn an_offset_no_longer_retained_starts_at_earliest_and_says_how_many_were_
         group: None,
         start: StartPosition::Offset(0),
         policy: None,
+        ..Default::default()
     }))
     .await;
     assert_eq!(
@@ -186,6 +187,7 @@ async fn an_offset_no_longer_retained_starts_at_earliest_and_says_how_many_were_
         group: Some("workers".into()),
         start: StartPosition::Earliest,
         policy: None,
+        ..Default::default()
     }))
     .await;
     match raw.next().await {

@@ -61,6 +61,7 @@ async fn stalled_subscriber(
         group: None,
         start: StartPosition::Latest,
         policy,
+        ..Default::default()
     }))
     .await;
     assert_eq!(raw.next().await, Some(Frame::SubAck(1)));

@@ -137,24 +137,44 @@ impl Inbox {
     }
 }
 
-/// The frame at the front of `chunk`: its body flags and body range. The
-/// reader puts only whole, validated MESSAGE frames in chunks.
-/// The frame at the front of `chunk`: its body flags, its offset when it
-/// carries one, and where its message body lies.
-fn frame_at(chunk: &[u8]) -> Option<(u8, Option<Offset>, std::ops::Range<usize>)> {
+/// A MESSAGE frame at the front of a chunk: where the broker put it, and
+/// where its body lies.
+struct At {
+    body_flags: u8,
+    offset: Option<Offset>,
+    partition: Option<PartitionId>,
+    body: std::ops::Range<usize>,
+}
+
+/// The frame at the front of `chunk`. The reader puts only whole,
+/// validated MESSAGE frames in chunks.
+fn frame_at(chunk: &[u8]) -> Option<At> {
     let header = chunk.get(..FRAME_HEADER)?;
     let len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]) as usize;
     let end = 4 + len;
-    let flags = header[5];
-    let (offset, start) = if flags & flags::OFFSET != 0 {
-        let raw = chunk.get(FRAME_HEADER..FRAME_HEADER + 8)?;
-        let mut b = [0u8; 8];
-        b.copy_from_slice(raw);
-        (Some(Offset::new(u64::from_be_bytes(b))), FRAME_HEADER + 8)
-    } else {
-        (None, FRAME_HEADER)
+    let fl = header[5];
+    let mut start = FRAME_HEADER;
+    let mut field = |n: usize| {
+        let raw = chunk.get(start..start + n)?;
+        start += n;
+        Some(raw.iter().fold(0u64, |v, b| v << 8 | u64::from(*b)))
     };
-    (end >= start && end <= chunk.len()).then_some((flags & flags::BODY, offset, start..end))
+    let offset = if fl & flags::OFFSET != 0 {
+        Some(Offset::new(field(8)?))
+    } else {
+        None
+    };
+    let partition = if fl & flags::IN_PARTITION != 0 {
+        Some(PartitionId::new(field(4)? as u32))
+    } else {
+        None
+    };
+    (end >= start && end <= chunk.len()).then_some(At {
+        body_flags: fl & flags::BODY,
+        offset,
+        partition,
+        body: start..end,
+    })
 }
 
 /// The receiving half: the chunks taken from the inbox, turned into
@@ -247,10 +267,10 @@ impl Receiver {
         let mut n = 0;
         for chunk in self.chunks.drain(..) {
             let mut rest = &chunk[..];
-            while let Some((flags, offset, body)) = frame_at(rest) {
-                let body_bytes = &rest[body.clone()];
-                rest = &rest[body.end..];
-                let Ok(parts) = body_parts(body_bytes, flags) else {
+            while let Some(at) = frame_at(rest) {
+                let body_bytes = &rest[at.body.clone()];
+                rest = &rest[at.body.end..];
+                let Ok(parts) = body_parts(body_bytes, at.body_flags) else {
                     continue;
                 };
                 let Ok(topic) = std::str::from_utf8(parts.topic) else {
@@ -259,8 +279,8 @@ impl Receiver {
                 f(MessageView {
                     topic,
                     payload: parts.payload,
-                    partition: parts.partition.map(PartitionId::new),
-                    offset,
+                    partition: at.partition.or(parts.partition.map(PartitionId::new)),
+                    offset: at.offset,
                     headers: parts.headers,
                     received_at: self.received_at,
                 });
@@ -272,13 +292,13 @@ impl Receiver {
 
     fn next_message(&mut self) -> Option<Message> {
         let chunk = self.chunks.front_mut()?;
-        let (flags, offset, body) = frame_at(chunk)?;
-        let frame = chunk.split_to(body.end);
+        let at = frame_at(chunk)?;
+        let frame = chunk.split_to(at.body.end);
         if chunk.is_empty() {
             self.chunks.pop_front();
         }
-        let body = frame.slice(body);
-        let parts = body_parts(&body, flags).ok()?;
+        let body = frame.slice(at.body);
+        let parts = body_parts(&body, at.body_flags).ok()?;
         let topic = match &self.last_topic {
             Some(t) if t.as_bytes() == parts.topic => t.clone(),
             _ => {
@@ -294,8 +314,8 @@ impl Receiver {
             topic,
             payload: body.slice(payload_at..),
             timestamp: self.received_at,
-            partition: parts.partition.map(PartitionId::new),
-            offset,
+            partition: at.partition.or(parts.partition.map(PartitionId::new)),
+            offset: at.offset,
             headers: parts
                 .headers
                 .map(|h| header_pairs(h).collect())
@@ -313,9 +333,10 @@ pub struct MessageView<'a> {
     pub topic: &'a str,
     /// The payload.
     pub payload: &'a [u8],
-    /// The partition the publisher chose, if any.
+    /// The partition it is in (for a topic with more than one, or when
+    /// the publisher chose one).
     pub partition: Option<PartitionId>,
-    /// Its offset in its topic.
+    /// Its offset in its topic partition.
     pub offset: Option<Offset>,
     headers: Option<&'a [u8]>,
     received_at: Timestamp,

@@ -217,6 +217,8 @@ impl Consumer {
                 .map(|g| Bytes::copy_from_slice(g.as_bytes())),
             start: options.start,
             policy: options.slow_consumer,
+            partitions: options.partitions.iter().map(|p| p.get()).collect(),
+            sticky: options.sticky_partitions,
         });
         let subscription = Subscription {
             sid,
@@ -565,6 +567,7 @@ fn handle_control(frame: Frame, inner: &Inner) -> Result<(), CloseReason> {
                 let range = missed.range.and_then(|r| {
                     Some(Gap {
                         topic: kaelix_core::Topic::from_bytes(r.topic).ok()?,
+                        partition: r.partition.map(kaelix_core::PartitionId::new),
                         first: kaelix_core::Offset::new(r.first),
                         last: kaelix_core::Offset::new(r.last),
                         count: missed.count,

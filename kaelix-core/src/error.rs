@@ -25,6 +25,11 @@ pub enum Error {
     #[error("Queue group name is invalid: {group:?} ({reason})")]
     InvalidGroup { group: String, reason: &'static str },
 
+    /// A partition that does not exist, or partitions asked for where they
+    /// do not apply.
+    #[error("Partition is invalid: {0}")]
+    InvalidPartition(String),
+
     /// A header name or value cannot be carried by the protocol.
     #[error("Header is invalid: {name:?} ({reason})")]
     InvalidHeader { name: String, reason: &'static str },

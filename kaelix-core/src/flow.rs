@@ -86,6 +86,7 @@ mod tests {
     fn gap(topic: &str, first: u64, last: u64, count: u64) -> Gap {
         Gap {
             topic: crate::Topic::new(topic).unwrap(),
+            partition: None,
             first: crate::Offset::new(first),
             last: crate::Offset::new(last),
             count,
@@ -133,8 +134,8 @@ mod tests {
     }
 }
 
-/// How to subscribe, beyond the pattern: where to start, a queue group, and
-/// the subscription's own slow-consumer policy.
+/// How to subscribe, beyond the pattern: where to start, a queue group,
+/// the subscription's own slow-consumer policy, and the partitions to take.
 ///
 /// ```
 /// use kaelix_core::{SlowConsumerPolicy, StartPosition, SubscribeOptions};
@@ -152,6 +153,14 @@ pub struct SubscribeOptions {
     pub queue_group: Option<String>,
     /// Overrides the topics' `slow_consumer` policy for this subscription.
     pub slow_consumer: Option<SlowConsumerPolicy>,
+    /// Only these partitions of the matching topics; empty takes them all.
+    /// Not with a queue group (a group shares out its topics' partitions).
+    pub partitions: Vec<crate::PartitionId>,
+    /// With a queue group: each partition goes to one member of the group
+    /// (partition `p` to member `p % members`, members in joining order),
+    /// so a member sees each of its partitions in order. A group is sticky
+    /// when any of its members asks.
+    pub sticky_partitions: bool,
 }
 
 impl SubscribeOptions {
@@ -178,10 +187,50 @@ impl SubscribeOptions {
         self
     }
 
-    /// Checks the queue group's name, and that a group starts at the
-    /// latest message (replaying to one member of a group is not defined).
+    /// Takes only `partitions` of the matching topics.
+    pub fn partitions(mut self, partitions: impl IntoIterator<Item = crate::PartitionId>) -> Self {
+        self.partitions = partitions.into_iter().collect();
+        self
+    }
+
+    /// In a queue group, takes whole partitions (see
+    /// [`sticky_partitions`](Self::sticky_partitions)).
+    pub fn sticky_partitions(mut self) -> Self {
+        self.sticky_partitions = true;
+        self
+    }
+
+    /// Checks the queue group's name, that a group starts at the latest
+    /// message (replaying to one member of a group is not defined), that
+    /// partitions are named only outside a group and within
+    /// [`PartitionId::MAX_PARTITIONS`](crate::PartitionId::MAX_PARTITIONS),
+    /// and that only a group is sticky.
     pub fn check(&self) -> crate::Result<()> {
+        if let Some(p) = self
+            .partitions
+            .iter()
+            .find(|p| p.get() >= crate::PartitionId::MAX_PARTITIONS)
+        {
+            return Err(crate::Error::InvalidPartition(format!(
+                "partition {p} does not exist: a topic has at most {} partitions",
+                crate::PartitionId::MAX_PARTITIONS
+            )));
+        }
+        if self.sticky_partitions && self.queue_group.is_none() {
+            return Err(crate::Error::InvalidPartition(
+                "sticky partitions share a topic's partitions among the members of a \
+                 queue group: name the group"
+                    .into(),
+            ));
+        }
         if let Some(group) = &self.queue_group {
+            if !self.partitions.is_empty() {
+                return Err(crate::Error::InvalidGroup {
+                    group: group.clone(),
+                    reason: "a queue group member takes the partitions the group gives it: \
+                             ask for sticky partitions instead of naming them",
+                });
+            }
             crate::topic::check_group(group)?;
             if self.start != crate::StartPosition::Latest {
                 return Err(crate::Error::InvalidGroup {
@@ -203,6 +252,8 @@ impl SubscribeOptions {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Gap {
     pub topic: crate::Topic,
+    /// The partition, for a topic with more than one.
+    pub partition: Option<crate::PartitionId>,
     pub first: crate::Offset,
     pub last: crate::Offset,
     pub count: u64,
@@ -216,14 +267,21 @@ pub const MAX_GAPS: usize = 1024;
 pub fn record_gap(gaps: &mut Vec<Gap>, gap: Gap) {
     if let Some(last) = gaps.last_mut() {
         // Adjacent drops of one topic make one gap.
-        if last.topic == gap.topic && last.last.get() + 1 == gap.first.get() {
+        if last.topic == gap.topic
+            && last.partition == gap.partition
+            && last.last.get() + 1 == gap.first.get()
+        {
             last.last = gap.last;
             last.count += gap.count;
             return;
         }
     }
     if gaps.len() >= MAX_GAPS {
-        match gaps.iter_mut().rev().find(|g| g.topic == gap.topic) {
+        match gaps
+            .iter_mut()
+            .rev()
+            .find(|g| g.topic == gap.topic && g.partition == gap.partition)
+        {
             Some(same) => {
                 same.first = same.first.min(gap.first);
                 same.last = same.last.max(gap.last);

@@ -22,15 +22,21 @@ pub struct Message {
     pub payload: Bytes,
     /// When the message was made (or, on a consumer, received).
     pub timestamp: Timestamp,
-    /// The partition the publisher chose, if any.
+    /// Publishing: the partition the publisher chose, if any. Received:
+    /// the partition the message is in (set whenever the topic has more
+    /// than one partition, or the publisher chose one).
     pub partition: Option<PartitionId>,
-    /// The position the broker assigned, when the topic keeps one.
+    /// The position the broker assigned in its topic partition.
     pub offset: Option<Offset>,
     /// Application headers.
     pub headers: Headers,
 }
 
 impl Message {
+    /// The header a message's key travels in: a broker puts a message with
+    /// a key in partition [`PartitionId::for_key`] of its topic.
+    pub const KEY_HEADER: &'static str = "kaelix-key";
+
     /// The largest payload a message may carry. A broker's frame limit
     /// (`limits.max_frame_bytes`) is usually far lower.
     pub const MAX_PAYLOAD: usize = u32::MAX as usize - 1024;
@@ -56,6 +62,12 @@ impl Message {
             offset: None,
             headers: Headers::new(),
         })
+    }
+
+    /// The message's key (the [`KEY_HEADER`](Self::KEY_HEADER) header), if
+    /// it has one.
+    pub fn key(&self) -> Option<&str> {
+        self.headers.get(Message::KEY_HEADER)
     }
 
     /// A builder for messages with headers or a partition.
@@ -158,10 +170,19 @@ impl MessageBuilder {
         self
     }
 
-    /// The partition to publish to.
+    /// The partition to publish to. A broker refuses a partition its topic
+    /// does not have (`unknown-partition`).
     pub fn partition(mut self, partition: PartitionId) -> Self {
         self.partition = Some(partition);
         self
+    }
+
+    /// The message's key: messages with the same key go to the same
+    /// partition of a topic ([`PartitionId::for_key`]), so they keep their
+    /// order. Carried in the [`Message::KEY_HEADER`] header; an explicit
+    /// [`partition`](Self::partition) wins over it.
+    pub fn key(self, key: impl Into<String>) -> Self {
+        self.header(Message::KEY_HEADER, key)
     }
 
     /// Validates the topic, headers and payload and makes the message.
@@ -382,6 +403,9 @@ impl From<Timestamp> for SystemTime {
 pub struct PartitionId(u32);
 
 impl PartitionId {
+    /// Most partitions a topic may have (`[[topics]] partitions`).
+    pub const MAX_PARTITIONS: u32 = 1024;
+
     /// Partition number `id`.
     pub const fn new(id: u32) -> PartitionId {
         PartitionId(id)
@@ -390,6 +414,26 @@ impl PartitionId {
     /// The partition number.
     pub const fn get(self) -> u32 {
         self.0
+    }
+
+    /// The partition of a topic with `partitions` partitions that a
+    /// message with `key` goes to: the 64-bit FNV-1a hash of the key's
+    /// bytes, modulo `partitions`. Stable across brokers, restarts and
+    /// client languages; it changes only when the partition count does.
+    ///
+    /// ```
+    /// use kaelix_core::PartitionId;
+    /// let p = PartitionId::for_key(b"user-42", 8);
+    /// assert_eq!(p, PartitionId::for_key(b"user-42", 8));
+    /// assert!(p.get() < 8);
+    /// ```
+    pub fn for_key(key: &[u8], partitions: u32) -> PartitionId {
+        const BASIS: u64 = 0xcbf2_9ce4_8422_2325;
+        const PRIME: u64 = 0x0000_0100_0000_01b3;
+        let hash = key
+            .iter()
+            .fold(BASIS, |h, &b| (h ^ u64::from(b)).wrapping_mul(PRIME));
+        PartitionId((hash % u64::from(partitions.max(1))) as u32)
     }
 }
 
@@ -459,6 +503,20 @@ mod tests {
             .unwrap();
         assert_eq!(m.partition, Some(PartitionId::new(3)));
         assert_eq!(m.size_bytes(), 4);
+    }
+
+    #[test]
+    fn keys_hash_with_fnv1a() {
+        // The published FNV-1a 64 values of "a" and "foobar".
+        assert_eq!(0xaf63_dc4c_8601_ec8c_u64 % 1000, 996);
+        assert_eq!(PartitionId::for_key(b"a", 1000), PartitionId::new(996));
+        assert_eq!(0x8594_4171_f739_67e8_u64 % 7, 6);
+        assert_eq!(PartitionId::for_key(b"foobar", 7), PartitionId::new(6));
+        assert_eq!(PartitionId::for_key(b"anything", 1), PartitionId::new(0));
+        assert_eq!(PartitionId::for_key(b"anything", 0), PartitionId::new(0));
+        let m = Message::builder().topic("a").key("user-1").build().unwrap();
+        assert_eq!(m.key(), Some("user-1"));
+        assert_eq!(m.header(Message::KEY_HEADER), Some("user-1"));
     }
 
     #[test]

@@ -159,6 +159,7 @@ impl MessageQueue {
                     &mut state.gaps,
                     Gap {
                         topic: old.topic,
+                        partition: old.partition,
                         first: offset,
                         last: offset,
                         count: 1,

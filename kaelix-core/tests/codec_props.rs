@@ -93,16 +93,21 @@ fn frame() -> impl Strategy<Value = Frame> {
             proptest::option::of("[a-z]{1,20}"),
             start(),
             proptest::option::of(1u8..=3),
+            proptest::collection::vec(any::<u32>(), 0..8),
+            any::<bool>(),
         )
-            .prop_map(
-                |(sid, pattern, group, start, policy)| Frame::Subscribe(Subscribe {
+            .prop_map(|(sid, pattern, group, start, policy, partitions, sticky)| {
+                Frame::Subscribe(Subscribe {
                     sid,
                     pattern: Bytes::from(pattern),
+                    // Sticky only with a group, as the decoder insists.
+                    sticky: sticky && group.is_some(),
                     group: group.map(Bytes::from),
                     start,
                     policy: policy.and_then(kaelix_core::SlowConsumerPolicy::from_code),
+                    partitions,
                 })
-            ),
+            }),
         any::<u32>().prop_map(Frame::SubAck),
         (any::<u32>(), code(), text(100)).prop_map(|(sid, code, reason)| Frame::SubNack(Nack {
             id: u64::from(sid),
@@ -110,21 +115,39 @@ fn frame() -> impl Strategy<Value = Frame> {
             reason
         })),
         any::<u32>().prop_map(Frame::Unsubscribe),
-        (any::<u32>(), proptest::option::of(any::<u64>()), body())
-            .prop_map(|(sid, offset, body)| Frame::Message(Deliver { sid, offset, body })),
+        (
+            any::<u32>(),
+            proptest::option::of(any::<u64>()),
+            proptest::option::of(any::<u32>()),
+            body()
+        )
+            .prop_map(|(sid, offset, partition, body)| Frame::Message(Deliver {
+                sid,
+                offset,
+                partition,
+                body
+            })),
         (
             any::<u32>(),
             any::<u64>(),
-            proptest::option::of(("[a-z.]{1,40}", any::<u64>(), any::<u64>()))
+            proptest::option::of((
+                "[a-z.]{1,40}",
+                proptest::option::of(any::<u32>()),
+                any::<u64>(),
+                any::<u64>()
+            ))
         )
             .prop_map(
                 |(sid, count, range)| Frame::Missed(kaelix_core::protocol::Missed {
                     sid,
                     count,
-                    range: range.map(|(topic, first, last)| kaelix_core::protocol::MissedRange {
-                        topic: Bytes::from(topic),
-                        first,
-                        last,
+                    range: range.map(|(topic, partition, first, last)| {
+                        kaelix_core::protocol::MissedRange {
+                            topic: Bytes::from(topic),
+                            partition,
+                            first,
+                            last,
+                        }
                     }),
                 })
             ),

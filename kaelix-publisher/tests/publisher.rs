@@ -8,7 +8,13 @@ use kaelix_core::{CloseReason, Error, Message, PartitionId, Topic};
 use kaelix_publisher::Publisher;
 
 async fn broker() -> (MessageBroker, String) {
-    let broker = MessageBroker::new();
+    let mut config = kaelix_core::MemoryStreamerConfig::default();
+    config.topics.push(kaelix_core::config::TopicConfig {
+        pattern: "orders.*".into(),
+        partitions: 4,
+        ..Default::default()
+    });
+    let broker = MessageBroker::with_config(config);
     broker.start().await.unwrap();
     let addr = Server::spawn(&broker, "127.0.0.1:0")
         .await
@@ -31,6 +37,19 @@ async fn acknowledged_publishes_reach_in_process_subscribers() {
         .build()
         .unwrap();
     publisher.publish_message(&message).await.unwrap();
+    // A partition the topic does not have is refused, and named.
+    let beyond = Message::builder()
+        .topic("orders.paid")
+        .partition(PartitionId::new(4))
+        .build()
+        .unwrap();
+    match publisher.publish_message(&beyond).await {
+        Err(Error::Refused { code, reason }) => {
+            assert_eq!(code, ErrorCode::UnknownPartition);
+            assert!(reason.contains("has 4 partitions"), "{reason}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
 
     let first = receiver.recv().await.unwrap();
     assert_eq!(

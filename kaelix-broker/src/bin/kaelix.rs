@@ -4,6 +4,8 @@
 //! kaelix sub 'events.>'                 # one line per message: topic, then payload
 //! kaelix sub orders --from earliest      # what the broker still holds, then live
 //! kaelix pub events.user.signup alice   # exits once the broker acknowledged it
+//! kaelix pub orders o-1 --key user-42    # same key, same partition, kept in order
+//! kaelix sub orders --partitions 0,2     # only those partitions
 //! kaelix stats [--json]                 # the broker's statistics and rates
 //! ```
 
@@ -49,6 +51,14 @@ enum Command {
         /// Publish the message this many times.
         #[arg(long, short = 'n', default_value_t = 1)]
         count: u64,
+        /// The message's key: messages with the same key go to the same
+        /// partition of the topic, so they keep their order.
+        #[arg(long, short)]
+        key: Option<String>,
+        /// Publish to this partition (the broker refuses one the topic does
+        /// not have).
+        #[arg(long, short)]
+        partition: Option<u32>,
     },
     /// Subscribe and print one line per message: topic, a space, the payload.
     Sub {
@@ -65,7 +75,8 @@ enum Command {
         /// there comes first, then live messages.
         #[arg(long, default_value = "latest")]
         from: kaelix_core::StartPosition,
-        /// Begin each line with the message's offset in its topic.
+        /// Begin each line with the message's offset in its topic (as
+        /// `partition/offset` for a topic with several partitions).
         #[arg(long)]
         offsets: bool,
         /// This subscription's policy when it falls behind, over the
@@ -73,6 +84,14 @@ enum Command {
         /// error) or block.
         #[arg(long)]
         slow_consumer: Option<kaelix_core::SlowConsumerPolicy>,
+        /// Only these partitions of the matching topics, comma-separated
+        /// (default: all).
+        #[arg(long, value_delimiter = ',')]
+        partitions: Vec<u32>,
+        /// With --queue: each partition goes to one member of the group,
+        /// so a member sees its partitions in order.
+        #[arg(long, requires = "queue")]
+        sticky: bool,
     },
     /// Print the broker's statistics: uptime, health, connections,
     /// subscriptions and topics, message and byte rates, refusals, drops.
@@ -106,7 +125,27 @@ async fn main() -> ExitCode {
     let args = Args::parse();
     let server = server_addr(&args.server);
     let result = match args.command {
-        Command::Pub { topic, text, count } => publish(&server, &topic, text, count).await,
+        Command::Pub {
+            topic,
+            text,
+            count,
+            key,
+            partition,
+        } => {
+            let message = kaelix_core::Message::builder().topic(&topic).payload(text);
+            let message = match (key, partition) {
+                (Some(key), None) => message.key(key),
+                (None, Some(p)) => message.partition(kaelix_core::PartitionId::new(p)),
+                (Some(key), Some(p)) => {
+                    message.key(key).partition(kaelix_core::PartitionId::new(p))
+                }
+                (None, None) => message,
+            };
+            match message.build() {
+                Ok(message) => publish(&server, &message, count).await,
+                Err(err) => Err(err.to_string()),
+            }
+        }
         Command::Sub {
             pattern,
             queue,
@@ -114,6 +153,8 @@ async fn main() -> ExitCode {
             from,
             offsets,
             slow_consumer,
+            partitions,
+            sticky,
         } => {
             let options = SubOptions {
                 queue,
@@ -121,6 +162,8 @@ async fn main() -> ExitCode {
                 from,
                 offsets,
                 slow_consumer,
+                partitions,
+                sticky,
             };
             subscribe(&server, &pattern, options).await
         }
@@ -135,20 +178,19 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn publish(server: &str, topic: &str, text: String, count: u64) -> Result<(), String> {
+async fn publish(server: &str, message: &kaelix_core::Message, count: u64) -> Result<(), String> {
     let publisher = Publisher::connect(server)
         .await
         .map_err(|e| format!("cannot connect to {server}: {e}"))?;
-    let payload = bytes::Bytes::from(text);
     if count == 1 {
         publisher
-            .publish(topic, payload)
+            .publish_message(message)
             .await
             .map_err(|e| e.to_string())?;
     } else {
         for _ in 0..count {
             publisher
-                .send(topic, payload.clone())
+                .send_message(message)
                 .await
                 .map_err(|e| e.to_string())?;
         }
@@ -157,7 +199,7 @@ async fn publish(server: &str, topic: &str, text: String, count: u64) -> Result<
         publisher.flush().await.map_err(|e| e.to_string())?;
     }
     publisher.close().await.map_err(|e| e.to_string())?;
-    eprintln!("published {count} message(s) to {topic}");
+    eprintln!("published {count} message(s) to {}", message.topic);
     Ok(())
 }
 
@@ -167,6 +209,8 @@ struct SubOptions {
     from: kaelix_core::StartPosition,
     offsets: bool,
     slow_consumer: Option<kaelix_core::SlowConsumerPolicy>,
+    partitions: Vec<u32>,
+    sticky: bool,
 }
 
 async fn subscribe(server: &str, pattern: &str, options: SubOptions) -> Result<(), String> {
@@ -176,6 +220,8 @@ async fn subscribe(server: &str, pattern: &str, options: SubOptions) -> Result<(
         from,
         offsets,
         slow_consumer,
+        partitions,
+        sticky,
     } = options;
     let consumer = Consumer::connect(server)
         .await
@@ -189,6 +235,11 @@ async fn subscribe(server: &str, pattern: &str, options: SubOptions) -> Result<(
         start: from,
         queue_group: queue,
         slow_consumer,
+        partitions: partitions
+            .into_iter()
+            .map(kaelix_core::PartitionId::new)
+            .collect(),
+        sticky_partitions: sticky,
     };
     let mut subscription = consumer
         .subscribe_with(pattern, options)
@@ -214,14 +265,24 @@ async fn subscribe(server: &str, pattern: &str, options: SubOptions) -> Result<(
         };
         received += 1;
         for gap in subscription.take_gaps() {
+            let partition = gap
+                .partition
+                .map(|p| format!(" partition {p}"))
+                .unwrap_or_default();
             eprintln!(
-                "missed {} message(s) of {} (offsets {} to {}): this subscriber fell behind",
+                "missed {} message(s) of {}{partition} (offsets {} to {}): this subscriber fell behind",
                 gap.count, gap.topic, gap.first, gap.last
             );
         }
         if offsets {
-            if let Some(offset) = message.offset {
-                let _ = write!(out, "{offset} ");
+            match (message.partition, message.offset) {
+                (Some(p), Some(offset)) => {
+                    let _ = write!(out, "{p}/{offset} ");
+                }
+                (None, Some(offset)) => {
+                    let _ = write!(out, "{offset} ");
+                }
+                _ => {}
             }
         }
         let line = writeln!(

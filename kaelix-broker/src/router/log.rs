@@ -1,12 +1,13 @@
-//! Topic logs: the offsets of each topic and the recent messages it keeps
-//! in memory for replay.
+//! Topic logs: the offsets of each topic partition and the recent messages
+//! it keeps in memory for replay.
 //!
-//! A publisher holds a topic's log lock for a whole run of publishes to that
-//! topic within one read batch: it assigns their offsets, keeps copies, and
-//! hands the deliveries to the subscribers' buffers before letting go. So
-//! every subscriber sees a topic's messages in offset order, and a
-//! subscriber that replays (which takes the same lock) gets exactly what was
-//! published before it, then everything after, with no gap or duplicate.
+//! A publisher holds a partition's log lock for a whole run of publishes to
+//! that partition within one read batch: it assigns their offsets, keeps
+//! copies, and hands the deliveries to the subscribers' buffers before
+//! letting go. So every subscriber sees a partition's messages in offset
+//! order, and a subscriber that replays (which takes the same lock) gets
+//! exactly what was published before it, then everything after, with no
+//! gap or duplicate.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -80,13 +81,20 @@ pub(crate) struct Kept {
     pub(crate) body: Bytes,
 }
 
-/// A topic's log.
+/// A topic's logs, one per partition.
 pub(crate) struct TopicLog {
     pub(crate) topic: Topic,
-    pub(crate) state: Arc<Mutex<LogState>>,
+    pub(crate) parts: Box<[Arc<Mutex<LogState>>]>,
 }
 
-/// What the log lock guards.
+impl TopicLog {
+    /// The topic's partitions.
+    pub(crate) fn partitions(&self) -> u32 {
+        self.parts.len() as u32
+    }
+}
+
+/// What a partition's log lock guards.
 ///
 /// The bodies of one run are copied into one buffer (a chunk) and the
 /// kept messages point into it, so keeping a message costs a copy and an
@@ -364,27 +372,31 @@ impl Logs {
         if let Some(log) = self.map.read().get(topic) {
             return log.clone();
         }
-        let (retention, policy) = {
+        let (retention, settings) = {
             let config = self.config.read();
-            (
-                Retention::of(&config, topic),
-                config.topic_settings(topic).slow_consumer,
-            )
+            (Retention::of(&config, topic), config.topic_settings(topic))
         };
         self.map
             .write()
             .entry(topic.clone())
             .or_insert_with(|| {
+                let parts = (0..settings.partitions.max(1))
+                    .map(|_| self.new_part(retention, settings.slow_consumer))
+                    .collect();
                 Arc::new(TopicLog {
                     topic: topic.clone(),
-                    state: Arc::new(Mutex::new(LogState::new(
-                        retention,
-                        policy,
-                        self.budget.clone(),
-                    ))),
+                    parts,
                 })
             })
             .clone()
+    }
+
+    fn new_part(&self, retention: Retention, policy: SlowConsumerPolicy) -> Arc<Mutex<LogState>> {
+        Arc::new(Mutex::new(LogState::new(
+            retention,
+            policy,
+            self.budget.clone(),
+        )))
     }
 
     /// The log of `topic`, if anything was published to it.
@@ -413,18 +425,53 @@ impl Logs {
     }
 
     /// Applies new `[retention]` and `[[topics]]` settings to every log.
-    pub(crate) fn reconfigure(&self, config: &MemoryStreamerConfig) {
+    /// A topic whose partition count went up gets its new partitions (its
+    /// log is replaced, sharing the old partitions); returns whether any
+    /// did, so that routes are looked up again. A count that went down is
+    /// kept as it is, with a warning.
+    pub(crate) fn reconfigure(&self, config: &MemoryStreamerConfig) -> bool {
         self.budget
             .max
             .store(config.retention.max_bytes, Ordering::Relaxed);
         *self.config.write() = Arc::new(config.clone());
         let logs: Vec<Arc<TopicLog>> = self.map.read().values().cloned().collect();
+        let mut grown = Vec::new();
         for log in logs {
             let retention = Retention::of(config, &log.topic);
-            let mut state = log.state.lock();
-            state.set_retention(retention);
-            state.slow_consumer = config.topic_settings(&log.topic).slow_consumer;
+            let settings = config.topic_settings(&log.topic);
+            for part in log.parts.iter() {
+                let mut state = part.lock();
+                state.set_retention(retention);
+                state.slow_consumer = settings.slow_consumer;
+            }
+            let (now, wanted) = (log.partitions(), settings.partitions.max(1));
+            if wanted > now {
+                let parts = log
+                    .parts
+                    .iter()
+                    .cloned()
+                    .chain((now..wanted).map(|_| self.new_part(retention, settings.slow_consumer)))
+                    .collect();
+                grown.push(Arc::new(TopicLog {
+                    topic: log.topic.clone(),
+                    parts,
+                }));
+                tracing::info!(topic = %log.topic, from = now, to = wanted, "topic partitions added");
+            } else if wanted < now {
+                tracing::warn!(
+                    topic = %log.topic, partitions = now, configured = wanted,
+                    "a topic's partitions cannot be removed while it lives: keeping them"
+                );
+            }
         }
+        let any = !grown.is_empty();
+        if any {
+            let mut map = self.map.write();
+            for log in grown {
+                map.insert(log.topic.clone(), log);
+            }
+        }
+        any
     }
 
     /// Housekeeping: drops messages past their age limit in every log, then
@@ -433,24 +480,33 @@ impl Logs {
     pub(crate) fn expire_all(&self) {
         let now = Timestamp::now();
         let logs: Vec<Arc<TopicLog>> = self.map.read().values().cloned().collect();
+        let mut parts = 0;
         for log in &logs {
-            log.state.lock().expire(now);
+            for part in log.parts.iter() {
+                part.lock().expire(now);
+                parts += 1;
+            }
         }
-        // Near the broker's cap, the topics holding more than an even share
-        // give back the excess, so that a topic that started later is not
-        // kept from retaining anything by those that filled the budget.
+        // Near the broker's cap, the partitions holding more than an even
+        // share give back the excess, so that a topic that started later
+        // is not kept from retaining anything by those that filled the
+        // budget.
         let max = self.budget.max.load(Ordering::Relaxed);
-        if self.budget.used.load(Ordering::Relaxed) > max / 10 * 9 && !logs.is_empty() {
-            let share = max / logs.len() / 10 * 9;
+        if self.budget.used.load(Ordering::Relaxed) > max / 10 * 9 && parts > 0 {
+            let share = max / parts / 10 * 9;
             for log in &logs {
-                log.state.lock().trim_to(share);
+                for part in log.parts.iter() {
+                    part.lock().trim_to(share);
+                }
             }
         }
         drop(logs);
         self.map.write().retain(|_, log| {
-            Arc::strong_count(log) > 1 || Arc::strong_count(&log.state) > 1 || {
-                !log.state.lock().is_empty()
-            }
+            Arc::strong_count(log) > 1
+                || log
+                    .parts
+                    .iter()
+                    .any(|part| Arc::strong_count(part) > 1 || !part.lock().is_empty())
         });
     }
 

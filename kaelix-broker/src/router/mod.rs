@@ -11,6 +11,7 @@
 //! its whole batch ([`Batch::finish`]).
 
 pub(crate) mod log;
+mod partition;
 mod shed;
 mod sublist;
 
@@ -30,6 +31,8 @@ use parking_lot::{RawMutex, RwLock};
 
 use crate::stats::Stats;
 use log::{LogState, Logs, TopicLog};
+pub(crate) use partition::PartitionSet;
+use partition::{message_choice, unknown_partition, wire_choice, Choice};
 use sublist::Sublist;
 
 /// Where a subscriber's messages go.
@@ -68,6 +71,10 @@ pub(crate) struct NewSub {
     /// Its own slow-consumer policy, over its topics'.
     pub(crate) policy: Option<SlowConsumerPolicy>,
     pub(crate) owner: Arc<Owner>,
+    /// Only these partitions; `None` takes all.
+    pub(crate) partitions: Option<PartitionSet>,
+    /// In a queue group: the group gives out whole partitions.
+    pub(crate) sticky: bool,
 }
 
 /// One subscription.
@@ -81,6 +88,16 @@ pub(crate) struct Subscriber {
     pub(crate) sink: Sink,
     pub(crate) policy: Option<SlowConsumerPolicy>,
     pub(crate) owner: Arc<Owner>,
+    pub(crate) partitions: Option<PartitionSet>,
+    pub(crate) sticky: bool,
+}
+
+impl Subscriber {
+    fn takes(&self, partition: u32) -> bool {
+        self.partitions
+            .as_ref()
+            .is_none_or(|set| set.contains(partition))
+    }
 }
 
 /// The subscribers of one topic.
@@ -92,6 +109,8 @@ pub(crate) struct Matches {
 struct Group {
     members: Vec<Arc<Subscriber>>,
     next: AtomicUsize,
+    /// Partition `p` goes to member `p % members` (any member asked).
+    sticky: bool,
 }
 
 /// Where a topic's messages go: its subscribers as of `generation`, and
@@ -123,6 +142,7 @@ impl Matches {
                     // A stable order, so the round robin is fair.
                     members.sort_by_key(|s| s.id);
                     Group {
+                        sticky: members.iter().any(|m| m.sticky),
                         members,
                         next: AtomicUsize::new(0),
                     }
@@ -160,6 +180,8 @@ impl Router {
             sink,
             policy,
             owner,
+            partitions,
+            sticky,
         } = new;
         let sub = Arc::new(Subscriber {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
@@ -169,6 +191,8 @@ impl Router {
             sink,
             policy,
             owner,
+            partitions,
+            sticky,
         });
         self.subs.write().insert(sub.clone());
         self.generation.fetch_add(1, Ordering::Release);
@@ -181,6 +205,32 @@ impl Router {
             self.generation.fetch_add(1, Ordering::Release);
             self.stats.subscriptions.fetch_sub(1, Ordering::Relaxed);
         }
+    }
+
+    /// Applies new `[retention]` and `[[topics]]` settings; topics that
+    /// gained partitions make every route be looked up again.
+    pub(crate) fn reconfigure_logs(&self, config: &kaelix_core::MemoryStreamerConfig) {
+        if self.logs.reconfigure(config) {
+            self.generation.fetch_add(1, Ordering::Release);
+        }
+    }
+
+    /// Whether `topic` has `partition`: for a batch that must be refused
+    /// whole, before any of it is routed.
+    pub(crate) fn check_partition(
+        &self,
+        topic: &Topic,
+        partition: kaelix_core::PartitionId,
+    ) -> Result<(), UnknownPartition> {
+        let partitions = self.logs.get_or_create(topic).partitions();
+        if partition.get() < partitions {
+            return Ok(());
+        }
+        Err(UnknownPartition(unknown_partition(
+            topic.as_str(),
+            partition.get(),
+            partitions,
+        )))
     }
 
     /// Distinct exact topics subscribed to, and wildcard subscriptions.
@@ -226,25 +276,39 @@ impl Router {
         ack: Option<&Frame>,
     ) -> (Arc<Subscriber>, u64) {
         let registry = self.logs.lock_registry();
-        let mut logs = Logs::matching_in(&registry, &new.pattern);
-        logs.sort_by_key(|log| Arc::as_ptr(log) as usize);
-        let mut locked: Vec<_> = logs.iter().map(|log| log.state.lock()).collect();
+        // Every partition it takes of every matching topic, in lock order.
+        let mut parts: Vec<(&Topic, u32, bool, &Arc<parking_lot::Mutex<LogState>>)> = Vec::new();
+        let logs = Logs::matching_in(&registry, &new.pattern);
+        for log in &logs {
+            let split = log.partitions() > 1;
+            for (p, part) in log.parts.iter().enumerate() {
+                let p = p as u32;
+                if new.partitions.as_ref().is_none_or(|set| set.contains(p)) {
+                    parts.push((&log.topic, p, split, part));
+                }
+            }
+        }
+        parts.sort_by_key(|(.., part)| Arc::as_ptr(part) as usize);
+        let mut locked: Vec<_> = parts.iter().map(|(.., part)| part.lock()).collect();
         let sub = self.subscribe(new);
         let mut missed = 0;
-        let mut replay = Vec::with_capacity(logs.len());
-        for (log, state) in logs.iter().zip(locked.iter_mut()) {
+        let mut replay = Vec::with_capacity(parts.len());
+        for ((topic, p, split, _), state) in parts.iter().zip(locked.iter_mut()) {
             let (kept, gone) = state.since(start);
             missed += gone;
-            replay.push((log, kept, sub.policy.unwrap_or(state.slow_consumer)));
+            let policy = sub.policy.unwrap_or(state.slow_consumer);
+            replay.push((*topic, split.then_some(*p), kept, policy));
         }
         match &sub.sink {
             Sink::Local(queue) => {
                 // A replay never waits: under block it may pass the limit
                 // (by at most what the topics retain).
                 let mut never_waited = Blocked::default();
-                for (log, kept, policy) in replay {
-                    let mut messages: Vec<Message> =
-                        kept.iter().map(|k| kept_message(&log.topic, k)).collect();
+                for (topic, partition, kept, policy) in replay {
+                    let mut messages: Vec<Message> = kept
+                        .iter()
+                        .map(|k| kept_message(topic, partition, k))
+                        .collect();
                     if !messages.is_empty() {
                         offer_local(queue, &mut messages, policy, &self.stats, &mut never_waited);
                     }
@@ -267,10 +331,11 @@ impl Router {
                     ack.encode(&mut frames);
                 }
                 let mut overflow = Overflow::new(&sub.owner);
-                for (_, kept, policy) in &replay {
+                for (_, partition, kept, policy) in &replay {
                     overflow.add(sub.sid, *policy);
                     for k in kept {
-                        encode_deliver_raw(&mut frames, sub.sid, Some(k.offset), k.flags, &k.body);
+                        let at = (Some(k.offset), *partition);
+                        encode_deliver_raw(&mut frames, sub.sid, at, k.flags, &k.body);
                     }
                 }
                 if !frames.is_empty() && outbox.append(&mut frames) == Pushed::Full {
@@ -295,8 +360,9 @@ impl Router {
 }
 
 /// A retained message as an in-process receiver gets it: its payload is a
-/// slice of the retained chunk, not a copy.
-fn kept_message(topic: &Topic, k: &log::Kept) -> Message {
+/// slice of the retained chunk, not a copy. `partition` is set for a topic
+/// with more than one.
+fn kept_message(topic: &Topic, partition: Option<u32>, k: &log::Kept) -> Message {
     // Kept bodies were validated when they were published.
     let parts = body_parts(&k.body, k.flags).unwrap_or_else(|e| unreachable!("{e}"));
     let start = parts.payload.as_ptr() as usize - k.body.as_ptr() as usize;
@@ -305,7 +371,9 @@ fn kept_message(topic: &Topic, k: &log::Kept) -> Message {
         topic: topic.clone(),
         payload: k.body.slice(start..start + parts.payload.len()),
         timestamp: k.timestamp,
-        partition: parts.partition.map(kaelix_core::PartitionId::new),
+        partition: partition
+            .or(parts.partition)
+            .map(kaelix_core::PartitionId::new),
         offset: Some(kaelix_core::Offset::new(k.offset)),
         headers: parts
             .headers
@@ -408,6 +476,25 @@ impl<'a> Publication<'a> {
         }
     }
 
+    /// Whether it names a partition, has a key, or neither.
+    fn choice(&self) -> Choice<'_> {
+        match (self.wire, self.message.get()) {
+            (Some((flags, body)), _) => wire_choice(flags, body),
+            (None, Some(message)) => message_choice(message),
+            (None, None) => unreachable!("a publication has a body or a message"),
+        }
+    }
+
+    /// Whether it names a partition (the cheap check a topic with one
+    /// partition makes).
+    fn names_partition(&self) -> bool {
+        match (self.wire, self.message.get()) {
+            (Some((flags, _)), _) => flags & kaelix_core::protocol::flags::PARTITION != 0,
+            (None, Some(message)) => message.partition.is_some(),
+            (None, None) => false,
+        }
+    }
+
     /// The encoded body and its flags.
     fn wire_body(&self) -> (u8, &[u8]) {
         if let Some(wire) = self.wire {
@@ -483,6 +570,14 @@ impl Overflow {
     }
 }
 
+/// Where a message was put: its offset, its partition (for a topic with
+/// more than one), and its topic's slow-consumer policy.
+struct Placed {
+    offset: u64,
+    partition: Option<u32>,
+    policy: SlowConsumerPolicy,
+}
+
 /// Messages for one in-process receiver, gathered during a run.
 struct LocalStaged {
     queue: Arc<MessageQueue>,
@@ -543,13 +638,19 @@ impl Blocked {
     }
 }
 
-/// The topic a batch is publishing to now, with its log locked.
+/// The topic partition a batch is publishing to now, with its log locked.
 struct Run {
     route: Arc<Route>,
+    /// The partition.
+    part: u32,
     log: ArcMutexGuard<RawMutex, LogState>,
     /// The topic's slow-consumer policy.
     policy: SlowConsumerPolicy,
 }
+
+/// A publish to a partition its topic does not have; the reason names both.
+#[derive(Debug)]
+pub(crate) struct UnknownPartition(pub(crate) String);
 
 /// Routing state of one publisher: frames staged per subscriber, receivers
 /// to wake, and counts. Consecutive publishes to one topic form a run, for
@@ -574,6 +675,9 @@ pub(crate) struct Batch {
     blocked: Blocked,
     /// Queue address → index in `local`.
     local_index: HashMap<usize, usize>,
+    /// Where the next run of messages with neither partition nor key goes
+    /// (modulo the topic's partitions).
+    next_part: u32,
     published: u64,
     delivered: u64,
     bytes_in: u64,
@@ -594,6 +698,7 @@ impl Batch {
             local: Vec::new(),
             local_index: HashMap::default(),
             blocked: Blocked::default(),
+            next_part: 0,
             published: 0,
             delivered: 0,
             bytes_in: 0,
@@ -601,22 +706,51 @@ impl Batch {
         }
     }
 
-    /// Gives `publication` on `topic` its offset and delivers it to every
-    /// plain subscriber and to one member of each queue group.
+    /// Puts `publication` on `topic` in its partition, gives it its offset
+    /// there, and delivers it to every plain subscriber that takes the
+    /// partition and to one member of each queue group.
+    ///
+    /// The partition is the one the publication names, else the one its
+    /// key hashes to, else the current run's if it is on this topic, else
+    /// the next in turn: a publisher's consecutive messages without a key
+    /// stay in one partition for a batch.
     pub(crate) fn route(
         &mut self,
         router: &Router,
         topic: &Topic,
         route: &Arc<Route>,
         publication: &Publication<'_>,
-    ) {
+    ) -> Result<(), UnknownPartition> {
+        let partitions = route.log.partitions();
+        let part = if partitions == 1 && !publication.names_partition() {
+            0
+        } else {
+            match publication.choice() {
+                Choice::Named(p) if p < partitions => p,
+                Choice::Named(p) => {
+                    return Err(UnknownPartition(unknown_partition(
+                        topic.as_str(),
+                        p,
+                        partitions,
+                    )))
+                }
+                Choice::Key(key) => kaelix_core::PartitionId::for_key(key, partitions).get(),
+                Choice::Any => match &self.run {
+                    Some(run) if Arc::ptr_eq(&run.route.log, &route.log) => run.part,
+                    _ => {
+                        self.next_part = self.next_part.wrapping_add(1);
+                        self.next_part % partitions
+                    }
+                },
+            }
+        };
         let same = self
             .run
             .as_ref()
-            .is_some_and(|run| Arc::ptr_eq(&run.route.log, &route.log));
+            .is_some_and(|run| run.part == part && Arc::ptr_eq(&run.route.log, &route.log));
         if !same {
             self.end_run();
-            let log = route.log.state.lock_arc();
+            let log = route.log.parts[part as usize].lock_arc();
             // Under the lock, a route made before a subscription landed is
             // made again: a replaying subscriber must not miss this run.
             let route = if router.generation() == route.generation {
@@ -633,7 +767,12 @@ impl Batch {
                 })
             };
             let policy = log.slow_consumer;
-            self.run = Some(Run { route, log, policy });
+            self.run = Some(Run {
+                route,
+                part,
+                log,
+                policy,
+            });
         }
         // Taken out for the deliveries (which borrow the batch) and put
         // back: no reference count moves per message.
@@ -644,37 +783,47 @@ impl Batch {
         let offset = run.log.append(publication.timestamp, flags, body);
         self.published += 1;
         let matches = &run.route.matches;
-        let at = (offset, run.policy);
+        let at = Placed {
+            offset,
+            partition: (partitions > 1).then_some(part),
+            policy: run.policy,
+        };
         for sub in &matches.plain {
-            self.deliver(sub, topic, publication, at);
+            if sub.takes(part) {
+                self.deliver(sub, topic, publication, &at);
+            }
         }
         for group in &matches.groups {
             let n = group.members.len();
-            let start = group.next.fetch_add(1, Ordering::Relaxed);
+            let start = if group.sticky {
+                part as usize % n
+            } else {
+                group.next.fetch_add(1, Ordering::Relaxed)
+            };
             // The first member that takes it; a closed or full one passes it on.
             for i in 0..n {
-                if self.deliver(&group.members[(start + i) % n], topic, publication, at) {
+                if self.deliver(&group.members[(start + i) % n], topic, publication, &at) {
                     break;
                 }
             }
         }
         self.run = Some(run);
+        Ok(())
     }
 
     pub(crate) fn add_bytes_in(&mut self, n: usize) {
         self.bytes_in += n as u64;
     }
 
-    /// Delivers to one subscriber the message at `offset` of a topic
-    /// whose slow-consumer policy is `policy`.
+    /// Delivers to one subscriber the message placed `at`.
     fn deliver(
         &mut self,
         sub: &Subscriber,
         topic: &Topic,
         publication: &Publication<'_>,
-        (offset, policy): (u64, SlowConsumerPolicy),
+        at: &Placed,
     ) -> bool {
-        let policy = sub.policy.unwrap_or(policy);
+        let policy = sub.policy.unwrap_or(at.policy);
         let ok = match &sub.sink {
             Sink::Net(outbox) => {
                 if outbox.is_closed_hint() {
@@ -682,7 +831,8 @@ impl Batch {
                 } else {
                     let (flags, body) = publication.wire_body();
                     let frames = self.stage(outbox, sub, policy);
-                    encode_deliver_raw(frames, sub.sid, Some(offset), flags, body);
+                    let place = (Some(at.offset), at.partition);
+                    encode_deliver_raw(frames, sub.sid, place, flags, body);
                     true
                 }
             }
@@ -691,7 +841,10 @@ impl Batch {
                     false
                 } else {
                     let mut message = publication.message(topic);
-                    message.offset = Some(kaelix_core::Offset::new(offset));
+                    message.offset = Some(kaelix_core::Offset::new(at.offset));
+                    if let Some(p) = at.partition {
+                        message.partition = Some(kaelix_core::PartitionId::new(p));
+                    }
                     self.stage_local(queue, policy).push(message);
                     true
                 }
@@ -976,6 +1129,8 @@ mod tests {
             sink: Sink::Local(queue.clone()),
             policy: None,
             owner: Owner::in_process(),
+            partitions: None,
+            sticky: false,
         });
         (sub, queue)
     }
@@ -984,7 +1139,9 @@ mod tests {
         let mut batch = Batch::new(Arc::new(Stats::default()));
         let (topic, matches) = cache.resolve(router, topic.as_bytes(), &mut batch).unwrap();
         let message = Message::new(topic.clone(), "x").unwrap();
-        batch.route(router, topic, matches, &Publication::from_message(message));
+        batch
+            .route(router, topic, matches, &Publication::from_message(message))
+            .unwrap();
     }
 
     #[test]

@@ -7,11 +7,13 @@ use std::ops::Range;
 use bytes::{Bytes, BytesMut};
 use kaelix_core::protocol::{flags, opcode, Frame, Missed, MissedRange, HEADER_LEN};
 
-/// What one subscription lost on one topic.
+/// What one subscription lost on one topic partition.
 #[derive(Debug)]
 pub(crate) struct Dropped {
     pub(crate) sid: u32,
     pub(crate) topic: Bytes,
+    /// For a topic with more than one partition.
+    pub(crate) partition: Option<u32>,
     pub(crate) first: u64,
     pub(crate) last: u64,
     /// Messages the notice names, earlier notices folded in.
@@ -21,8 +23,8 @@ pub(crate) struct Dropped {
 }
 
 /// Bytes of a MISSED frame with a range on a topic of `topic_len` bytes.
-fn notice_len(topic_len: usize) -> usize {
-    HEADER_LEN + 4 + 8 + 1 + topic_len + 8 + 8
+fn notice_len(topic_len: usize, partition: Option<u32>) -> usize {
+    HEADER_LEN + 4 + 8 + 1 + topic_len + 8 + 8 + partition.map_or(0, |_| 4)
 }
 
 /// Takes the oldest MESSAGE frames of `sids` out of `buf` until it holds
@@ -45,13 +47,14 @@ pub(crate) fn drop_oldest(buf: &mut BytesMut, target: usize, sids: &[u32]) -> Ve
         // An earlier notice of these subscriptions is folded into the new
         // one, which goes in front of everything left.
         let found = match frame[4] {
-            opcode::MISSED => parse_missed(frame).map(|(sid, count, topic, first, last)| {
+            opcode::MISSED => parse_missed(frame).map(|(sid, count, topic, first, last, p)| {
                 (
                     sid,
                     topic,
                     Dropped {
                         sid,
                         topic: Bytes::new(),
+                        partition: p,
                         first,
                         last,
                         count,
@@ -59,10 +62,11 @@ pub(crate) fn drop_oldest(buf: &mut BytesMut, target: usize, sids: &[u32]) -> Ve
                     },
                 )
             }),
-            opcode::MESSAGE => parse_message(frame).map(|(sid, offset, topic)| {
+            opcode::MESSAGE => parse_message(frame).map(|(sid, offset, partition, topic)| {
                 let one = Dropped {
                     sid,
                     topic: Bytes::new(),
+                    partition,
                     first: offset,
                     last: offset,
                     count: 1,
@@ -76,7 +80,7 @@ pub(crate) fn drop_oldest(buf: &mut BytesMut, target: usize, sids: &[u32]) -> Ve
             let topic = &buf[at + topic.start..at + topic.end];
             match groups
                 .iter_mut()
-                .find(|g| g.sid == sid && g.topic[..] == *topic)
+                .find(|g| g.sid == sid && g.partition == dropped.partition && g.topic[..] == *topic)
             {
                 Some(g) => {
                     g.first = g.first.min(dropped.first);
@@ -85,7 +89,7 @@ pub(crate) fn drop_oldest(buf: &mut BytesMut, target: usize, sids: &[u32]) -> Ve
                     g.new += dropped.new;
                 }
                 None => {
-                    need += notice_len(topic.len());
+                    need += notice_len(topic.len(), dropped.partition);
                     groups.push(Dropped {
                         topic: Bytes::copy_from_slice(topic),
                         ..dropped
@@ -103,7 +107,10 @@ pub(crate) fn drop_oldest(buf: &mut BytesMut, target: usize, sids: &[u32]) -> Ve
     if groups.is_empty() {
         return groups;
     }
-    let notices: usize = groups.iter().map(|g| notice_len(g.topic.len())).sum();
+    let notices: usize = groups
+        .iter()
+        .map(|g| notice_len(g.topic.len(), g.partition))
+        .sum();
     let mut out = BytesMut::with_capacity(buf.len() - freed + notices);
     for g in &groups {
         Frame::Missed(Missed {
@@ -111,6 +118,7 @@ pub(crate) fn drop_oldest(buf: &mut BytesMut, target: usize, sids: &[u32]) -> Ve
             count: g.count,
             range: Some(MissedRange {
                 topic: g.topic.clone(),
+                partition: g.partition,
                 first: g.first,
                 last: g.last,
             }),
@@ -127,9 +135,11 @@ pub(crate) fn drop_oldest(buf: &mut BytesMut, target: usize, sids: &[u32]) -> Ve
     groups
 }
 
-/// A MISSED frame's sid, count, where its topic lies in the frame, and
-/// its first and last offsets; `None` for one without a range.
-fn parse_missed(frame: &[u8]) -> Option<(u32, u64, Range<usize>, u64, u64)> {
+/// A MISSED frame's sid, count, where its topic lies in the frame, its
+/// first and last offsets, and its partition; `None` for one without a
+/// range.
+#[allow(clippy::type_complexity)]
+fn parse_missed(frame: &[u8]) -> Option<(u32, u64, Range<usize>, u64, u64, Option<u32>)> {
     if frame[5] & flags::RANGE == 0 {
         return None;
     }
@@ -139,21 +149,34 @@ fn parse_missed(frame: &[u8]) -> Option<(u32, u64, Range<usize>, u64, u64)> {
     let topic = 19..19 + topic_len;
     let first = u64::from_be_bytes(frame.get(topic.end..topic.end + 8)?.try_into().ok()?);
     let last = u64::from_be_bytes(frame.get(topic.end + 8..topic.end + 16)?.try_into().ok()?);
-    Some((sid, count, topic, first, last))
+    let partition = if frame[5] & flags::RANGE_PARTITION != 0 {
+        let at = topic.end + 16;
+        Some(u32::from_be_bytes(frame.get(at..at + 4)?.try_into().ok()?))
+    } else {
+        None
+    };
+    Some((sid, count, topic, first, last, partition))
 }
 
-/// A MESSAGE frame's sid, offset and where its topic lies in the frame;
-/// `None` for one without an offset (the router always writes one).
-fn parse_message(frame: &[u8]) -> Option<(u32, u64, Range<usize>)> {
+/// A MESSAGE frame's sid, offset, partition and where its topic lies in
+/// the frame; `None` for one without an offset (the router always writes
+/// one).
+fn parse_message(frame: &[u8]) -> Option<(u32, u64, Option<u32>, Range<usize>)> {
     if frame[5] & flags::OFFSET == 0 {
         return None;
     }
     let sid = u32::from_be_bytes(frame.get(6..10)?.try_into().ok()?);
     let offset = u64::from_be_bytes(frame.get(10..18)?.try_into().ok()?);
-    let topic_len = *frame.get(18)? as usize;
-    let topic = 19..19 + topic_len;
+    let (partition, body) = if frame[5] & flags::IN_PARTITION != 0 {
+        let p = u32::from_be_bytes(frame.get(18..22)?.try_into().ok()?);
+        (Some(p), 22)
+    } else {
+        (None, 18)
+    };
+    let topic_len = *frame.get(body)? as usize;
+    let topic = body + 1..body + 1 + topic_len;
     frame.get(topic.clone())?;
-    Some((sid, offset, topic))
+    Some((sid, offset, partition, topic))
 }
 
 #[cfg(test)]
@@ -165,7 +188,7 @@ mod tests {
         let mut body = vec![topic.len() as u8];
         body.extend_from_slice(topic.as_bytes());
         body.extend_from_slice(payload);
-        encode_deliver_raw(buf, sid, Some(offset), 0, &body);
+        encode_deliver_raw(buf, sid, (Some(offset), None), 0, &body);
     }
 
     fn frames(mut buf: BytesMut) -> Vec<Frame> {

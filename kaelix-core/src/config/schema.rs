@@ -240,9 +240,15 @@ impl Default for RetentionConfig {
 pub struct TopicConfig {
     /// Topic pattern: `orders.>`, `prices.*`, `audit.log`.
     pub pattern: String,
-    /// Most recent messages kept per topic; 0 keeps none.
+    /// Partitions of each topic: each has its own offsets, retention and
+    /// order. A message goes to the partition its publisher names, else the
+    /// one its key hashes to, else the broker picks one (per batch of a
+    /// publisher, in turn). A reload can add partitions to existing topics,
+    /// not remove them.
+    pub partitions: u32,
+    /// Most recent messages kept per topic partition; 0 keeps none.
     pub retain_messages: usize,
-    /// Most message bytes kept per topic.
+    /// Most message bytes kept per topic partition.
     pub retain_bytes: usize,
     /// Oldest message age kept, in seconds; 0 keeps them regardless of age.
     pub retain_age_secs: u64,
@@ -255,6 +261,7 @@ impl Default for TopicConfig {
     fn default() -> Self {
         TopicConfig {
             pattern: ">".into(),
+            partitions: 1,
             retain_messages: 1000,
             retain_bytes: 16 * 1024 * 1024,
             retain_age_secs: 0,

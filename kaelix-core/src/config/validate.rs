@@ -133,6 +133,13 @@ impl ConfigValidator {
             if let Err(err) = crate::TopicPattern::new(&topic.pattern) {
                 bad(&format!("topics[{i}].pattern"), err.to_string());
             }
+            let max = crate::PartitionId::MAX_PARTITIONS;
+            if !(1..=max).contains(&topic.partitions) {
+                bad(
+                    &format!("topics[{i}].partitions"),
+                    format!("must be between 1 and {max}, not {}", topic.partitions),
+                );
+            }
         }
         let buckets = &config.telemetry.metrics.delivery_latency_buckets_us;
         if buckets.is_empty() || buckets.windows(2).any(|w| w[0] >= w[1]) || buckets[0] == 0 {

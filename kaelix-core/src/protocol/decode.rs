@@ -71,8 +71,10 @@ pub struct PublishRef<'a> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DeliverRef<'a> {
     pub sid: u32,
-    /// The message's offset in its topic, when the broker sent it.
+    /// The message's offset in its topic partition, when the broker sent it.
     pub offset: Option<u64>,
+    /// The partition the message is in, when the topic has more than one.
+    pub partition: Option<u32>,
     pub body_flags: u8,
     pub body: &'a [u8],
 }
@@ -116,20 +118,16 @@ pub fn peek(buf: &[u8], max_frame_bytes: usize) -> Result<Peek<'_>, ProtocolErro
             ))
         }
         opcode::MESSAGE => {
-            check_flags("MESSAGE", fl, flags::BODY | flags::OFFSET)?;
+            check_flags("MESSAGE", fl, MESSAGE_FLAGS)?;
             let mut r = Reader::new(body, "MESSAGE");
-            let sid = r.u32("sid")?;
-            let offset = if fl & flags::OFFSET != 0 {
-                Some(r.u64("offset")?)
-            } else {
-                None
-            };
+            let (sid, offset, partition) = deliver_fields(&mut r, fl)?;
             let body = r.rest();
             body_layout(body, fl, "MESSAGE")?;
             Ok(Peek::Deliver(
                 DeliverRef {
                     sid,
                     offset,
+                    partition,
                     body_flags: fl & flags::BODY,
                     body,
                 },
@@ -138,6 +136,28 @@ pub fn peek(buf: &[u8], max_frame_bytes: usize) -> Result<Peek<'_>, ProtocolErro
         }
         _ => Ok(Peek::Other),
     }
+}
+
+/// The flags a MESSAGE frame may carry.
+const MESSAGE_FLAGS: u8 = flags::BODY | flags::OFFSET | flags::IN_PARTITION;
+
+/// A MESSAGE frame's fields before its body: sid, offset, partition.
+fn deliver_fields(
+    r: &mut Reader<'_>,
+    fl: u8,
+) -> Result<(u32, Option<u64>, Option<u32>), ProtocolError> {
+    let sid = r.u32("sid")?;
+    let offset = if fl & flags::OFFSET != 0 {
+        Some(r.u64("offset")?)
+    } else {
+        None
+    };
+    let partition = if fl & flags::IN_PARTITION != 0 {
+        Some(r.u32("partition")?)
+    } else {
+        None
+    };
+    Ok((sid, offset, partition))
 }
 
 fn check_flags(frame: &'static str, fl: u8, allowed: u8) -> Result<(), ProtocolError> {
@@ -157,9 +177,11 @@ fn parse(frame: Bytes) -> Result<Frame, ProtocolError> {
     let name = opcode_name(op).ok_or(ProtocolError::UnknownOpcode(op))?;
     let allowed = match op {
         opcode::PUBLISH => flags::ACK | flags::BODY,
-        opcode::MESSAGE => flags::BODY | flags::OFFSET,
-        opcode::SUBSCRIBE => flags::QUEUE | flags::START | flags::POLICY,
-        opcode::MISSED => flags::RANGE,
+        opcode::MESSAGE => MESSAGE_FLAGS,
+        opcode::SUBSCRIBE => {
+            flags::QUEUE | flags::START | flags::POLICY | flags::PARTITIONS | flags::STICKY
+        }
+        opcode::MISSED => flags::RANGE | flags::RANGE_PARTITION,
         _ => 0,
     };
     check_flags(name, fl, allowed)?;
@@ -204,16 +226,12 @@ fn parse(frame: Bytes) -> Result<Frame, ProtocolError> {
             }));
         }
         opcode::MESSAGE => {
-            let sid = r.u32("sid")?;
-            let offset = if fl & flags::OFFSET != 0 {
-                Some(r.u64("offset")?)
-            } else {
-                None
-            };
+            let (sid, offset, partition) = deliver_fields(&mut r, fl)?;
             let start = r.pos;
             return Ok(Frame::Message(Deliver {
                 sid,
                 offset,
+                partition,
                 body: parse_body(body.slice(start..), fl, "MESSAGE")?,
             }));
         }
@@ -262,12 +280,30 @@ fn parse(frame: Bytes) -> Result<Frame, ProtocolError> {
             } else {
                 None
             };
+            let mut partitions = Vec::new();
+            if fl & flags::PARTITIONS != 0 {
+                let n = r.u16("partitions")?;
+                // Each entry is checked against the frame before the list
+                // grows, so an announced count costs no more than its bytes.
+                for _ in 0..n {
+                    partitions.push(r.u32("partitions")?);
+                }
+            }
+            let sticky = fl & flags::STICKY != 0;
+            if sticky && group.is_none() {
+                return Err(ProtocolError::UnknownFlags {
+                    frame: "SUBSCRIBE",
+                    flags: flags::STICKY,
+                });
+            }
             Frame::Subscribe(Subscribe {
                 sid,
                 pattern: body.slice(pattern),
                 group,
                 start,
                 policy,
+                partitions,
+                sticky,
             })
         }
         opcode::SUB_ACK => Frame::SubAck(r.u32("sid")?),
@@ -282,11 +318,23 @@ fn parse(frame: Bytes) -> Result<Frame, ProtocolError> {
             let count = r.u64("count")?;
             let range = if fl & flags::RANGE != 0 {
                 let topic = body.slice(r.range8("topic")?);
+                let (first, last) = (r.u64("first")?, r.u64("last")?);
+                let partition = if fl & flags::RANGE_PARTITION != 0 {
+                    Some(r.u32("partition")?)
+                } else {
+                    None
+                };
                 Some(MissedRange {
                     topic,
-                    first: r.u64("first")?,
-                    last: r.u64("last")?,
+                    partition,
+                    first,
+                    last,
                 })
+            } else if fl & flags::RANGE_PARTITION != 0 {
+                return Err(ProtocolError::UnknownFlags {
+                    frame: "MISSED",
+                    flags: flags::RANGE_PARTITION,
+                });
             } else {
                 None
             };
@@ -370,6 +418,21 @@ pub struct BodyParts<'a> {
     pub partition: Option<u32>,
     pub headers: Option<&'a [u8]>,
     pub payload: &'a [u8],
+}
+
+/// The value of header `name` in a headers block that was validated,
+/// borrowed: nothing is allocated.
+pub fn find_header<'a>(block: &'a [u8], name: &str) -> Option<&'a [u8]> {
+    let mut r = Reader::new(block, "MESSAGE");
+    let count = r.u16("header count").ok()?;
+    for _ in 0..count {
+        let n = r.bytes8("header name").ok()?;
+        let value = r.bytes16("header value").ok()?;
+        if n == name.as_bytes() {
+            return Some(value);
+        }
+    }
+    None
 }
 
 /// The name/value pairs of a headers block that was validated.
@@ -596,7 +659,13 @@ mod tests {
         );
 
         let mut out = BytesMut::new();
-        super::super::encode::encode_deliver_raw(&mut out, 9, Some(77), p.body_flags, p.body);
+        super::super::encode::encode_deliver_raw(
+            &mut out,
+            9,
+            (Some(77), None),
+            p.body_flags,
+            p.body,
+        );
         let Ok(Peek::Deliver(d, _)) = peek(&out, 1024) else {
             panic!("expected a delivery")
         };

@@ -59,7 +59,13 @@ impl Frame {
                 let start = start_fields(s.start);
                 let fl = if s.group.is_some() { flags::QUEUE } else { 0 }
                     | if start.is_some() { flags::START } else { 0 }
-                    | if s.policy.is_some() { flags::POLICY } else { 0 };
+                    | if s.policy.is_some() { flags::POLICY } else { 0 }
+                    | if s.partitions.is_empty() {
+                        0
+                    } else {
+                        flags::PARTITIONS
+                    }
+                    | if s.sticky { flags::STICKY } else { 0 };
                 with_header(buf, opcode::SUBSCRIBE, fl, |b| {
                     b.put_u32(s.sid);
                     put_bytes8(b, &s.pattern);
@@ -73,10 +79,23 @@ impl Frame {
                     if let Some(policy) = s.policy {
                         b.put_u8(policy.code());
                     }
+                    if !s.partitions.is_empty() {
+                        // At most u16::MAX go out; the broker refuses more
+                        // than a topic can have long before that.
+                        let n = s.partitions.len().min(usize::from(u16::MAX));
+                        b.put_u16(n as u16);
+                        for p in &s.partitions[..n] {
+                            b.put_u32(*p);
+                        }
+                    }
                 })
             }
             Frame::Missed(m) => {
-                let fl = if m.range.is_some() { flags::RANGE } else { 0 };
+                let fl = match &m.range {
+                    None => 0,
+                    Some(r) if r.partition.is_some() => flags::RANGE | flags::RANGE_PARTITION,
+                    Some(_) => flags::RANGE,
+                };
                 with_header(buf, opcode::MISSED, fl, |b| {
                     b.put_u32(m.sid);
                     b.put_u64(m.count);
@@ -84,6 +103,9 @@ impl Frame {
                         put_bytes8(b, &range.topic);
                         b.put_u64(range.first);
                         b.put_u64(range.last);
+                        if let Some(p) = range.partition {
+                            b.put_u32(p);
+                        }
                     }
                 })
             }
@@ -97,7 +119,8 @@ impl Frame {
                 with_header(buf, opcode::UNSUBSCRIBE, 0, |b| b.put_u32(*sid))
             }
             Frame::Message(d) => {
-                encode_deliver_raw(buf, d.sid, d.offset, d.body.flags(), d.body.raw())
+                let at = (d.offset, d.partition);
+                encode_deliver_raw(buf, d.sid, at, d.body.flags(), d.body.raw())
             }
         }
     }
@@ -143,32 +166,41 @@ pub fn publish_len(
 
 /// Writes a MESSAGE frame: the subscription id, then `body` unchanged.
 pub fn encode_deliver(buf: &mut BytesMut, sid: u32, offset: Option<u64>, body: &MessageBody) {
-    encode_deliver_raw(buf, sid, offset, body.flags(), body.raw());
+    encode_deliver_raw(buf, sid, (offset, None), body.flags(), body.raw());
 }
 
 /// Writes a MESSAGE frame around an encoded body (as borrowed from a
-/// PUBLISH by [`peek`](super::decode::peek)).
+/// PUBLISH by [`peek`](super::decode::peek)), with the message's offset
+/// and partition when given.
 pub fn encode_deliver_raw(
     buf: &mut BytesMut,
     sid: u32,
-    offset: Option<u64>,
+    (offset, partition): (Option<u64>, Option<u32>),
     body_flags: u8,
     body: &[u8],
 ) {
-    let extra = if offset.is_some() { 8 } else { 0 };
+    let extra = if offset.is_some() { 8 } else { 0 } + if partition.is_some() { 4 } else { 0 };
     buf.reserve(deliver_len_raw(body) + extra);
     buf.put_u32((2 + 4 + extra + body.len()) as u32);
     buf.put_u8(opcode::MESSAGE);
     let fl = body_flags & flags::BODY;
-    match offset {
-        Some(offset) => {
+    match (offset, partition) {
+        (Some(offset), None) => {
             buf.put_u8(fl | flags::OFFSET);
             buf.put_u32(sid);
             buf.put_u64(offset);
         }
-        None => {
+        (None, None) => {
             buf.put_u8(fl);
             buf.put_u32(sid);
+        }
+        (offset, Some(partition)) => {
+            buf.put_u8(fl | flags::IN_PARTITION | offset.map_or(0, |_| flags::OFFSET));
+            buf.put_u32(sid);
+            if let Some(offset) = offset {
+                buf.put_u64(offset);
+            }
+            buf.put_u32(partition);
         }
     }
     buf.put_slice(body);

@@ -128,6 +128,9 @@ error_codes! {
     PayloadTooLarge = 15, "payload-too-large";
     /// A header could not be carried.
     InvalidHeader = 16, "invalid-header";
+    /// A publish named a partition its topic does not have, or a
+    /// subscription one no topic can have.
+    UnknownPartition = 17, "unknown-partition";
     /// The client fell further behind than its buffer allows.
     SlowConsumer = 20, "slow-consumer";
     /// The broker is shutting down.

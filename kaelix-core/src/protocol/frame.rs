@@ -133,7 +133,7 @@ pub struct Publish {
 }
 
 /// A request for messages matching a pattern.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Subscribe {
     /// Chosen by the client, unique on its connection; MESSAGE frames carry it.
     pub sid: u32,
@@ -146,6 +146,10 @@ pub struct Subscribe {
     /// The subscription's own slow-consumer policy; `None` takes the
     /// topic's.
     pub policy: Option<crate::SlowConsumerPolicy>,
+    /// The partitions to take, not yet checked; empty takes them all.
+    pub partitions: Vec<u32>,
+    /// With a queue group: each partition goes to one member of the group.
+    pub sticky: bool,
 }
 
 /// MISSED: messages a subscription will not get, either because its start
@@ -166,6 +170,8 @@ pub struct Missed {
 pub struct MissedRange {
     /// The topic, not validated by the decoder.
     pub topic: Bytes,
+    /// The partition, for a topic with more than one.
+    pub partition: Option<u32>,
     pub first: u64,
     pub last: u64,
 }
@@ -174,8 +180,10 @@ pub struct MissedRange {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Deliver {
     pub sid: u32,
-    /// The message's offset in its topic, when the broker sent it.
+    /// The message's offset in its topic partition, when the broker sent it.
     pub offset: Option<u64>,
+    /// The partition the message is in, when the topic has more than one.
+    pub partition: Option<u32>,
     pub body: MessageBody,
 }
 

@@ -77,6 +77,14 @@ pub mod flags {
     pub const POLICY: u8 = 0x04;
     /// MISSED: the topic and the first and last offsets missed follow.
     pub const RANGE: u8 = 0x01;
-    /// MESSAGE: the message's offset in its topic follows the sid.
+    /// SUBSCRIBE: the partitions to take follow (after the policy).
+    pub const PARTITIONS: u8 = 0x08;
+    /// SUBSCRIBE, with QUEUE: each partition goes to one member of the group.
+    pub const STICKY: u8 = 0x10;
+    /// MISSED, with RANGE: the partition follows the last offset.
+    pub const RANGE_PARTITION: u8 = 0x02;
+    /// MESSAGE: the message's offset in its topic partition follows the sid.
     pub const OFFSET: u8 = 0x08;
+    /// MESSAGE: the partition the message is in follows the offset.
+    pub const IN_PARTITION: u8 = 0x10;
 }
