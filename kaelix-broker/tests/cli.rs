@@ -227,3 +227,64 @@ fn stats_prints_a_summary_and_json_with_rates() {
     assert_eq!(json["rates"]["over_seconds"], 0.2);
     assert_eq!(json["rates"]["published_per_second"], 0.0);
 }
+
+#[test]
+fn pub_with_a_key_and_sub_with_partitions() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("kaelix.toml");
+    std::fs::write(
+        &file,
+        "[network]\nhost = \"127.0.0.1\"\nport = 0\n\n\
+         [[topics]]\npattern = \"keys.*\"\npartitions = 4\n",
+    )
+    .unwrap();
+    let broker = BrokerProcess::start_in(dir.path(), &["--config", file.to_str().unwrap()], &[]);
+    let partition = kaelix_core::PartitionId::for_key(b"alice", 4).get();
+    for text in ["first", "second"] {
+        let out = kaelix(&broker)
+            .args(["pub", "keys.a", text, "--key", "alice"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out = kaelix(&broker)
+        .args(["pub", "keys.a", "elsewhere", "--partition"])
+        .arg(((partition + 1) % 4).to_string())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let out = kaelix(&broker)
+        .args([
+            "sub",
+            "keys.*",
+            "--from",
+            "earliest",
+            "--offsets",
+            "-n",
+            "2",
+        ])
+        .args(["--partitions", &partition.to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("{partition}/0 keys.a first\n{partition}/1 keys.a second\n")
+    );
+
+    let out = kaelix(&broker)
+        .args(["pub", "keys.a", "x", "--partition", "4"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("keys.a has 4 partitions"), "{stderr}");
+}

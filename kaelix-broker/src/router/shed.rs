@@ -276,6 +276,33 @@ mod tests {
     }
 
     #[test]
+    fn each_partition_gets_its_own_notice() {
+        let mut buf = BytesMut::new();
+        for offset in 0..10 {
+            for partition in [0, 1] {
+                let body = [&[1u8, b't'][..], &[0; 32]].concat();
+                encode_deliver_raw(&mut buf, 1, (Some(offset), Some(partition)), 0, &body);
+            }
+        }
+        let dropped = drop_oldest(&mut buf, 0, &[1]);
+        let mut seen: Vec<_> = dropped
+            .iter()
+            .map(|d| (d.partition, d.first, d.last, d.count))
+            .collect();
+        seen.sort();
+        assert_eq!(seen, [(Some(0), 0, 9, 10), (Some(1), 0, 9, 10)]);
+        let notices: Vec<_> = frames(buf)
+            .into_iter()
+            .map(|f| match f {
+                Frame::Missed(m) => m.range.unwrap().partition,
+                other => panic!("only notices are left, got {other:?}"),
+            })
+            .collect();
+        assert_eq!(notices.len(), 2);
+        assert!(notices.contains(&Some(0)) && notices.contains(&Some(1)));
+    }
+
+    #[test]
     fn nothing_to_drop_leaves_the_buffer_alone() {
         let mut buf = BytesMut::new();
         message(&mut buf, 2, 0, "x", b"keep");
