@@ -281,6 +281,13 @@ impl MessageBroker {
         pattern: TopicPattern,
         options: SubscribeOptions,
     ) -> Result<Receiver> {
+        if options.credit.is_some() {
+            return Err(Error::InvalidCredit(
+                "a credit window paces a network subscription; an in-process receiver \
+                 holds up to limits.max_pending_messages"
+                    .into(),
+            ));
+        }
         if self.inner.shutdown.is_cancelled() {
             return Err(Error::BrokerNotRunning);
         }
@@ -309,6 +316,7 @@ impl MessageBroker {
             owner: Owner::in_process(),
             partitions,
             sticky: options.sticky_partitions,
+            credit: None,
         };
         let (sub, missed) = match options.start {
             StartPosition::Latest => (self.inner.router.subscribe(new), 0),

@@ -371,6 +371,12 @@ impl Connection {
                 }
                 Ok(false)
             }
+            Frame::Credit(credit) => {
+                if let Some(sub) = self.subs.get(&credit.sid) {
+                    self.broker.router.grant(sub, credit.messages, credit.bytes);
+                }
+                Ok(false)
+            }
             Frame::Ping(token) => Ok(self.reply(&Frame::Pong(token))),
             Frame::Stats(token) => {
                 let broker = crate::MessageBroker {
@@ -470,6 +476,7 @@ impl Connection {
             policy,
             partitions,
             sticky,
+            credit,
         } = subscribe;
         let stats = &self.broker.stats;
         let refuse = |code, reason: String| {
@@ -498,6 +505,12 @@ impl Connection {
                     ErrorCode::InvalidGroup,
                     "a queue group subscription starts at the latest message: replaying \
                      to one member of a group is not defined"
+                        .into(),
+                ),
+                Ok((_, Some(_))) if credit.is_some() => refuse(
+                    ErrorCode::InvalidGroup,
+                    "a queue group member cannot have a credit window: the group shares out \
+                     messages as they come"
                         .into(),
                 ),
                 Ok((_, Some(_))) if !partitions.is_empty() => refuse(
@@ -534,6 +547,7 @@ impl Connection {
                             owner,
                             partitions,
                             sticky,
+                            credit: credit.map(|c| (c.messages, c.bytes)),
                         };
                         let router = &self.broker.router;
                         match start {

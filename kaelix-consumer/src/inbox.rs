@@ -184,6 +184,9 @@ pub(crate) struct Receiver {
     chunks: VecDeque<Bytes>,
     received_at: Timestamp,
     last_topic: Option<Topic>,
+    /// Messages handed out, and their body bytes, since the last
+    /// [`take_counts`](Self::take_counts): what a credit window gives back.
+    taken: (u32, u64),
 }
 
 impl Receiver {
@@ -192,7 +195,18 @@ impl Receiver {
             chunks: VecDeque::new(),
             received_at: Timestamp::now(),
             last_topic: None,
+            taken: (0, 0),
         }
+    }
+
+    /// Messages and body bytes handed out since the last call.
+    pub(crate) fn take_counts(&mut self) -> (u32, u64) {
+        std::mem::take(&mut self.taken)
+    }
+
+    /// Messages handed out since the last [`take_counts`](Self::take_counts).
+    pub(crate) fn counted(&self) -> (u32, u64) {
+        self.taken
     }
 
     pub(crate) async fn recv(&mut self, inbox: &Inbox) -> Result<Message, CloseReason> {
@@ -270,6 +284,8 @@ impl Receiver {
             while let Some(at) = frame_at(rest) {
                 let body_bytes = &rest[at.body.clone()];
                 rest = &rest[at.body.end..];
+                self.taken.0 += 1;
+                self.taken.1 += body_bytes.len() as u64;
                 let Ok(parts) = body_parts(body_bytes, at.body_flags) else {
                     continue;
                 };
@@ -298,6 +314,8 @@ impl Receiver {
             self.chunks.pop_front();
         }
         let body = frame.slice(at.body);
+        self.taken.0 += 1;
+        self.taken.1 += body.len() as u64;
         let parts = body_parts(&body, at.body_flags).ok()?;
         let topic = match &self.last_topic {
             Some(t) if t.as_bytes() == parts.topic => t.clone(),

@@ -36,10 +36,11 @@ use std::task::{Context, Poll};
 use bytes::{Bytes, BytesMut};
 use kaelix_core::client::{self, ClientOptions, CloseOnDrop, FrameReader};
 use kaelix_core::outbox::{Outbox, Pushed};
-use kaelix_core::protocol::{self, Frame, Peek, Subscribe, HEADER_LEN};
+use kaelix_core::protocol::{self, Credit, Frame, Peek, Subscribe, HEADER_LEN};
 use kaelix_core::topic::check_group;
 use kaelix_core::{
-    CloseReason, Error, Gap, Message, Result, StartPosition, SubscribeOptions, TopicPattern,
+    CloseReason, CreditWindow, Error, Gap, Message, Result, StartPosition, SubscribeOptions,
+    TopicPattern,
 };
 
 mod inbox;
@@ -219,6 +220,11 @@ impl Consumer {
             policy: options.slow_consumer,
             partitions: options.partitions.iter().map(|p| p.get()).collect(),
             sticky: options.sticky_partitions,
+            credit: options.credit.map(|w| Credit {
+                sid,
+                messages: w.messages,
+                bytes: w.bytes,
+            }),
         });
         let subscription = Subscription {
             sid,
@@ -228,6 +234,7 @@ impl Consumer {
             inner: inner.clone(),
             _guard: self.guard.clone(),
             ended: false,
+            window: options.credit,
         };
         if inner.outbox.push_now(HEADER_LEN + 520, |b| frame.encode(b)) == Pushed::Closed {
             return Err(inner.closed_error());
@@ -280,6 +287,8 @@ pub struct Subscription {
     /// The connection stays open while a subscription lives.
     _guard: Arc<CloseOnDrop>,
     ended: bool,
+    /// Its credit window, if it paces the broker.
+    window: Option<CreditWindow>,
 }
 
 impl Subscription {
@@ -302,12 +311,45 @@ impl Subscription {
     /// [`Error::Closed`] with the reason (unsubscribed, broker shutting
     /// down, connection lost), after every message already received.
     pub async fn recv(&mut self) -> Result<Message> {
-        self.rx.recv(&self.inbox).await.map_err(Error::Closed)
+        let message = self.rx.recv(&self.inbox).await.map_err(Error::Closed);
+        self.give_credit();
+        message
     }
 
     /// The next message if one is buffered now.
     pub fn try_recv(&mut self) -> Option<Message> {
-        self.rx.try_recv(&self.inbox)
+        let message = self.rx.try_recv(&self.inbox);
+        self.give_credit();
+        message
+    }
+
+    /// With a credit window: once the application has taken half of it,
+    /// gives that much credit back to the broker (one small frame per half
+    /// window, not one per message).
+    fn give_credit(&mut self) {
+        let Some(window) = self.window else {
+            return;
+        };
+        let (messages, bytes) = self.rx.counted();
+        let half = |n: u32| u64::from(n).div_ceil(2).max(1);
+        let due = (window.messages > 0 && u64::from(messages) >= half(window.messages))
+            || (window.bytes > 0 && bytes >= half(window.bytes));
+        if !due {
+            return;
+        }
+        self.rx.take_counts();
+        let credit = Frame::Credit(Credit {
+            sid: self.sid,
+            messages: if window.messages > 0 { messages } else { 0 },
+            bytes: if window.bytes > 0 {
+                u32::try_from(bytes).unwrap_or(u32::MAX)
+            } else {
+                0
+            },
+        });
+        self.inner
+            .outbox
+            .push_now(HEADER_LEN + 12, |b| credit.encode(b));
     }
 
     /// Waits for messages, then hands every one buffered now to `f` as a
@@ -331,10 +373,13 @@ impl Subscription {
     /// # Ok(()) }
     /// ```
     pub async fn recv_batch(&mut self, mut f: impl FnMut(MessageView<'_>)) -> Result<usize> {
-        self.rx
+        let n = self
+            .rx
             .recv_batch(&self.inbox, &mut f)
             .await
-            .map_err(Error::Closed)
+            .map_err(Error::Closed);
+        self.give_credit();
+        n
     }
 
     /// The pattern subscribed to.
@@ -365,7 +410,11 @@ impl futures_core::Stream for Subscription {
     /// tells why it ended.
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Message>> {
         let this = self.get_mut();
-        this.rx.poll_recv(&this.inbox, cx).map(Result::ok)
+        let polled = this.rx.poll_recv(&this.inbox, cx).map(Result::ok);
+        if polled.is_ready() {
+            this.give_credit();
+        }
+        polled
     }
 }
 

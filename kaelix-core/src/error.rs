@@ -30,6 +30,10 @@ pub enum Error {
     #[error("Partition is invalid: {0}")]
     InvalidPartition(String),
 
+    /// A credit window that cannot work.
+    #[error("Credit window is invalid: {0}")]
+    InvalidCredit(String),
+
     /// A header name or value cannot be carried by the protocol.
     #[error("Header is invalid: {name:?} ({reason})")]
     InvalidHeader { name: String, reason: &'static str },

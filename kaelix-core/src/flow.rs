@@ -161,6 +161,53 @@ pub struct SubscribeOptions {
     /// so a member sees each of its partitions in order. A group is sticky
     /// when any of its members asks.
     pub sticky_partitions: bool,
+    /// Pace the broker: it sends at most this window of messages (or
+    /// bytes) that the application has not taken yet; what it cannot send
+    /// waits in the topic's retained window. Not with a queue group.
+    pub credit: Option<CreditWindow>,
+}
+
+/// A subscription's credit window: the most messages and message body
+/// bytes the broker sends before the consumer takes some (0 on one axis:
+/// no limit on it). The consumer gives credit back as the application
+/// takes messages; while the subscription has none, its messages wait in
+/// the topic's retained window and follow when credit comes, in order. What
+/// the window no longer holds by then is reported as missed, with offsets.
+///
+/// ```
+/// use kaelix_core::CreditWindow;
+/// let window = CreditWindow::messages(500).and_bytes(4 << 20);
+/// assert_eq!((window.messages, window.bytes), (500, 4 << 20));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CreditWindow {
+    pub messages: u32,
+    pub bytes: u32,
+}
+
+impl CreditWindow {
+    /// At most `n` messages in flight.
+    pub fn messages(n: u32) -> CreditWindow {
+        CreditWindow {
+            messages: n,
+            bytes: 0,
+        }
+    }
+
+    /// At most `n` message body bytes in flight (a message larger than
+    /// what is left is still sent when any is left).
+    pub fn bytes(n: u32) -> CreditWindow {
+        CreditWindow {
+            messages: 0,
+            bytes: n,
+        }
+    }
+
+    /// A byte limit as well.
+    pub fn and_bytes(mut self, n: u32) -> CreditWindow {
+        self.bytes = n;
+        self
+    }
 }
 
 impl SubscribeOptions {
@@ -193,6 +240,12 @@ impl SubscribeOptions {
         self
     }
 
+    /// Paces the broker with a credit window (see [`CreditWindow`]).
+    pub fn credit(mut self, window: CreditWindow) -> Self {
+        self.credit = Some(window);
+        self
+    }
+
     /// In a queue group, takes whole partitions (see
     /// [`sticky_partitions`](Self::sticky_partitions)).
     pub fn sticky_partitions(mut self) -> Self {
@@ -216,6 +269,11 @@ impl SubscribeOptions {
                 crate::PartitionId::MAX_PARTITIONS
             )));
         }
+        if self.credit.is_some_and(|c| c.messages == 0 && c.bytes == 0) {
+            return Err(crate::Error::InvalidCredit(
+                "a credit window needs a message or a byte limit".into(),
+            ));
+        }
         if self.sticky_partitions && self.queue_group.is_none() {
             return Err(crate::Error::InvalidPartition(
                 "sticky partitions share a topic's partitions among the members of a \
@@ -224,6 +282,13 @@ impl SubscribeOptions {
             ));
         }
         if let Some(group) = &self.queue_group {
+            if self.credit.is_some() {
+                return Err(crate::Error::InvalidGroup {
+                    group: group.clone(),
+                    reason: "a queue group member cannot have a credit window: the group \
+                             shares out messages as they come",
+                });
+            }
             if !self.partitions.is_empty() {
                 return Err(crate::Error::InvalidGroup {
                     group: group.clone(),

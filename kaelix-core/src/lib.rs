@@ -36,7 +36,7 @@ pub mod topic;
 pub use batch::MessageBatch;
 pub use config::MemoryStreamerConfig;
 pub use error::{CloseReason, Error, Result};
-pub use flow::{Gap, SlowConsumerPolicy, SubscribeOptions};
+pub use flow::{CreditWindow, Gap, SlowConsumerPolicy, SubscribeOptions};
 pub use message::{Headers, Message, MessageBuilder, MessageId, Offset, PartitionId, Timestamp};
 pub use pool::MessagePool;
 pub use replay::StartPosition;

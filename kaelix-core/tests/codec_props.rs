@@ -95,19 +95,27 @@ fn frame() -> impl Strategy<Value = Frame> {
             proptest::option::of(1u8..=3),
             proptest::collection::vec(any::<u32>(), 0..8),
             any::<bool>(),
+            proptest::option::of((1u32.., any::<u32>())),
         )
-            .prop_map(|(sid, pattern, group, start, policy, partitions, sticky)| {
-                Frame::Subscribe(Subscribe {
-                    sid,
-                    pattern: Bytes::from(pattern),
-                    // Sticky only with a group, as the decoder insists.
-                    sticky: sticky && group.is_some(),
-                    group: group.map(Bytes::from),
-                    start,
-                    policy: policy.and_then(kaelix_core::SlowConsumerPolicy::from_code),
-                    partitions,
-                })
-            }),
+            .prop_map(
+                |(sid, pattern, group, start, policy, partitions, sticky, credit)| {
+                    Frame::Subscribe(Subscribe {
+                        sid,
+                        pattern: Bytes::from(pattern),
+                        // Sticky only with a group, as the decoder insists.
+                        sticky: sticky && group.is_some(),
+                        group: group.map(Bytes::from),
+                        start,
+                        policy: policy.and_then(kaelix_core::SlowConsumerPolicy::from_code),
+                        partitions,
+                        credit: credit.map(|(messages, bytes)| kaelix_core::protocol::Credit {
+                            sid,
+                            messages,
+                            bytes,
+                        }),
+                    })
+                }
+            ),
         any::<u32>().prop_map(Frame::SubAck),
         (any::<u32>(), code(), text(100)).prop_map(|(sid, code, reason)| Frame::SubNack(Nack {
             id: u64::from(sid),
@@ -115,6 +123,13 @@ fn frame() -> impl Strategy<Value = Frame> {
             reason
         })),
         any::<u32>().prop_map(Frame::Unsubscribe),
+        (any::<u32>(), any::<u32>(), any::<u32>()).prop_map(|(sid, messages, bytes)| {
+            Frame::Credit(kaelix_core::protocol::Credit {
+                sid,
+                messages,
+                bytes,
+            })
+        }),
         (
             any::<u32>(),
             proptest::option::of(any::<u64>()),

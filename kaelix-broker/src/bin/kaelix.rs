@@ -92,6 +92,10 @@ enum Command {
         /// so a member sees its partitions in order.
         #[arg(long, requires = "queue")]
         sticky: bool,
+        /// Pace the broker: at most this many messages in flight to this
+        /// subscriber; the rest waits in the topic's retained window.
+        #[arg(long, conflicts_with = "queue")]
+        credit: Option<u32>,
     },
     /// Print the broker's statistics: uptime, health, connections,
     /// subscriptions and topics, message and byte rates, refusals, drops.
@@ -155,8 +159,10 @@ async fn main() -> ExitCode {
             slow_consumer,
             partitions,
             sticky,
+            credit,
         } => {
             let options = SubOptions {
+                credit,
                 queue,
                 count,
                 from,
@@ -211,6 +217,7 @@ struct SubOptions {
     slow_consumer: Option<kaelix_core::SlowConsumerPolicy>,
     partitions: Vec<u32>,
     sticky: bool,
+    credit: Option<u32>,
 }
 
 async fn subscribe(server: &str, pattern: &str, options: SubOptions) -> Result<(), String> {
@@ -222,6 +229,7 @@ async fn subscribe(server: &str, pattern: &str, options: SubOptions) -> Result<(
         slow_consumer,
         partitions,
         sticky,
+        credit,
     } = options;
     let consumer = Consumer::connect(server)
         .await
@@ -240,6 +248,7 @@ async fn subscribe(server: &str, pattern: &str, options: SubOptions) -> Result<(
             .map(kaelix_core::PartitionId::new)
             .collect(),
         sticky_partitions: sticky,
+        credit: credit.map(kaelix_core::CreditWindow::messages),
     };
     let mut subscription = consumer
         .subscribe_with(pattern, options)

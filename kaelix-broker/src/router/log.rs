@@ -280,14 +280,8 @@ impl LogState {
     /// What is kept from `start` on, and how many asked-for messages are
     /// gone. Called between runs (under the log lock), never during one.
     pub(crate) fn since(&mut self, start: kaelix_core::StartPosition) -> (Vec<Kept>, u64) {
-        self.expire(Timestamp::now());
-        let (first, next) = (self.first_kept(), self.next);
+        let (from, missed) = self.position(start);
         let kept = &self.kept;
-        let (from, missed) = start.resolve(first, next, |t| {
-            kept.iter()
-                .find(|k| k.timestamp >= t)
-                .map_or(next, |k| k.offset)
-        });
         let at = kept.partition_point(|k| k.offset < from);
         let base = self.chunks.front().map_or(0, |(seq, _)| *seq);
         let out = kept
@@ -303,6 +297,45 @@ impl LogState {
             })
             .collect();
         (out, missed)
+    }
+
+    /// Where `start` is in this log: the first offset to send, and how
+    /// many asked-for messages are gone.
+    pub(crate) fn position(&mut self, start: kaelix_core::StartPosition) -> (u64, u64) {
+        self.expire(Timestamp::now());
+        let (first, next) = (self.first_kept(), self.next);
+        let kept = &self.kept;
+        start.resolve(first, next, |t| {
+            kept.iter()
+                .find(|k| k.timestamp >= t)
+                .map_or(next, |k| k.offset)
+        })
+    }
+
+    /// Calls `f` with each kept message from offset `from` on (offset,
+    /// body flags, body), oldest first, until it returns false; returns
+    /// the first offset still kept. Called between runs, like
+    /// [`since`](Self::since), but copies nothing.
+    pub(crate) fn read_from(
+        &mut self,
+        from: u64,
+        mut f: impl FnMut(u64, u8, &[u8]) -> bool,
+    ) -> u64 {
+        self.expire(Timestamp::now());
+        let first = self.first_kept();
+        let at = self.kept.partition_point(|k| k.offset < from);
+        let base = self.chunks.front().map_or(0, |(seq, _)| *seq);
+        for e in self.kept.range(at..) {
+            let chunk = &self.chunks[(e.chunk - base) as usize].1;
+            if !f(
+                e.offset,
+                e.flags,
+                &chunk[e.start as usize..(e.start + e.len) as usize],
+            ) {
+                break;
+            }
+        }
+        first
     }
 
     /// The first offset still kept, or `next` when none is.

@@ -10,6 +10,7 @@
 //! that went from empty to non-empty; the publisher wakes those once, after
 //! its whole batch ([`Batch::finish`]).
 
+mod credit;
 pub(crate) mod log;
 mod partition;
 mod shed;
@@ -30,6 +31,7 @@ use parking_lot::lock_api::ArcMutexGuard;
 use parking_lot::{RawMutex, RwLock};
 
 use crate::stats::Stats;
+use credit::{Flow, Part};
 use log::{LogState, Logs, TopicLog};
 pub(crate) use partition::PartitionSet;
 use partition::{message_choice, unknown_partition, wire_choice, Choice};
@@ -75,6 +77,9 @@ pub(crate) struct NewSub {
     pub(crate) partitions: Option<PartitionSet>,
     /// In a queue group: the group gives out whole partitions.
     pub(crate) sticky: bool,
+    /// A credit window (messages, bytes) for a network subscription that
+    /// paces the broker.
+    pub(crate) credit: Option<(u32, u32)>,
 }
 
 /// One subscription.
@@ -90,6 +95,8 @@ pub(crate) struct Subscriber {
     pub(crate) owner: Arc<Owner>,
     pub(crate) partitions: Option<PartitionSet>,
     pub(crate) sticky: bool,
+    /// Its credit, when it paces the broker.
+    flow: Option<Flow>,
 }
 
 impl Subscriber {
@@ -182,8 +189,10 @@ impl Router {
             owner,
             partitions,
             sticky,
+            credit,
         } = new;
         let sub = Arc::new(Subscriber {
+            flow: credit.map(|(messages, bytes)| Flow::new(messages, bytes)),
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             sid,
             pattern,
@@ -292,6 +301,35 @@ impl Router {
         let mut locked: Vec<_> = parts.iter().map(|(.., part)| part.lock()).collect();
         let sub = self.subscribe(new);
         let mut missed = 0;
+        if let (Some(flow), Sink::Net(outbox)) = (&sub.flow, &sub.sink) {
+            // Paced: what credit allows now, the rest from the logs as
+            // credit comes.
+            let from: Vec<u64> = locked
+                .iter_mut()
+                .map(|state| {
+                    let (from, gone) = state.position(start);
+                    missed += gone;
+                    from
+                })
+                .collect();
+            let mut frames = replay_head(&sub, missed, ack);
+            for (((topic, p, split, part), state), from) in
+                parts.iter().zip(locked.iter_mut()).zip(from)
+            {
+                let partition = split.then_some(*p);
+                let (_, next) = flow.take_from(state, sub.sid, from, partition, &mut frames);
+                if next < state.next {
+                    flow.stop_at(part, topic, partition, next);
+                }
+            }
+            // Within the window by construction: past the buffer's limit
+            // only if the window is larger than the limit.
+            outbox.append_over(&mut frames);
+            drop(locked);
+            drop(registry);
+            outbox.wake();
+            return (sub, missed);
+        }
         let mut replay = Vec::with_capacity(parts.len());
         for ((topic, p, split, _), state) in parts.iter().zip(locked.iter_mut()) {
             let (kept, gone) = state.since(start);
@@ -315,21 +353,7 @@ impl Router {
                 }
             }
             Sink::Net(outbox) => {
-                // MISSED and the acknowledgement first: a client returns
-                // from subscribing on the acknowledgement, and a replay
-                // larger than its buffer must not stand in front of it.
-                let mut frames = BytesMut::new();
-                if missed > 0 {
-                    Frame::Missed(kaelix_core::protocol::Missed {
-                        sid: sub.sid,
-                        count: missed,
-                        range: None,
-                    })
-                    .encode(&mut frames);
-                }
-                if let Some(ack) = ack {
-                    ack.encode(&mut frames);
-                }
+                let mut frames = replay_head(&sub, missed, ack);
                 let mut overflow = Overflow::new(&sub.owner);
                 for (_, partition, kept, policy) in &replay {
                     overflow.add(sub.sid, *policy);
@@ -357,6 +381,57 @@ impl Router {
     pub(crate) fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
     }
+
+    /// Gives credit back to a subscription with a window, and sends it
+    /// what waited in the logs for it, as far as the credit goes.
+    pub(crate) fn grant(&self, sub: &Subscriber, messages: u32, bytes: u32) {
+        let (Some(flow), Sink::Net(outbox)) = (&sub.flow, &sub.sink) else {
+            return;
+        };
+        flow.add(messages, bytes);
+        if !flow.is_behind() {
+            return;
+        }
+        let mut frames = BytesMut::new();
+        let (sent, missed) = flow.read(sub.sid, &mut frames);
+        if frames.is_empty() {
+            return;
+        }
+        if missed > 0 {
+            let owner = &sub.owner;
+            tracing::warn!(
+                conn = owner.conn, peer = %owner.peer, client = ?owner.client,
+                sid = sub.sid, missed,
+                "paced subscriber: messages left the retained window before it had credit for them"
+            );
+            self.stats.slow_dropped.fetch_add(missed, Ordering::Relaxed);
+        }
+        let len = frames.len() as u64;
+        if outbox.append_over(&mut frames) == Pushed::First {
+            outbox.wake();
+        }
+        self.stats.add_routed(0, sent, 0, len);
+    }
+}
+
+/// What goes before a network replay: MISSED (if some asked-for messages
+/// are gone) and the acknowledgement. A client returns from subscribing on
+/// the acknowledgement, and a replay larger than its buffer must not stand
+/// in front of it.
+fn replay_head(sub: &Subscriber, missed: u64, ack: Option<&Frame>) -> BytesMut {
+    let mut frames = BytesMut::new();
+    if missed > 0 {
+        Frame::Missed(kaelix_core::protocol::Missed {
+            sid: sub.sid,
+            count: missed,
+            range: None,
+        })
+        .encode(&mut frames);
+    }
+    if let Some(ack) = ack {
+        ack.encode(&mut frames);
+    }
+    frames
 }
 
 /// A retained message as an in-process receiver gets it: its payload is a
@@ -572,10 +647,12 @@ impl Overflow {
 
 /// Where a message was put: its offset, its partition (for a topic with
 /// more than one), and its topic's slow-consumer policy.
-struct Placed {
+struct Placed<'a> {
     offset: u64,
     partition: Option<u32>,
     policy: SlowConsumerPolicy,
+    /// The partition's log (locked by the publisher).
+    part: &'a Part,
 }
 
 /// Messages for one in-process receiver, gathered during a run.
@@ -787,6 +864,7 @@ impl Batch {
             offset,
             partition: (partitions > 1).then_some(part),
             policy: run.policy,
+            part: ArcMutexGuard::mutex(&run.log),
         };
         for sub in &matches.plain {
             if sub.takes(part) {
@@ -821,15 +899,18 @@ impl Batch {
         sub: &Subscriber,
         topic: &Topic,
         publication: &Publication<'_>,
-        at: &Placed,
+        at: &Placed<'_>,
     ) -> bool {
         let policy = sub.policy.unwrap_or(at.policy);
         let ok = match &sub.sink {
             Sink::Net(outbox) => {
-                if outbox.is_closed_hint() {
+                let (flags, body) = publication.wire_body();
+                let paced = sub.flow.as_ref().is_some_and(|flow| {
+                    !flow.admit(at.part, topic, at.partition, at.offset, body.len())
+                });
+                if paced || outbox.is_closed_hint() {
                     false
                 } else {
-                    let (flags, body) = publication.wire_body();
                     let frames = self.stage(outbox, sub, policy);
                     let place = (Some(at.offset), at.partition);
                     encode_deliver_raw(frames, sub.sid, place, flags, body);
@@ -1131,6 +1212,7 @@ mod tests {
             owner: Owner::in_process(),
             partitions: None,
             sticky: false,
+            credit: None,
         });
         (sub, queue)
     }

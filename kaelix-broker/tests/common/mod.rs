@@ -291,6 +291,17 @@ impl RawClient {
         self.stream.write_all(bytes).await.expect("write");
     }
 
+    /// Whether no frame arrives within `wait`.
+    pub async fn quiet_for(&mut self, wait: Duration) -> bool {
+        if !self.buf.is_empty() {
+            return false;
+        }
+        match tokio::time::timeout(wait, self.stream.read_buf(&mut self.buf)).await {
+            Err(_) => true,
+            Ok(_) => self.buf.is_empty(),
+        }
+    }
+
     /// The next frame, or `None` at end of stream. Panics after 10 s.
     pub async fn next(&mut self) -> Option<Frame> {
         tokio::time::timeout(Duration::from_secs(10), async {

@@ -179,7 +179,12 @@ fn parse(frame: Bytes) -> Result<Frame, ProtocolError> {
         opcode::PUBLISH => flags::ACK | flags::BODY,
         opcode::MESSAGE => MESSAGE_FLAGS,
         opcode::SUBSCRIBE => {
-            flags::QUEUE | flags::START | flags::POLICY | flags::PARTITIONS | flags::STICKY
+            flags::QUEUE
+                | flags::START
+                | flags::POLICY
+                | flags::PARTITIONS
+                | flags::STICKY
+                | flags::CREDIT
         }
         opcode::MISSED => flags::RANGE | flags::RANGE_PARTITION,
         _ => 0,
@@ -289,6 +294,23 @@ fn parse(frame: Bytes) -> Result<Frame, ProtocolError> {
                     partitions.push(r.u32("partitions")?);
                 }
             }
+            let credit = if fl & flags::CREDIT != 0 {
+                let (messages, bytes) = (r.u32("credit messages")?, r.u32("credit bytes")?);
+                if messages == 0 && bytes == 0 {
+                    return Err(ProtocolError::UnknownValue {
+                        frame: "SUBSCRIBE",
+                        field: "credit",
+                        value: 0,
+                    });
+                }
+                Some(Credit {
+                    sid,
+                    messages,
+                    bytes,
+                })
+            } else {
+                None
+            };
             let sticky = fl & flags::STICKY != 0;
             if sticky && group.is_none() {
                 return Err(ProtocolError::UnknownFlags {
@@ -304,6 +326,7 @@ fn parse(frame: Bytes) -> Result<Frame, ProtocolError> {
                 policy,
                 partitions,
                 sticky,
+                credit,
             })
         }
         opcode::SUB_ACK => Frame::SubAck(r.u32("sid")?),
@@ -313,6 +336,11 @@ fn parse(frame: Bytes) -> Result<Frame, ProtocolError> {
             reason: r.str16("reason")?,
         }),
         opcode::UNSUBSCRIBE => Frame::Unsubscribe(r.u32("sid")?),
+        opcode::CREDIT => Frame::Credit(Credit {
+            sid: r.u32("sid")?,
+            messages: r.u32("messages")?,
+            bytes: r.u32("bytes")?,
+        }),
         opcode::MISSED => {
             let sid = r.u32("sid")?;
             let count = r.u64("count")?;
@@ -462,6 +490,7 @@ fn opcode_name(op: u8) -> Option<&'static str> {
         opcode::SUB_ACK => "SUB_ACK",
         opcode::SUB_NACK => "SUB_NACK",
         opcode::UNSUBSCRIBE => "UNSUBSCRIBE",
+        opcode::CREDIT => "CREDIT",
         opcode::MESSAGE => "MESSAGE",
         opcode::MISSED => "MISSED",
         _ => return None,

@@ -65,7 +65,8 @@ impl Frame {
                     } else {
                         flags::PARTITIONS
                     }
-                    | if s.sticky { flags::STICKY } else { 0 };
+                    | if s.sticky { flags::STICKY } else { 0 }
+                    | if s.credit.is_some() { flags::CREDIT } else { 0 };
                 with_header(buf, opcode::SUBSCRIBE, fl, |b| {
                     b.put_u32(s.sid);
                     put_bytes8(b, &s.pattern);
@@ -87,6 +88,10 @@ impl Frame {
                         for p in &s.partitions[..n] {
                             b.put_u32(*p);
                         }
+                    }
+                    if let Some(credit) = s.credit {
+                        b.put_u32(credit.messages);
+                        b.put_u32(credit.bytes);
                     }
                 })
             }
@@ -118,6 +123,11 @@ impl Frame {
             Frame::Unsubscribe(sid) => {
                 with_header(buf, opcode::UNSUBSCRIBE, 0, |b| b.put_u32(*sid))
             }
+            Frame::Credit(c) => with_header(buf, opcode::CREDIT, 0, |b| {
+                b.put_u32(c.sid);
+                b.put_u32(c.messages);
+                b.put_u32(c.bytes);
+            }),
             Frame::Message(d) => {
                 let at = (d.offset, d.partition);
                 encode_deliver_raw(buf, d.sid, at, d.body.flags(), d.body.raw())

@@ -40,6 +40,8 @@ pub enum Frame {
     SubNack(Nack),
     /// Client → broker: end the subscription with this id.
     Unsubscribe(u32),
+    /// Client → broker: more credit for a subscription that has a window.
+    Credit(Credit),
     /// Broker → client: a message for a subscription.
     Message(Deliver),
     /// Broker → client: messages a subscription asked for that it will not
@@ -65,6 +67,7 @@ impl Frame {
             Frame::SubAck(_) => "SUB_ACK",
             Frame::SubNack(_) => "SUB_NACK",
             Frame::Unsubscribe(_) => "UNSUBSCRIBE",
+            Frame::Credit(_) => "CREDIT",
             Frame::Message(_) => "MESSAGE",
             Frame::Missed(_) => "MISSED",
         }
@@ -150,6 +153,21 @@ pub struct Subscribe {
     pub partitions: Vec<u32>,
     /// With a queue group: each partition goes to one member of the group.
     pub sticky: bool,
+    /// The initial credit of a subscription that paces the broker; `None`
+    /// for one without a window.
+    pub credit: Option<Credit>,
+}
+
+/// Credit of a subscription: how many more messages, and message body
+/// bytes, the broker may send it before it waits for more. In SUBSCRIBE
+/// the initial window (0 on one axis: no limit on it); in a CREDIT frame,
+/// what the client gives back (with `sid`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Credit {
+    /// The subscription (0 in SUBSCRIBE, where the frame names it).
+    pub sid: u32,
+    pub messages: u32,
+    pub bytes: u32,
 }
 
 /// MISSED: messages a subscription will not get, either because its start

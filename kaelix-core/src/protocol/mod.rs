@@ -22,8 +22,8 @@ pub use decode::{decode, peek, Peek};
 pub use encode::{encode_deliver, encode_deliver_raw, encode_publish};
 pub use error::{ErrorCode, ProtocolError};
 pub use frame::{
-    Deliver, ErrorFrame, Frame, Hello, MessageBody, Missed, MissedRange, Nack, Publish, StatsReply,
-    Subscribe, Welcome,
+    Credit, Deliver, ErrorFrame, Frame, Hello, MessageBody, Missed, MissedRange, Nack, Publish,
+    StatsReply, Subscribe, Welcome,
 };
 
 /// The protocol version this build speaks.
@@ -54,6 +54,7 @@ pub mod opcode {
     pub const SUB_ACK: u8 = 0x21;
     pub const SUB_NACK: u8 = 0x22;
     pub const UNSUBSCRIBE: u8 = 0x23;
+    pub const CREDIT: u8 = 0x24;
     pub const MESSAGE: u8 = 0x30;
     pub const MISSED: u8 = 0x31;
 }
@@ -81,6 +82,8 @@ pub mod flags {
     pub const PARTITIONS: u8 = 0x08;
     /// SUBSCRIBE, with QUEUE: each partition goes to one member of the group.
     pub const STICKY: u8 = 0x10;
+    /// SUBSCRIBE: an initial credit follows (after the partitions).
+    pub const CREDIT: u8 = 0x20;
     /// MISSED, with RANGE: the partition follows the last offset.
     pub const RANGE_PARTITION: u8 = 0x02;
     /// MESSAGE: the message's offset in its topic partition follows the sid.
