@@ -130,6 +130,10 @@ struct RunOpts {
     /// Wait for an acknowledgement of every publish.
     #[arg(long)]
     acked: bool,
+    /// Kaelix subscribers pace the broker with a credit window of this many
+    /// messages.
+    #[arg(long)]
+    credit: Option<u32>,
     /// Payload bytes publishers keep in flight ahead of the slowest subscriber.
     #[arg(long, default_value_t = 16 << 20)]
     window_bytes: u64,
@@ -313,6 +317,7 @@ async fn run(
         publishers,
         subscribers,
         group,
+        credit: opts.credit,
         rate: opts.rate,
         acked: opts.acked,
         window_bytes: opts.window_bytes,

@@ -24,6 +24,8 @@ pub struct Flow {
     pub subscribers: usize,
     /// Subscribers form this queue group.
     pub group: Option<String>,
+    /// Kaelix subscribers pace the broker with this credit window (messages).
+    pub credit: Option<u32>,
     /// Total messages per second across publishers; unpaced when `None`.
     pub rate: Option<f64>,
     /// Each publish waits for its acknowledgement.
@@ -85,7 +87,7 @@ pub async fn run(flow: &Flow, endpoint: &Endpoint, pid: Option<u32>) -> Result<R
     });
     let mut subs = Vec::new();
     for _ in 0..flow.subscribers {
-        subs.push(Sub::connect(endpoint, &topic, flow.group.as_deref()).await?);
+        subs.push(Sub::connect(endpoint, &topic, flow.group.as_deref(), flow.credit).await?);
     }
     let mut pubs = Vec::new();
     for _ in 0..flow.publishers {
@@ -348,7 +350,7 @@ pub async fn one_in_flight(
         )));
     }
     let topic = format!("bench.{}.{}", std::process::id(), now_ns());
-    let mut sub = Sub::connect(endpoint, &topic, None).await?;
+    let mut sub = Sub::connect(endpoint, &topic, None, None).await?;
     let mut conn = Pub::connect(endpoint, &topic).await?;
     let mut buf = vec![0x5au8; payload_len];
     let mut latency = results::histogram();

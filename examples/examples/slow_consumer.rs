@@ -1,5 +1,6 @@
 //! Slow consumers: what happens to a subscriber that cannot keep up, under
-//! each policy, while the rest of the broker carries on.
+//! each policy, while the rest of the broker carries on — and a network
+//! consumer that paces the broker with a credit window instead.
 //!
 //! ```text
 //! cargo run -p kaelix-examples --example slow_consumer
@@ -7,9 +8,13 @@
 
 use std::time::{Duration, Instant};
 
-use kaelix_broker::MessageBroker;
+use kaelix_broker::{MessageBroker, Server};
+use kaelix_consumer::Consumer;
 use kaelix_core::config::TopicConfig;
-use kaelix_core::{MemoryStreamerConfig, Message, SlowConsumerPolicy, SubscribeOptions, Topic};
+use kaelix_core::{
+    CreditWindow, MemoryStreamerConfig, Message, SlowConsumerPolicy, SubscribeOptions, Topic,
+};
+use kaelix_publisher::Publisher;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -93,6 +98,32 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     };
     println!("disconnect: read {read}, then: {reason}");
+    // credit: a network consumer with a window of 32 messages reads at its
+    // own pace; the broker sends no more than the window and keeps the
+    // rest in the topic's retained window until it asks for more.
+    let addr = Server::spawn(&broker, "127.0.0.1:0").await?.to_string();
+    let consumer = Consumer::connect(addr.as_str()).await?;
+    let options = SubscribeOptions::new().credit(CreditWindow::messages(32));
+    let mut paced = consumer.subscribe_with("reports.daily", options).await?;
+    let publisher = Publisher::connect(addr.as_str()).await?;
+    for i in 0..500u32 {
+        publisher
+            .send("reports.daily", i.to_be_bytes().to_vec())
+            .await?;
+    }
+    publisher.flush().await?;
+    let mut last = None;
+    for _ in 0..500 {
+        let report = paced.recv().await?;
+        last = report.offset;
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+    println!(
+        "credit: 500 reports read at the consumer's pace, last offset {}, missed {}",
+        last.expect("an offset"),
+        paced.missed()
+    );
+
     let stats = broker.stats();
     println!(
         "stats: {} dropped, {} waits, {} disconnected",

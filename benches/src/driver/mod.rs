@@ -130,13 +130,28 @@ pub enum Sub {
 
 impl Sub {
     /// Connects and subscribes; returns once the server confirmed it.
-    pub async fn connect(endpoint: &Endpoint, topic: &str, group: Option<&str>) -> Result<Sub> {
+    pub async fn connect(
+        endpoint: &Endpoint,
+        topic: &str,
+        group: Option<&str>,
+        credit: Option<u32>,
+    ) -> Result<Sub> {
+        if credit.is_some() && !matches!(endpoint, Endpoint::Kaelix(_)) {
+            return Err(BenchError::Usage(
+                "--credit is a Kaelix subscription option".into(),
+            ));
+        }
         Ok(match endpoint {
             Endpoint::Kaelix(addr) => {
                 let consumer = Consumer::connect(addr.as_str()).await?;
-                let subscription = match group {
-                    Some(g) => consumer.subscribe_queue(topic, g).await?,
-                    None => consumer.subscribe(topic).await?,
+                let subscription = match (group, credit) {
+                    (Some(g), _) => consumer.subscribe_queue(topic, g).await?,
+                    (None, Some(n)) => {
+                        let window = kaelix_core::CreditWindow::messages(n);
+                        let options = kaelix_core::SubscribeOptions::new().credit(window);
+                        consumer.subscribe_with(topic, options).await?
+                    }
+                    (None, None) => consumer.subscribe(topic).await?,
                 };
                 Sub::Kaelix {
                     _consumer: consumer,
