@@ -89,7 +89,20 @@ impl Flow {
         true
     }
 
-    /// Whether a publisher holding `part`'s lock may deliver the message at
+    /// Whether `part`'s messages wait in its log for this subscription.
+    /// Stable while the caller holds `part`'s lock (only a holder of it
+    /// adds or removes the partition), so a publisher asks once per run.
+    pub(crate) fn waits_on(&self, part: &Part) -> bool {
+        self.behind_count.load(Ordering::Acquire) > 0
+            && self
+                .behind
+                .lock()
+                .iter()
+                .any(|b| Arc::ptr_eq(&b.part, part))
+    }
+
+    /// Whether a publisher holding `part`'s lock (which is not waiting,
+    /// see [`waits_on`](Self::waits_on)) may deliver the message at
     /// `offset` now. If not, the partition waits in its log from `offset`
     /// on until the client gives credit.
     pub(crate) fn admit(
@@ -100,12 +113,6 @@ impl Flow {
         offset: u64,
         len: usize,
     ) -> bool {
-        if self.behind_count.load(Ordering::Acquire) > 0 {
-            let behind = self.behind.lock();
-            if behind.iter().any(|b| Arc::ptr_eq(&b.part, part)) {
-                return false;
-            }
-        }
         if self.take(len) {
             return true;
         }

@@ -755,6 +755,10 @@ pub(crate) struct Batch {
     /// Where the next run of messages with neither partition nor key goes
     /// (modulo the topic's partitions).
     next_part: u32,
+    /// Paced subscriptions met in this run (by their flow's address), and
+    /// whether the run's partition waits in its log for them: asked once
+    /// per run, not per message.
+    paced: Vec<(usize, bool)>,
     published: u64,
     delivered: u64,
     bytes_in: u64,
@@ -776,6 +780,7 @@ impl Batch {
             local_index: HashMap::default(),
             blocked: Blocked::default(),
             next_part: 0,
+            paced: Vec::new(),
             published: 0,
             delivered: 0,
             bytes_in: 0,
@@ -905,9 +910,10 @@ impl Batch {
         let ok = match &sub.sink {
             Sink::Net(outbox) => {
                 let (flags, body) = publication.wire_body();
-                let paced = sub.flow.as_ref().is_some_and(|flow| {
-                    !flow.admit(at.part, topic, at.partition, at.offset, body.len())
-                });
+                let paced = match &sub.flow {
+                    Some(flow) => !self.admit(flow, topic, at, body.len()),
+                    None => false,
+                };
                 if paced || outbox.is_closed_hint() {
                     false
                 } else {
@@ -933,6 +939,26 @@ impl Batch {
         };
         self.delivered += u64::from(ok);
         ok
+    }
+
+    /// Whether a paced subscription may be sent the message placed `at`
+    /// now; if its partition waits in the log for it, or its credit runs
+    /// out here, the message stays in the log for it.
+    fn admit(&mut self, flow: &Flow, topic: &Topic, at: &Placed<'_>, len: usize) -> bool {
+        let key = flow as *const Flow as usize;
+        let i = match self.paced.iter().position(|(k, _)| *k == key) {
+            Some(i) => i,
+            None => {
+                self.paced.push((key, flow.waits_on(at.part)));
+                self.paced.len() - 1
+            }
+        };
+        if self.paced[i].1 {
+            return false;
+        }
+        let admitted = flow.admit(at.part, topic, at.partition, at.offset, len);
+        self.paced[i].1 = !admitted;
+        admitted
     }
 
     /// The messages staged for an in-process receiver's `queue`.
@@ -1050,6 +1076,7 @@ impl Batch {
         self.local_index.clear();
         run.log.end_run();
         drop(run);
+        self.paced.clear();
         for outbox in self.to_wake.drain(..) {
             outbox.wake();
         }
