@@ -8,6 +8,17 @@ use std::time::Duration;
 
 use common::BrokerProcess;
 
+/// Runs `cmd` and checks that it exits zero (showing its stderr if not).
+fn succeed(cmd: &mut Command) -> std::process::Output {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 fn kaelix(broker: &BrokerProcess) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_kaelix"));
     cmd.arg("--server").arg(broker.addr());
@@ -29,24 +40,8 @@ fn sub_prints_what_pub_sends_and_both_exit_zero() {
     stderr.read_line(&mut line).unwrap();
     assert!(line.starts_with("subscribed to greetings.>"), "{line:?}");
 
-    let out = kaelix(&broker)
-        .args(["pub", "greetings.world", "hello there"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = kaelix(&broker)
-        .args(["pub", "greetings.moon", "hi", "--count", "2"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeed(kaelix(&broker).args(["pub", "greetings.world", "hello there"]));
+    succeed(kaelix(&broker).args(["pub", "greetings.moon", "hi", "--count", "2"]));
 
     let status = wait(&mut sub, Duration::from_secs(20));
     assert!(status.success());
@@ -230,26 +225,11 @@ fn stats_prints_a_summary_and_json_with_rates() {
 
 #[test]
 fn pub_with_a_key_and_sub_with_partitions() {
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("kaelix.toml");
-    std::fs::write(
-        &file,
-        "[network]\nhost = \"127.0.0.1\"\nport = 0\n\n\
-         [[topics]]\npattern = \"keys.*\"\npartitions = 4\n",
-    )
-    .unwrap();
-    let broker = BrokerProcess::start_in(dir.path(), &["--config", file.to_str().unwrap()], &[]);
+    let (_dir, broker) =
+        BrokerProcess::with_config("[[topics]]\npattern = \"keys.*\"\npartitions = 4\n");
     let partition = kaelix_core::PartitionId::for_key(b"alice", 4).get();
     for text in ["first", "second"] {
-        let out = kaelix(&broker)
-            .args(["pub", "keys.a", text, "--key", "alice"])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        succeed(kaelix(&broker).args(["pub", "keys.a", text, "--key", "alice"]));
     }
     let out = kaelix(&broker)
         .args(["pub", "keys.a", "elsewhere", "--partition"])
@@ -257,23 +237,18 @@ fn pub_with_a_key_and_sub_with_partitions() {
         .output()
         .unwrap();
     assert!(out.status.success());
-    let out = kaelix(&broker)
-        .args([
-            "sub",
-            "keys.*",
-            "--from",
-            "earliest",
-            "--offsets",
-            "-n",
-            "2",
-        ])
-        .args(["--partitions", &partition.to_string()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = succeed(
+        kaelix(&broker)
+            .args([
+                "sub",
+                "keys.*",
+                "--from",
+                "earliest",
+                "--offsets",
+                "-n",
+                "2",
+            ])
+            .args(["--partitions", &partition.to_string()]),
     );
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),

@@ -15,19 +15,10 @@ use kaelix_publisher::Publisher;
 /// A broker whose `paced.*` topics keep `retain` messages, and whose
 /// connections may have `pending` bytes queued.
 fn broker(retain: usize, pending: usize) -> (tempfile::TempDir, BrokerProcess) {
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("kaelix.toml");
-    std::fs::write(
-        &file,
-        format!(
-            "[network]\nhost = \"127.0.0.1\"\nport = 0\n\n\
-             [limits]\nmax_pending_bytes = {pending}\n\n\
-             [[topics]]\npattern = \"paced.*\"\nretain_messages = {retain}\nretain_bytes = 67108864\n"
-        ),
-    )
-    .unwrap();
-    let broker = BrokerProcess::start_in(dir.path(), &["--config", file.to_str().unwrap()], &[]);
-    (dir, broker)
+    BrokerProcess::with_config(&format!(
+        "[limits]\nmax_pending_bytes = {pending}\n\n\
+         [[topics]]\npattern = \"paced.*\"\nretain_messages = {retain}\nretain_bytes = 67108864\n"
+    ))
 }
 
 async fn publish(addr: &str, topic: &str, range: std::ops::Range<u64>) {

@@ -16,16 +16,9 @@ use kaelix_publisher::Publisher;
 
 /// A broker whose `orders.*` topics have four partitions.
 fn broker() -> (tempfile::TempDir, BrokerProcess) {
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("kaelix.toml");
-    std::fs::write(
-        &file,
-        "[network]\nhost = \"127.0.0.1\"\nport = 0\n\n\
-         [[topics]]\npattern = \"orders.*\"\npartitions = 4\nretain_messages = 100000\n",
+    BrokerProcess::with_config(
+        "[[topics]]\npattern = \"orders.*\"\npartitions = 4\nretain_messages = 100000\n",
     )
-    .unwrap();
-    let broker = BrokerProcess::start_in(dir.path(), &["--config", file.to_str().unwrap()], &[]);
-    (dir, broker)
 }
 
 async fn recv(sub: &mut Subscription) -> Message {

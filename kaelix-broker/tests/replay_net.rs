@@ -123,15 +123,8 @@ async fn no_gap_and_no_duplicate_when_subscribing_mid_stream() {
 
 #[tokio::test]
 async fn an_offset_no_longer_retained_starts_at_earliest_and_says_how_many_were_missed() {
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("kaelix.toml");
-    std::fs::write(
-        &file,
-        "[network]\nhost = \"127.0.0.1\"\nport = 0\n\n\
-         [[topics]]\npattern = \"short.>\"\nretain_messages = 5\n",
-    )
-    .unwrap();
-    let broker = BrokerProcess::start_in(dir.path(), &["--config", file.to_str().unwrap()], &[]);
+    let (_dir, broker) =
+        BrokerProcess::with_config("[[topics]]\npattern = \"short.>\"\nretain_messages = 5\n");
     let publisher = Publisher::connect(broker.addr()).await.unwrap();
     for i in 0..20u64 {
         publisher

@@ -23,18 +23,7 @@ const PAYLOAD: usize = 1024;
 /// A broker whose connections may have 256 KiB pending, with `extra`
 /// configuration appended.
 fn broker(extra: &str) -> (tempfile::TempDir, BrokerProcess) {
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("kaelix.toml");
-    std::fs::write(
-        &file,
-        format!(
-            "[network]\nhost = \"127.0.0.1\"\nport = 0\n\n\
-             [limits]\nmax_pending_bytes = 262144\n{extra}\n"
-        ),
-    )
-    .unwrap();
-    let broker = BrokerProcess::start_in(dir.path(), &["--config", file.to_str().unwrap()], &[]);
-    (dir, broker)
+    BrokerProcess::with_config(&format!("[limits]\nmax_pending_bytes = 262144\n{extra}"))
 }
 
 fn payload(i: u64) -> Vec<u8> {

@@ -45,6 +45,19 @@ impl BrokerProcess {
         Self::spawn(cmd, Arc::default())
     }
 
+    /// Starts the broker on 127.0.0.1 and a free port with a `kaelix.toml`
+    /// of `extra` (sections and keys after `[network]`) in a new directory,
+    /// kept while the returned guard lives.
+    pub fn with_config(extra: &str) -> (tempfile::TempDir, BrokerProcess) {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let file = dir.path().join("kaelix.toml");
+        let toml = format!("[network]\nhost = \"127.0.0.1\"\nport = 0\n\n{extra}\n");
+        std::fs::write(&file, toml).expect("write kaelix.toml");
+        let path = file.to_str().expect("a UTF-8 path");
+        let broker = Self::start_in(dir.path(), &["--config", path], &[]);
+        (dir, broker)
+    }
+
     /// Starts the broker in `dir` with `args` and `env` (no `RUST_LOG`:
     /// the configuration sets the level), keeping its log lines.
     pub fn start_in(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> BrokerProcess {
