@@ -140,7 +140,8 @@ pub(crate) struct Stats {
     pub(crate) bytes_out: AtomicU64,
     pub(crate) acked: AtomicU64,
     pub(crate) slow_consumers: AtomicU64,
-    /// Messages dropped from slow subscribers' buffers (drop_oldest).
+    /// Messages dropped from slow subscribers' buffers (drop_oldest), or
+    /// gone from the retained window before a paced subscriber had credit.
     pub(crate) slow_dropped: AtomicU64,
     /// Times a publisher waited for a slow subscriber (block).
     pub(crate) slow_blocked: AtomicU64,
@@ -268,7 +269,9 @@ pub struct BrokerStats {
     /// Subscribers disconnected because they fell too far behind.
     pub slow_consumers: u64,
     /// Messages dropped from the buffers of subscribers that fell behind
-    /// under the `drop_oldest` policy (each subscriber was told which).
+    /// under the `drop_oldest` policy, or gone from the retained window
+    /// before a subscriber's credit window let them be sent (each
+    /// subscriber was told which).
     pub slow_consumer_drops: u64,
     /// Times a publisher waited for a subscriber that fell behind under the
     /// `block` policy.

@@ -237,7 +237,9 @@ fn describe() {
     );
     describe_counter!(
         "kaelix_slow_consumer_dropped_total",
-        "Messages dropped from the buffers of subscribers that fell behind (drop_oldest)."
+        "Messages subscribers that fell behind were told they missed: dropped from their \
+         buffers (drop_oldest), or gone from the retained window before a credit window let \
+         them be sent."
     );
     describe_counter!(
         "kaelix_slow_consumer_waits_total",
