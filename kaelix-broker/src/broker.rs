@@ -296,17 +296,9 @@ impl MessageBroker {
             LiveLimits::get(&limits.max_pending_messages),
             LiveLimits::get(&limits.max_pending_bytes),
         ));
-        let partitions = if options.partitions.is_empty() {
-            None
-        } else {
-            let set = PartitionSet::new(options.partitions.iter().map(|p| p.get()));
-            Some(set.map_err(|p| {
-                Error::InvalidPartition(format!(
-                    "partition {p} does not exist: a topic has at most {} partitions",
-                    PartitionId::MAX_PARTITIONS
-                ))
-            })?)
-        };
+        let numbers: Vec<u32> = options.partitions.iter().map(|p| p.get()).collect();
+        let partitions = PartitionSet::of(&numbers)
+            .map_err(|p| Error::InvalidPartition(PartitionId::beyond_max(p)))?;
         let new = NewSub {
             pattern,
             group: options.queue_group.as_deref().map(Arc::from),

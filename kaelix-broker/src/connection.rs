@@ -519,13 +519,10 @@ impl Connection {
                      sticky partitions instead of naming them"
                         .into(),
                 ),
-                Ok((pattern, group)) => match partition_set(&partitions) {
+                Ok((pattern, group)) => match PartitionSet::of(&partitions) {
                     Err(p) => refuse(
                         ErrorCode::UnknownPartition,
-                        format!(
-                            "partition {p} does not exist: a topic has at most {} partitions",
-                            kaelix_core::PartitionId::MAX_PARTITIONS
-                        ),
+                        kaelix_core::PartitionId::beyond_max(p),
                     ),
                     Ok(partitions) => {
                         let owner = self
@@ -645,13 +642,4 @@ async fn read_first(
             Err(err) => return Err(Exit::ReadError(err)),
         }
     }
-}
-
-/// The partitions a SUBSCRIBE names as a set (`None`: all); the first one
-/// no topic can have is refused.
-fn partition_set(partitions: &[u32]) -> Result<Option<PartitionSet>, u32> {
-    if partitions.is_empty() {
-        return Ok(None);
-    }
-    PartitionSet::new(partitions.iter().copied()).map(Some)
 }

@@ -264,10 +264,9 @@ impl SubscribeOptions {
             .iter()
             .find(|p| p.get() >= crate::PartitionId::MAX_PARTITIONS)
         {
-            return Err(crate::Error::InvalidPartition(format!(
-                "partition {p} does not exist: a topic has at most {} partitions",
-                crate::PartitionId::MAX_PARTITIONS
-            )));
+            return Err(crate::Error::InvalidPartition(
+                crate::PartitionId::beyond_max(p.get()),
+            ));
         }
         if self.credit.is_some_and(|c| c.messages == 0 && c.bytes == 0) {
             return Err(crate::Error::InvalidCredit(

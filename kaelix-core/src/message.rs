@@ -416,6 +416,15 @@ impl PartitionId {
         self.0
     }
 
+    /// Why partition number `p` (at least [`MAX_PARTITIONS`](Self::MAX_PARTITIONS))
+    /// cannot be asked for.
+    pub fn beyond_max(p: u32) -> String {
+        format!(
+            "partition {p} does not exist: a topic has at most {} partitions",
+            PartitionId::MAX_PARTITIONS
+        )
+    }
+
     /// The partition of a topic with `partitions` partitions that a
     /// message with `key` goes to: the 64-bit FNV-1a hash `h` of the key's
     /// bytes, folded to 32 bits (`(h ^ h >> 32) & 0xffff_ffff`, since

@@ -116,19 +116,12 @@ impl Flow {
         if self.take(len) {
             return true;
         }
-        let mut behind = self.behind.lock();
-        behind.push(Behind {
-            part: part.clone(),
-            topic: topic.clone(),
-            partition,
-            next: offset,
-        });
-        self.behind_count.store(behind.len(), Ordering::Release);
+        self.stop_at(part, topic, partition, offset);
         false
     }
 
-    /// Notes that a replay holding `part`'s lock stopped at `next` for
-    /// lack of credit.
+    /// Notes that a publisher or a replay holding `part`'s lock stopped at
+    /// `next` for lack of credit.
     pub(crate) fn stop_at(&self, part: &Part, topic: &Topic, partition: Option<u32>, next: u64) {
         let mut behind = self.behind.lock();
         behind.push(Behind {

@@ -101,9 +101,7 @@ pub(crate) struct Subscriber {
 
 impl Subscriber {
     fn takes(&self, partition: u32) -> bool {
-        self.partitions
-            .as_ref()
-            .is_none_or(|set| set.contains(partition))
+        PartitionSet::takes(self.partitions.as_ref(), partition)
     }
 }
 
@@ -292,7 +290,7 @@ impl Router {
             let split = log.partitions() > 1;
             for (p, part) in log.parts.iter().enumerate() {
                 let p = p as u32;
-                if new.partitions.as_ref().is_none_or(|set| set.contains(p)) {
+                if PartitionSet::takes(new.partitions.as_ref(), p) {
                     parts.push((&log.topic, p, split, part));
                 }
             }

@@ -11,7 +11,8 @@ use kaelix_core::{Message, PartitionId};
 pub(crate) struct PartitionSet(Box<[u64]>);
 
 impl PartitionSet {
-    /// The set of `partitions`; `None` if one is at or past the maximum.
+    /// The set of `partitions`; the first one at or past the maximum is
+    /// an error.
     pub(crate) fn new(partitions: impl IntoIterator<Item = u32>) -> Result<PartitionSet, u32> {
         let mut words = Vec::new();
         for p in partitions {
@@ -25,6 +26,20 @@ impl PartitionSet {
             words[word] |= 1 << (p % 64);
         }
         Ok(PartitionSet(words.into_boxed_slice()))
+    }
+
+    /// The set a subscription asked for: `None` (all partitions) for an
+    /// empty list.
+    pub(crate) fn of(partitions: &[u32]) -> Result<Option<PartitionSet>, u32> {
+        if partitions.is_empty() {
+            return Ok(None);
+        }
+        PartitionSet::new(partitions.iter().copied()).map(Some)
+    }
+
+    /// Whether a subscription with `set` (`None`: all) takes `partition`.
+    pub(crate) fn takes(set: Option<&PartitionSet>, partition: u32) -> bool {
+        set.is_none_or(|set| set.contains(partition))
     }
 
     pub(crate) fn contains(&self, partition: u32) -> bool {
