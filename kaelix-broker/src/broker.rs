@@ -70,6 +70,8 @@ pub(crate) struct Inner {
     pub(crate) endpoint: parking_lot::Mutex<Option<Endpoint>>,
     /// The configuration file watcher, once [`MessageBroker::watch_config`] ran.
     pub(crate) reloader: OnceLock<std::sync::Weak<HotReloadManager>>,
+    /// The TLS acceptor for new connections, when TLS is on.
+    pub(crate) tls: crate::tls::TlsState,
 }
 
 impl Default for MessageBroker {
@@ -103,8 +105,19 @@ impl MessageBroker {
                 metrics: Metrics::new(&config),
                 endpoint: parking_lot::Mutex::new(None),
                 reloader: OnceLock::new(),
+                tls: crate::tls::TlsState::default(),
             }),
         };
+        let inner = Arc::downgrade(&broker.inner);
+        broker.on_reconfigure("tls", &["security.tls"], move |config| {
+            let Some(inner) = inner.upgrade() else {
+                return Ok(());
+            };
+            let tls = &config.security.tls;
+            inner.tls.apply(tls, "configuration reloaded")?;
+            inner.tls.watch(tls, Arc::downgrade(&inner));
+            Ok(())
+        });
         let inner = Arc::downgrade(&broker.inner);
         broker.on_reconfigure("retention", &["retention", "topics"], move |config| {
             if let Some(inner) = inner.upgrade() {

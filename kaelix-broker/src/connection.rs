@@ -25,9 +25,9 @@ use kaelix_core::protocol::{
 use kaelix_core::runtime::TaskPriority;
 use kaelix_core::topic::check_group;
 use kaelix_core::{CloseReason, MemoryStreamerConfig, StartPosition, Timestamp, TopicPattern};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::OwnedReadHalf;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
 
 use crate::broker::Inner;
 use crate::exec;
@@ -119,15 +119,83 @@ impl fmt::Display for Exit {
     }
 }
 
-/// Serves one accepted connection to its end.
-pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, broker: Arc<Inner>) {
+/// Serves one accepted connection to its end: the TLS handshake when
+/// `tls` is given, then the protocol.
+pub(crate) async fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    broker: Arc<Inner>,
+    tls: Option<Arc<TlsAcceptor>>,
+) {
     // Every log line of this connection carries its id and peer.
     let id = broker.next_conn.fetch_add(1, Ordering::Relaxed);
     let _ = stream.set_nodelay(true);
-    let (mut rd, mut wr) = stream.into_split();
     // The configuration as the connection opens: its frame limit, read
     // size and handshake time hold for its life.
     let config = broker.live.running();
+    let handshake = Duration::from_millis(config.network.handshake_timeout_ms);
+    // TLS and HELLO together must be done by then.
+    let deadline = tokio::time::Instant::now() + handshake;
+    let open = Open {
+        id,
+        peer,
+        config,
+        deadline,
+        cert_name: None,
+    };
+    let Some(acceptor) = tls else {
+        let (rd, wr) = stream.into_split();
+        return serve_open(rd, wr, open, broker).await;
+    };
+    match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
+        Ok(Ok(stream)) => {
+            let cert_name = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .and_then(crate::tls::certificate_identity);
+            let (rd, wr) = tokio::io::split(stream);
+            serve_open(rd, wr, Open { cert_name, ..open }, broker).await
+        }
+        Ok(Err(err)) => {
+            broker.stats.closed(Disconnect::TlsHandshake);
+            tracing::warn!(conn = id, %peer, error = %err, "connection closed: TLS handshake failed");
+        }
+        Err(_) => {
+            broker.stats.closed(Disconnect::HandshakeTimeout);
+            tracing::warn!(
+                conn = id, %peer,
+                "connection closed: TLS handshake not done within {} ms",
+                handshake.as_millis()
+            );
+        }
+    }
+}
+
+/// A connection as it starts the protocol.
+struct Open {
+    id: u64,
+    peer: SocketAddr,
+    config: Arc<MemoryStreamerConfig>,
+    /// When HELLO must have arrived.
+    deadline: tokio::time::Instant,
+    /// The identity in the client's verified certificate, under mutual TLS.
+    cert_name: Option<String>,
+}
+
+async fn serve_open<R, W>(mut rd: R, mut wr: W, open: Open, broker: Arc<Inner>)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let Open {
+        id,
+        peer,
+        config,
+        deadline,
+        cert_name,
+    } = open;
     let outbox = Arc::new(Outbox::with_shared_limit(
         broker.live.limits.max_pending_bytes.clone(),
     ));
@@ -172,8 +240,9 @@ pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, broker: Arc<Inner
         acks: 0,
         id,
         peer,
+        cert_name,
     };
-    let exit = conn.run(&mut rd).await;
+    let exit = conn.run(&mut rd, deadline).await;
     conn.unsubscribe_all();
     let last = exit.error_frame().map(|e| Frame::Error(e).to_bytes());
     outbox.close(exit.close_reason(), last.as_deref());
@@ -214,10 +283,16 @@ struct Connection {
     /// For the logs.
     id: u64,
     peer: SocketAddr,
+    /// The identity in the client's verified certificate, under mutual TLS.
+    cert_name: Option<String>,
 }
 
 impl Connection {
-    async fn run(&mut self, rd: &mut OwnedReadHalf) -> Exit {
+    async fn run<R: AsyncRead + Unpin>(
+        &mut self,
+        rd: &mut R,
+        deadline: tokio::time::Instant,
+    ) -> Exit {
         let config = self.config.clone();
         let read_size = config.network.read_buffer_bytes.max(4096);
         let max_frame = config.limits.max_frame_bytes;
@@ -228,12 +303,12 @@ impl Connection {
         let mut buf = BytesMut::new();
 
         let handshake = Duration::from_millis(config.network.handshake_timeout_ms);
-        let hello = match tokio::time::timeout(handshake, read_first(rd, &mut buf, max_frame)).await
-        {
-            Err(_) => return Exit::HandshakeTimeout(handshake),
-            Ok(Err(exit)) => return exit,
-            Ok(Ok(frame)) => frame,
-        };
+        let hello =
+            match tokio::time::timeout_at(deadline, read_first(rd, &mut buf, max_frame)).await {
+                Err(_) => return Exit::HandshakeTimeout(handshake),
+                Ok(Err(exit)) => return exit,
+                Ok(Ok(frame)) => frame,
+            };
         if let Err(exit) = self.welcome(hello) {
             return exit;
         }
@@ -298,7 +373,10 @@ impl Connection {
         self.client = hello.client_name;
         // Debug-formatted: a client name is the client's text, and must not
         // be able to forge log lines.
-        tracing::debug!(conn = self.id, peer = %self.peer, client = ?self.client, version, "connection opened");
+        tracing::debug!(
+            conn = self.id, peer = %self.peer, client = ?self.client, certificate = ?self.cert_name,
+            version, "connection opened"
+        );
         let welcome = Frame::Welcome(Welcome {
             version,
             server_name: "kaelix-broker".into(),
@@ -624,8 +702,8 @@ fn parse_subscription(
 }
 
 /// Reads until the first whole frame.
-async fn read_first(
-    rd: &mut OwnedReadHalf,
+async fn read_first<R: AsyncRead + Unpin>(
+    rd: &mut R,
     buf: &mut BytesMut,
     max_frame: usize,
 ) -> Result<Frame, Exit> {

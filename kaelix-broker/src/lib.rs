@@ -6,6 +6,7 @@
 //! - [`server`]: [`Server`], the TCP listener with its connection limit.
 //! - `connection`: one client connection: handshake, batched decode and
 //!   routing, replies, and the named reason it ended.
+//! - `tls`: the TLS acceptor, swapped when certificate files change.
 //! - `router`: subscription state (exact topics in a map, wildcards in a
 //!   trie), per-publisher route caches, delivery into subscriber buffers.
 //! - `exec`: spawning on the broker's [`OptimizedRuntime`](kaelix_core::runtime::OptimizedRuntime),
@@ -27,6 +28,7 @@ mod router;
 pub mod server;
 pub mod stats;
 pub mod telemetry;
+mod tls;
 
 pub use broker::{IntoPattern, MessageBroker, Receiver, TopicInfo};
 pub use live::Reconfigured;

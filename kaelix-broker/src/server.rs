@@ -34,7 +34,19 @@ impl Server {
     }
 
     /// Binds to `addr`; port 0 picks a free port (see [`local_addr`](Self::local_addr)).
+    ///
+    /// With `security.tls.enabled`, the certificate is loaded first (an
+    /// unusable one fails the bind) and its files are watched from then on.
     pub async fn bind_addr(broker: &MessageBroker, addr: impl ToSocketAddrs) -> io::Result<Server> {
+        let inner = &broker.inner;
+        let tls = &broker.config().security.tls;
+        if tls.enabled && inner.tls.acceptor().is_none() {
+            inner
+                .tls
+                .apply(tls, "start")
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("TLS: {e}")))?;
+        }
+        inner.tls.watch(tls, Arc::downgrade(inner));
         let listener = TcpListener::bind(addr).await?;
         Ok(Server {
             listener,
@@ -95,11 +107,13 @@ impl Server {
                 spawn_refusal(&inner, stream, CONNECTION_LIMIT);
                 continue;
             };
+            // The certificate in force now serves this connection to its end.
+            let tls = inner.tls.acceptor();
             match inner.runtime.get() {
                 None => {
                     let inner = inner.clone();
                     inner.tasks.clone().spawn(async move {
-                        connection::serve(stream, peer, inner).await;
+                        connection::serve(stream, peer, inner, tls).await;
                         drop(permit);
                     });
                 }
@@ -125,7 +139,7 @@ impl Server {
                                 return;
                             };
                             match TcpStream::from_std(stream) {
-                                Ok(stream) => connection::serve(stream, peer, inner).await,
+                                Ok(stream) => connection::serve(stream, peer, inner, tls).await,
                                 Err(err) => {
                                     tracing::warn!(%peer, error = %err, "cannot register the connection")
                                 }

@@ -25,11 +25,14 @@ pub enum Disconnect {
     ProtocolViolation,
     /// More was pending for it than `limits.max_pending_bytes`.
     SlowConsumer,
+    /// The TLS handshake failed (no common version or cipher, a client
+    /// certificate missing or not signed by the CA, not TLS at all).
+    TlsHandshake,
 }
 
 impl Disconnect {
     /// Every reason, in counter order.
-    pub const ALL: [Disconnect; 7] = [
+    pub const ALL: [Disconnect; 8] = [
         Disconnect::ClientClosed,
         Disconnect::ReadError,
         Disconnect::WriteError,
@@ -37,6 +40,7 @@ impl Disconnect {
         Disconnect::HandshakeTimeout,
         Disconnect::ProtocolViolation,
         Disconnect::SlowConsumer,
+        Disconnect::TlsHandshake,
     ];
 
     /// The label value.
@@ -49,6 +53,7 @@ impl Disconnect {
             Disconnect::HandshakeTimeout => "handshake_timeout",
             Disconnect::ProtocolViolation => "protocol_violation",
             Disconnect::SlowConsumer => "slow_consumer",
+            Disconnect::TlsHandshake => "tls_handshake",
         }
     }
 }

@@ -217,7 +217,7 @@ fn tls_enabled_without_its_files_is_a_problem_and_unreadable_files_a_warning() {
 }
 
 #[test]
-fn the_broker_refuses_to_serve_plain_tcp_when_tls_is_asked_for() {
+fn the_broker_refuses_to_start_with_an_unusable_certificate() {
     let dir = temp_dir("tls-start");
     std::fs::write(dir.join("cert.pem"), "not used").unwrap();
     let out = broker(
@@ -231,6 +231,10 @@ fn the_broker_refuses_to_serve_plain_tcp_when_tls_is_asked_for() {
     );
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("TLS: cert.pem: no PEM certificate in the file"),
+        "{stderr}"
+    );
     assert!(stderr.contains("refusing to serve plain TCP"), "{stderr}");
     assert!(out.stdout.is_empty(), "it listened: {:?}", out.stdout);
     std::fs::remove_dir_all(&dir).unwrap();

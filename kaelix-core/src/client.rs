@@ -2,18 +2,78 @@
 //! crates: connect, handshake, read frames in batches, write through an
 //! [`Outbox`].
 
+use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::AsyncReadExt;
-use tokio::net::tcp::OwnedReadHalf;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::{TcpStream, ToSocketAddrs};
 use tokio::task::JoinHandle;
 
 use crate::error::{CloseReason, Error, Result};
 use crate::outbox::Outbox;
 use crate::protocol::{self, Frame, Hello, Welcome};
+use crate::tls::ClientTls;
+
+/// HELLO property names that carry credentials.
+pub mod hello_keys {
+    /// An access token.
+    pub const TOKEN: &str = "token";
+    /// A user name; goes with [`PASSWORD`].
+    pub const USER: &str = "user";
+    /// The user's password.
+    pub const PASSWORD: &str = "password";
+}
+
+/// Who the client says it is. The broker may also take the identity from
+/// a client certificate (see [`ClientTls`]), and then needs none of these.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Credentials {
+    /// An access token from the broker's `[[security.auth.users]]`.
+    Token(String),
+    /// A user name and password.
+    User { name: String, password: String },
+}
+
+impl Credentials {
+    /// A user name and password.
+    pub fn user(name: impl Into<String>, password: impl Into<String>) -> Credentials {
+        Credentials::User {
+            name: name.into(),
+            password: password.into(),
+        }
+    }
+
+    /// An access token.
+    pub fn token(token: impl Into<String>) -> Credentials {
+        Credentials::Token(token.into())
+    }
+
+    fn hello_properties(&self) -> Vec<(String, String)> {
+        match self {
+            Credentials::Token(token) => vec![(hello_keys::TOKEN.into(), token.clone())],
+            Credentials::User { name, password } => vec![
+                (hello_keys::USER.into(), name.clone()),
+                (hello_keys::PASSWORD.into(), password.clone()),
+            ],
+        }
+    }
+}
+
+/// Secrets stay out of logs and panics.
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Credentials::Token(_) => f.write_str("Token(<redacted>)"),
+            Credentials::User { name, .. } => f
+                .debug_struct("User")
+                .field("name", name)
+                .field("password", &"<redacted>")
+                .finish(),
+        }
+    }
+}
 
 /// How a client connects.
 #[derive(Debug, Clone)]
@@ -28,6 +88,10 @@ pub struct ClientOptions {
     pub max_pending_bytes: usize,
     /// Bytes read per read call.
     pub read_buffer_bytes: usize,
+    /// Speak TLS to the broker; `None` connects in plain TCP.
+    pub tls: Option<ClientTls>,
+    /// Credentials sent in HELLO, for brokers that require them.
+    pub credentials: Option<Credentials>,
 }
 
 impl Default for ClientOptions {
@@ -37,6 +101,8 @@ impl Default for ClientOptions {
             connect_timeout: Duration::from_secs(5),
             max_pending_bytes: 512 * 1024,
             read_buffer_bytes: 64 * 1024,
+            tls: None,
+            credentials: None,
         }
     }
 }
@@ -54,13 +120,24 @@ pub struct ClientConn {
     pub writer: JoinHandle<()>,
 }
 
+/// The receiving half of a connection, plain or TLS.
+pub type ReadHalf = Box<dyn AsyncRead + Send + Unpin>;
+
 /// Reads frames off the receiving half of a connection, a batch per read.
-#[derive(Debug)]
 pub struct FrameReader {
-    rd: OwnedReadHalf,
+    rd: ReadHalf,
     buf: BytesMut,
     read_size: usize,
     max_frame_bytes: usize,
+}
+
+impl fmt::Debug for FrameReader {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FrameReader")
+            .field("buffered", &self.buf.len())
+            .field("max_frame_bytes", &self.max_frame_bytes)
+            .finish()
+    }
 }
 
 impl FrameReader {
@@ -123,13 +200,40 @@ pub async fn connect(addr: impl ToSocketAddrs, options: &ClientOptions) -> Resul
 async fn connect_inner(addr: impl ToSocketAddrs, options: &ClientOptions) -> Result<ClientConn> {
     let stream = TcpStream::connect(addr).await?;
     stream.set_nodelay(true)?;
-    let (rd, mut wr) = stream.into_split();
+    match &options.tls {
+        None => {
+            let (rd, wr) = stream.into_split();
+            handshake(Box::new(rd), wr, options).await
+        }
+        Some(tls) => {
+            let name = tls.server_name_for(stream.peer_addr()?.ip());
+            let connector = tokio_rustls::TlsConnector::from(tls.config().clone());
+            let stream = connector
+                .connect(name, stream)
+                .await
+                .map_err(|e| Error::Tls(format!("handshake with the broker failed: {e}")))?;
+            let (rd, wr) = tokio::io::split(stream);
+            handshake(Box::new(rd), wr, options).await
+        }
+    }
+}
+
+/// Says HELLO over an open transport and waits for WELCOME.
+async fn handshake<W>(rd: ReadHalf, mut wr: W, options: &ClientOptions) -> Result<ClientConn>
+where
+    W: AsyncWrite + Send + Unpin + 'static,
+{
     let outbox = Arc::new(Outbox::new(options.max_pending_bytes));
+    let properties = options
+        .credentials
+        .as_ref()
+        .map(Credentials::hello_properties)
+        .unwrap_or_default();
     let hello = Frame::Hello(Hello {
         min_version: protocol::MIN_PROTOCOL_VERSION,
         max_version: protocol::PROTOCOL_VERSION,
         client_name: options.name.clone(),
-        properties: Vec::new(),
+        properties,
     });
     let bytes = hello.to_bytes();
     outbox.push_now(bytes.len(), |b| b.extend_from_slice(&bytes));

@@ -90,6 +90,10 @@ pub enum Error {
     #[error("the task panicked: {0}")]
     TaskPanicked(String),
 
+    /// TLS could not be set up: a certificate, key or name was unusable.
+    #[error("TLS: {0}")]
+    Tls(String),
+
     /// The configuration could not be loaded or is invalid.
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),

@@ -15,6 +15,7 @@
 //! - [`queue`]: the bounded message queue behind every receiver.
 //! - [`replay`]: [`StartPosition`], where a subscription starts reading
 //!   what the broker retains.
+//! - [`tls`]: [`ClientTls`](tls::ClientTls), and reading PEM files.
 //! - [`runtime`]: [`OptimizedRuntime`](runtime::OptimizedRuntime), the
 //!   NUMA-aware priority runtime with core pinning that the broker runs on.
 //! - [`error`]: [`Error`] and [`Result`].
@@ -31,6 +32,7 @@ pub mod protocol;
 pub mod queue;
 pub mod replay;
 pub mod runtime;
+pub mod tls;
 pub mod topic;
 
 pub use batch::MessageBatch;

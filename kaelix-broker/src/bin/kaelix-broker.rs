@@ -257,13 +257,6 @@ async fn run(
     // Handlers first: a supervisor may signal as soon as it reads the
     // listening line.
     let mut signals = Signals::install()?;
-    if config.security.tls.enabled {
-        return Err(
-            "security.tls.enabled is true, but this version of kaelix-broker does not \
-             serve TLS yet; refusing to serve plain TCP instead"
-                .into(),
-        );
-    }
     let runtime = OptimizedRuntime::new(config.runtime.clone()).map_err(|e| e.to_string())?;
     runtime.start().await.map_err(|e| e.to_string())?;
     let (host, port) = (config.network.host.clone(), config.network.port);
@@ -305,6 +298,10 @@ async fn run(
     };
     let addr = match bound.await {
         Ok(Ok(addr)) => addr,
+        // An unusable TLS certificate: the error names the file and why.
+        Ok(Err(err)) if err.kind() == std::io::ErrorKind::InvalidInput => {
+            return Err(format!("{err}; refusing to serve plain TCP instead"))
+        }
         Ok(Err(err)) => return Err(format!("cannot listen on {host}:{port}: {err}")),
         Err(_) => return Err("the listener task ended before binding".into()),
     };
@@ -319,7 +316,13 @@ async fn run(
         }
     }
     // The last line: supervisors and tests take it as "ready".
-    println!("kaelix-broker listening on {addr}");
+    let tls = &config.security.tls;
+    let transport = match (tls.enabled, tls.client_ca_path.as_os_str().is_empty()) {
+        (false, _) => "",
+        (true, true) => " (TLS)",
+        (true, false) => " (TLS, client certificates required)",
+    };
+    println!("kaelix-broker listening on {addr}{transport}");
     let housekeeping = runtime
         .spawn_with_priority(TaskPriority::Background, watch_health(runtime.health()))
         .await

@@ -7,6 +7,7 @@
 //! kaelix pub orders o-1 --key user-42    # same key, same partition, kept in order
 //! kaelix sub orders --partitions 0,2     # only those partitions
 //! kaelix stats [--json]                 # the broker's statistics and rates
+//! KAELIX_PASSWORD=... kaelix --tls-ca ca.pem --user alice pub orders o-1
 //! ```
 
 use std::io::Write;
@@ -14,7 +15,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use kaelix_broker::stats::{duration, human};
-use kaelix_consumer::Consumer;
+use kaelix_consumer::{Consumer, ConsumerOptions};
+use kaelix_core::client::{ClientOptions, Credentials};
+use kaelix_core::tls::ClientTls;
 use kaelix_publisher::Publisher;
 
 /// The port used when `--server` names only a host.
@@ -36,8 +39,106 @@ struct Args {
         env = "KAELIX_SERVER"
     )]
     server: String,
+    #[command(flatten)]
+    connection: ConnectionArgs,
     #[command(subcommand)]
     command: Command,
+}
+
+/// How to reach and log in to the broker; the same for every command.
+#[derive(clap::Args)]
+struct ConnectionArgs {
+    /// Connect over TLS (implied by the other --tls-* options); without
+    /// --tls-ca the system's trusted CAs are used.
+    #[arg(long, global = true, env = "KAELIX_TLS")]
+    tls: bool,
+    /// PEM file of the CA(s) that signed the broker's certificate.
+    #[arg(long, global = true, value_name = "FILE", env = "KAELIX_TLS_CA")]
+    tls_ca: Option<std::path::PathBuf>,
+    /// The name the broker's certificate must carry (default: the host of
+    /// --server).
+    #[arg(long, global = true, value_name = "NAME", env = "KAELIX_TLS_NAME")]
+    tls_name: Option<String>,
+    /// This client's certificate (PEM), for brokers that require mutual TLS.
+    #[arg(
+        long,
+        global = true,
+        value_name = "FILE",
+        requires = "tls_key",
+        env = "KAELIX_TLS_CERT"
+    )]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(
+        long,
+        global = true,
+        value_name = "FILE",
+        requires = "tls_cert",
+        env = "KAELIX_TLS_KEY"
+    )]
+    tls_key: Option<std::path::PathBuf>,
+    /// Log in with this access token.
+    #[arg(
+        long,
+        global = true,
+        conflicts_with = "user",
+        env = "KAELIX_TOKEN",
+        hide_env_values = true
+    )]
+    token: Option<String>,
+    /// Log in as this user (with --password).
+    #[arg(long, global = true, requires = "password", env = "KAELIX_USER")]
+    user: Option<String>,
+    /// The user's password. Prefer the KAELIX_PASSWORD variable: other
+    /// users of the machine can read command lines.
+    #[arg(
+        long,
+        global = true,
+        requires = "user",
+        env = "KAELIX_PASSWORD",
+        hide_env_values = true
+    )]
+    password: Option<String>,
+}
+
+impl ConnectionArgs {
+    /// The client options these arguments ask for; `host` is the host part
+    /// of the server address, the default name to check in its certificate.
+    fn client_options(&self, name: &str, host: &str) -> Result<ClientOptions, String> {
+        let tls =
+            self.tls || self.tls_ca.is_some() || self.tls_name.is_some() || self.tls_cert.is_some();
+        let tls = if tls {
+            let mut builder = ClientTls::builder();
+            if let Some(ca) = &self.tls_ca {
+                builder = builder.ca_file(ca).map_err(|e| e.to_string())?;
+            }
+            if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+                builder = builder
+                    .client_cert_files(cert, key)
+                    .map_err(|e| e.to_string())?;
+            }
+            let name = self.tls_name.as_deref().unwrap_or(host);
+            Some(
+                builder
+                    .server_name(name)
+                    .build()
+                    .map_err(|e| e.to_string())?,
+            )
+        } else {
+            None
+        };
+        let credentials = match (&self.token, &self.user, &self.password) {
+            (Some(token), _, _) => Some(Credentials::token(token)),
+            (None, Some(user), Some(password)) => Some(Credentials::user(user, password)),
+            _ => None,
+        };
+        Ok(ClientOptions {
+            name: name.into(),
+            tls,
+            credentials,
+            ..ClientOptions::default()
+        })
+    }
 }
 
 #[derive(Subcommand)]
@@ -110,6 +211,12 @@ enum Command {
     },
 }
 
+/// The host part of a `host:port` address, without IPv6 brackets.
+fn host_of(addr: &str) -> &str {
+    let host = addr.rsplit_once(':').map_or(addr, |(host, _)| host);
+    host.trim_start_matches('[').trim_end_matches(']')
+}
+
 fn server_addr(server: &str) -> String {
     let has_port = match server.rsplit_once(':') {
         Some((host, port)) => !host.ends_with(':') && port.parse::<u16>().is_ok(),
@@ -128,6 +235,20 @@ fn server_addr(server: &str) -> String {
 async fn main() -> ExitCode {
     let args = Args::parse();
     let server = server_addr(&args.server);
+    let client = match args
+        .connection
+        .client_options("kaelix-cli", host_of(&server))
+    {
+        Ok(client) => client,
+        Err(err) => {
+            eprintln!("kaelix: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let server = Server {
+        addr: server,
+        client,
+    };
     let result = match args.command {
         Command::Pub {
             topic,
@@ -184,10 +305,36 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn publish(server: &str, message: &kaelix_core::Message, count: u64) -> Result<(), String> {
-    let publisher = Publisher::connect(server)
-        .await
-        .map_err(|e| format!("cannot connect to {server}: {e}"))?;
+/// Where the broker is and how to connect to it.
+struct Server {
+    addr: String,
+    client: ClientOptions,
+}
+
+impl Server {
+    async fn publisher(&self) -> Result<Publisher, String> {
+        Publisher::connect_with(&self.addr, self.client.clone())
+            .await
+            .map_err(|e| format!("cannot connect to {}: {e}", self.addr))
+    }
+
+    async fn consumer(&self) -> Result<Consumer, String> {
+        let options = ConsumerOptions {
+            client: self.client.clone(),
+            ..ConsumerOptions::default()
+        };
+        Consumer::connect_with(&self.addr, options)
+            .await
+            .map_err(|e| format!("cannot connect to {}: {e}", self.addr))
+    }
+}
+
+async fn publish(
+    server: &Server,
+    message: &kaelix_core::Message,
+    count: u64,
+) -> Result<(), String> {
+    let publisher = server.publisher().await?;
     if count == 1 {
         publisher
             .publish_message(message)
@@ -220,7 +367,7 @@ struct SubOptions {
     credit: Option<u32>,
 }
 
-async fn subscribe(server: &str, pattern: &str, options: SubOptions) -> Result<(), String> {
+async fn subscribe(server: &Server, pattern: &str, options: SubOptions) -> Result<(), String> {
     let SubOptions {
         queue,
         count,
@@ -231,9 +378,7 @@ async fn subscribe(server: &str, pattern: &str, options: SubOptions) -> Result<(
         sticky,
         credit,
     } = options;
-    let consumer = Consumer::connect(server)
-        .await
-        .map_err(|e| format!("cannot connect to {server}: {e}"))?;
+    let consumer = server.consumer().await?;
     if queue.is_some() && from != kaelix_core::StartPosition::Latest {
         return Err("--queue and --from cannot be combined: a queue group \
                     starts at the latest message"
@@ -309,15 +454,13 @@ async fn subscribe(server: &str, pattern: &str, options: SubOptions) -> Result<(
     Ok(())
 }
 
-async fn stats(server: &str, json: bool, interval: f64) -> Result<(), String> {
+async fn stats(server: &Server, json: bool, interval: f64) -> Result<(), String> {
     if !(0.0..=3600.0).contains(&interval) {
         return Err(format!(
             "--interval must be 0 to 3600 seconds, not {interval}"
         ));
     }
-    let client = Publisher::connect(server)
-        .await
-        .map_err(|e| format!("cannot connect to {server}: {e}"))?;
+    let client = server.publisher().await?;
     let sample = || async {
         let text = client.server_stats().await.map_err(|e| e.to_string())?;
         serde_json::from_str::<serde_json::Value>(&text)
@@ -355,7 +498,7 @@ async fn stats(server: &str, json: bool, interval: f64) -> Result<(), String> {
         println!("{last}");
         return Ok(());
     }
-    print!("{}", summary(server, &last, &rates));
+    print!("{}", summary(&server.addr, &last, &rates));
     Ok(())
 }
 

@@ -152,6 +152,16 @@ impl MessageBroker {
             }
         }
 
+        let tls = &self.inner.tls;
+        if self.config().security.tls.enabled {
+            for (result, n) in [("loaded", &tls.loaded), ("refused", &tls.refused)] {
+                counter!("kaelix_tls_certificate_reloads_total", "result" => result)
+                    .absolute(n.load(Ordering::Relaxed));
+            }
+            gauge!("kaelix_tls_certificate_expiry_timestamp_seconds")
+                .set(tls.not_after.load(Ordering::Relaxed) as f64);
+        }
+
         let health = self.health();
         for status in [
             HealthStatus::Healthy,
@@ -284,6 +294,15 @@ fn describe() {
     describe_counter!(
         "kaelix_config_reloads_total",
         "Configuration reloads, by result (applied, unchanged, refused)."
+    );
+    describe_counter!(
+        "kaelix_tls_certificate_reloads_total",
+        "TLS certificate loads, by result (loaded, refused: the last good one stayed)."
+    );
+    describe_gauge!(
+        "kaelix_tls_certificate_expiry_timestamp_seconds",
+        Unit::Seconds,
+        "When the TLS certificate in force expires, in seconds since the Unix epoch."
     );
     describe_gauge!(
         "kaelix_health_status",

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod pki;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
@@ -50,12 +52,18 @@ impl BrokerProcess {
     /// kept while the returned guard lives.
     pub fn with_config(extra: &str) -> (tempfile::TempDir, BrokerProcess) {
         let dir = tempfile::tempdir().expect("a temporary directory");
-        let file = dir.path().join("kaelix.toml");
+        let broker = Self::with_config_in(dir.path(), extra);
+        (dir, broker)
+    }
+
+    /// Like [`with_config`](Self::with_config), in `dir` (which may hold
+    /// files the configuration names).
+    pub fn with_config_in(dir: &Path, extra: &str) -> BrokerProcess {
+        let file = dir.join("kaelix.toml");
         let toml = format!("[network]\nhost = \"127.0.0.1\"\nport = 0\n\n{extra}\n");
         std::fs::write(&file, toml).expect("write kaelix.toml");
         let path = file.to_str().expect("a UTF-8 path");
-        let broker = Self::start_in(dir.path(), &["--config", path], &[]);
-        (dir, broker)
+        Self::start_in(dir, &["--config", path], &[])
     }
 
     /// Starts the broker in `dir` with `args` and `env` (no `RUST_LOG`:
@@ -105,7 +113,8 @@ impl BrokerProcess {
             let addr_after = |marker: &str| {
                 line.split(marker)
                     .nth(1)
-                    .map(|rest| rest.trim().trim_end_matches("/metrics").to_string())
+                    .and_then(|rest| rest.split_whitespace().next())
+                    .map(|rest| rest.trim_end_matches("/metrics").to_string())
             };
             if let Some(addr) = addr_after("metrics on http://") {
                 metrics = Some(addr.parse().expect("metrics address"));

@@ -21,7 +21,8 @@ pub use load::{
     config_file, load, load_annotated, load_from, ConfigError, Loaded, Override, ENV_PREFIX,
 };
 pub use reload::{
-    changed_keys, with_values_from, ConfigChange, HotReloadManager, HotReloadSettings, ReloadStats,
+    changed_keys, with_values_from, ConfigChange, FileWatch, HotReloadManager, HotReloadSettings,
+    ReloadStats,
 };
 pub use schema::{
     LimitsConfig, LogFormat, LoggingConfig, MemoryStreamerConfig, MetricsConfig, NetworkConfig,

@@ -89,7 +89,7 @@ pub struct ReloadStats {
 pub struct HotReloadManager {
     shared: Arc<Shared>,
     /// Kept for its watch; dropped with the manager.
-    _watcher: Option<Debouncer<notify::RecommendedWatcher, RecommendedCache>>,
+    _watcher: Option<FileWatch>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -137,7 +137,9 @@ impl HotReloadManager {
         // The watcher's thread pokes; one task reloads. A full channel
         // means a reload is already due, so pokes coalesce.
         let (poke, mut poked) = mpsc::channel::<()>(1);
-        let watcher = watch(&shared.path, shared.settings.debounce, poke)?;
+        let watcher = FileWatch::new(&[&shared.path], shared.settings.debounce, move || {
+            let _ = poke.try_send(());
+        })?;
         let task = {
             let shared = shared.clone();
             tokio::spawn(async move {
@@ -262,53 +264,87 @@ impl Shared {
     }
 }
 
-/// Watches `path`'s directory and pokes on events that concern the file.
-fn watch(
-    path: &Path,
-    debounce: Duration,
-    poke: mpsc::Sender<()>,
-) -> Result<Debouncer<notify::RecommendedWatcher, RecommendedCache>, ConfigError> {
-    let dir = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let name = path.file_name().map(|n| n.to_os_string());
-    // Behind a symlink (a Kubernetes ConfigMap swaps a directory link
-    // beside it) any change in the directory may be the file's.
-    let any = path
-        .symlink_metadata()
-        .is_ok_and(|m| m.file_type().is_symlink());
-    let file = path.display().to_string();
-    let mut debouncer =
-        new_debouncer(
-            debounce,
-            None,
-            move |result: DebounceEventResult| match result {
-                Ok(events) => {
-                    let concerns = events.iter().any(|event| {
-                        !matches!(event.kind, EventKind::Access(_))
-                            && (any
-                                || event
-                                    .paths
-                                    .iter()
-                                    .any(|p| p.file_name().map(|n| n.to_os_string()) == name))
-                    });
-                    if concerns {
-                        let _ = poke.try_send(());
+/// Watches files through their directories (so replacing a file by rename
+/// is seen) and calls `on_change` once per burst of events that concern
+/// one of them. Dropping it stops the watching.
+pub struct FileWatch {
+    _debouncer: Debouncer<notify::RecommendedWatcher, RecommendedCache>,
+}
+
+impl std::fmt::Debug for FileWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FileWatch")
+    }
+}
+
+impl FileWatch {
+    /// Starts watching `paths`; `on_change` runs on the watcher's thread,
+    /// so it should only poke something else.
+    pub fn new(
+        paths: &[&Path],
+        debounce: Duration,
+        on_change: impl Fn() + Send + 'static,
+    ) -> Result<FileWatch, ConfigError> {
+        let mut dirs: Vec<PathBuf> = Vec::new();
+        let mut names = Vec::new();
+        // Behind a symlink (a Kubernetes ConfigMap or Secret swaps a
+        // directory link beside it) any change in the directory may be the
+        // file's.
+        let mut any = false;
+        for path in paths {
+            let dir = match path.parent() {
+                Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+                _ => PathBuf::from("."),
+            };
+            if !dirs.contains(&dir) {
+                dirs.push(dir);
+            }
+            names.extend(path.file_name().map(|n| n.to_os_string()));
+            any |= path
+                .symlink_metadata()
+                .is_ok_and(|m| m.file_type().is_symlink());
+        }
+        let files = paths
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let first = paths.first().copied().unwrap_or(Path::new("."));
+        let mut debouncer =
+            new_debouncer(
+                debounce,
+                None,
+                move |result: DebounceEventResult| match result {
+                    Ok(events) => {
+                        let concerns = events.iter().any(|event| {
+                            !matches!(event.kind, EventKind::Access(_))
+                                && (any
+                                    || event.paths.iter().any(|p| {
+                                        p.file_name()
+                                            .is_some_and(|n| names.iter().any(|name| name == n))
+                                    }))
+                        });
+                        if concerns {
+                            on_change();
+                        }
                     }
-                }
-                Err(errors) => {
-                    for err in errors {
-                        tracing::warn!(%file, error = %err, "watching the configuration file");
+                    Err(errors) => {
+                        for err in errors {
+                            tracing::warn!(%files, error = %err, "watching files");
+                        }
                     }
-                }
-            },
-        )
-        .map_err(|e| watch_error(path, e))?;
-    debouncer
-        .watch(&dir, RecursiveMode::NonRecursive)
-        .map_err(|e| watch_error(path, e))?;
-    Ok(debouncer)
+                },
+            )
+            .map_err(|e| watch_error(first, e))?;
+        for dir in &dirs {
+            debouncer
+                .watch(dir, RecursiveMode::NonRecursive)
+                .map_err(|e| watch_error(dir, e))?;
+        }
+        Ok(FileWatch {
+            _debouncer: debouncer,
+        })
+    }
 }
 
 fn watch_error(path: &Path, err: notify::Error) -> ConfigError {
