@@ -72,6 +72,8 @@ pub(crate) struct Inner {
     pub(crate) reloader: OnceLock<std::sync::Weak<HotReloadManager>>,
     /// The TLS acceptor for new connections, when TLS is on.
     pub(crate) tls: crate::tls::TlsState,
+    /// Who may connect, and what each identity may do.
+    pub(crate) auth: crate::auth::Auth,
 }
 
 impl Default for MessageBroker {
@@ -106,8 +108,16 @@ impl MessageBroker {
                 endpoint: parking_lot::Mutex::new(None),
                 reloader: OnceLock::new(),
                 tls: crate::tls::TlsState::default(),
+                auth: crate::auth::Auth::new(&config.security.auth),
             }),
         };
+        let inner = Arc::downgrade(&broker.inner);
+        broker.on_reconfigure("auth", &["security.auth"], move |config| {
+            match inner.upgrade() {
+                Some(inner) => inner.auth.apply(&config.security.auth),
+                None => Ok(()),
+            }
+        });
         let inner = Arc::downgrade(&broker.inner);
         broker.on_reconfigure("tls", &["security.tls"], move |config| {
             let Some(inner) = inner.upgrade() else {

@@ -24,11 +24,14 @@ use kaelix_core::protocol::{
 };
 use kaelix_core::runtime::TaskPriority;
 use kaelix_core::topic::check_group;
-use kaelix_core::{CloseReason, MemoryStreamerConfig, StartPosition, Timestamp, TopicPattern};
+use kaelix_core::{
+    CloseReason, MemoryStreamerConfig, StartPosition, Timestamp, Topic, TopicPattern,
+};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
+use crate::auth::{AuthFailure, Identity, Login};
 use crate::broker::Inner;
 use crate::exec;
 use crate::live::LiveLimits;
@@ -58,6 +61,10 @@ pub(crate) enum Exit {
     Protocol(ProtocolError),
     /// The outbox closed: a slow consumer, or a failed write.
     Outbox(CloseReason),
+    /// The client's credentials were not accepted.
+    AuthFailed(AuthFailure, Option<&'static str>),
+    /// The identity was removed by a reload.
+    Revoked(String),
 }
 
 impl Exit {
@@ -73,6 +80,11 @@ impl Exit {
                 ErrorCode::ShuttingDown,
                 "the broker is shutting down".into(),
             ),
+            Exit::AuthFailed(failure, detail) => (
+                ErrorCode::AuthenticationFailed,
+                auth_failure_reason(*failure, *detail),
+            ),
+            Exit::Revoked(reason) => (ErrorCode::NotPermitted, reason.clone()),
             Exit::ClientClosed | Exit::ReadError(_) | Exit::Outbox(_) => return None,
         };
         Some(ErrorFrame { code, reason })
@@ -86,6 +98,8 @@ impl Exit {
             Exit::ShuttingDown => Disconnect::ShuttingDown,
             Exit::HandshakeTimeout(_) => Disconnect::HandshakeTimeout,
             Exit::Protocol(_) => Disconnect::ProtocolViolation,
+            Exit::AuthFailed(..) => Disconnect::AuthenticationFailed,
+            Exit::Revoked(_) => Disconnect::Revoked,
             Exit::Outbox(CloseReason::SlowConsumer) => Disconnect::SlowConsumer,
             Exit::Outbox(CloseReason::ShuttingDown) => Disconnect::ShuttingDown,
             Exit::Outbox(CloseReason::PeerClosed) => Disconnect::ClientClosed,
@@ -101,6 +115,7 @@ impl Exit {
             Exit::HandshakeTimeout(_) | Exit::Protocol(_) => {
                 CloseReason::Protocol(self.to_string())
             }
+            Exit::AuthFailed(..) | Exit::Revoked(_) => CloseReason::Protocol(self.to_string()),
             Exit::Outbox(reason) => reason.clone(),
         }
     }
@@ -115,6 +130,10 @@ impl fmt::Display for Exit {
             Exit::HandshakeTimeout(t) => write!(f, "no HELLO within {} ms", t.as_millis()),
             Exit::Protocol(err) => write!(f, "protocol violation: {err}"),
             Exit::Outbox(reason) => write!(f, "{reason}"),
+            Exit::AuthFailed(failure, _) => {
+                write!(f, "authentication failed ({})", failure.name())
+            }
+            Exit::Revoked(reason) => f.write_str(reason),
         }
     }
 }
@@ -241,6 +260,9 @@ where
         id,
         peer,
         cert_name,
+        identity: Identity::nobody(),
+        login: None,
+        gate: PublishGate::default(),
     };
     let exit = conn.run(&mut rd, deadline).await;
     conn.unsubscribe_all();
@@ -258,8 +280,8 @@ where
         .fetch_sub(1, Ordering::Relaxed);
     broker.stats.closed(exit.disconnect());
     match &exit {
-        Exit::Protocol(_) | Exit::HandshakeTimeout(_) => {
-            tracing::warn!(conn = id, %peer, client = ?conn.client, reason = %exit, "connection closed")
+        Exit::Protocol(_) | Exit::HandshakeTimeout(_) | Exit::AuthFailed(..) | Exit::Revoked(_) => {
+            tracing::warn!(conn = id, %peer, client = ?conn.client, user = ?conn.login, reason = %exit, "connection closed")
         }
         _ => {
             tracing::debug!(conn = id, %peer, client = ?conn.client, reason = %exit, "connection closed")
@@ -285,6 +307,66 @@ struct Connection {
     peer: SocketAddr,
     /// The identity in the client's verified certificate, under mutual TLS.
     cert_name: Option<String>,
+    /// Who the client logged in as, and what it may do.
+    identity: Arc<Identity>,
+    /// The user name the client gave, for the logs (never the secret).
+    login: Option<String>,
+    gate: PublishGate,
+}
+
+/// The topics a connection's identity was found allowed to publish to,
+/// so that a run of publishes checks its permissions once per topic.
+#[derive(Default)]
+struct PublishGate {
+    allowed: foldhash::HashSet<Topic>,
+}
+
+/// Past this many topics, a connection's permission cache starts over.
+const GATE_CAP: usize = 4096;
+
+impl PublishGate {
+    /// Whether `identity` may publish to `topic`; the refusal's reason if not.
+    #[inline]
+    fn check(&mut self, identity: &Identity, topic: &Topic) -> Result<(), String> {
+        if identity.publish.everything() || self.allowed.contains(topic) {
+            return Ok(());
+        }
+        self.check_slow(identity, topic)
+    }
+
+    #[cold]
+    fn check_slow(&mut self, identity: &Identity, topic: &Topic) -> Result<(), String> {
+        identity
+            .publish
+            .permits_topic(topic)
+            .map_err(|why| format!("{} may not publish to {topic}: {why}", identity.describe()))?;
+        if self.allowed.len() >= GATE_CAP {
+            self.allowed.clear();
+        }
+        self.allowed.insert(topic.clone());
+        Ok(())
+    }
+}
+
+/// What a failed login is told: enough to fix a mistake, not enough to
+/// learn which of a user name and a password was wrong.
+fn auth_failure_reason(failure: AuthFailure, detail: Option<&'static str>) -> String {
+    match failure {
+        AuthFailure::NoCredentials => {
+            "credentials required: this broker does not accept anonymous clients".into()
+        }
+        AuthFailure::Malformed => format!(
+            "authentication failed: {}",
+            detail.unwrap_or("incomplete credentials")
+        ),
+        AuthFailure::UnknownUser | AuthFailure::WrongPassword => {
+            "authentication failed: unknown user or wrong password".into()
+        }
+        AuthFailure::UnknownToken => "authentication failed: token not accepted".into(),
+        AuthFailure::UnknownCertificate => {
+            "authentication failed: the client certificate names no user of this broker".into()
+        }
+    }
 }
 
 impl Connection {
@@ -309,11 +391,13 @@ impl Connection {
                 Ok(Err(exit)) => return exit,
                 Ok(Ok(frame)) => frame,
             };
-        if let Err(exit) = self.welcome(hello) {
+        if let Err(exit) = self.welcome(hello).await {
             return exit;
         }
 
         let shutdown = self.broker.shutdown.clone();
+        let mut auth_changes = self.broker.auth.changes();
+        auth_changes.mark_unchanged();
         let mut reads: u32 = 0;
         loop {
             if let Err(exit) = self.process(&mut buf, max_frame) {
@@ -347,6 +431,11 @@ impl Connection {
                 biased;
                 _ = shutdown.cancelled() => return Exit::ShuttingDown,
                 reason = self.outbox.closed() => return Exit::Outbox(reason),
+                _ = auth_changes.changed() => {
+                    if let Err(exit) = self.reauthorize() {
+                        return exit;
+                    }
+                }
                 read = rd.read_buf(&mut buf) => match read {
                     Ok(0) => return Exit::ClientClosed,
                     Ok(n) if n == room => want = (want * 2).min(read_size),
@@ -357,10 +446,24 @@ impl Connection {
         }
     }
 
-    fn welcome(&mut self, hello: Frame) -> Result<(), Exit> {
+    async fn welcome(&mut self, hello: Frame) -> Result<(), Exit> {
         let Frame::Hello(hello) = hello else {
             return Err(Exit::Protocol(ProtocolError::HelloRequired(hello.name())));
         };
+        let login = Login::from_hello(&hello.properties);
+        let detail = match &login {
+            Login::Incomplete(what) => Some(*what),
+            _ => None,
+        };
+        if let Login::Password { user, .. } = &login {
+            self.login = Some(user.clone());
+        }
+        self.client = hello.client_name.clone();
+        let auth = &self.broker.auth;
+        self.identity = auth
+            .authenticate(login, self.cert_name.as_deref())
+            .await
+            .map_err(|failure| Exit::AuthFailed(failure, detail))?;
         let version = hello.max_version.min(protocol::PROTOCOL_VERSION);
         if version < hello.min_version.max(protocol::MIN_PROTOCOL_VERSION) {
             return Err(Exit::Protocol(ProtocolError::UnsupportedVersion {
@@ -375,7 +478,7 @@ impl Connection {
         // be able to forge log lines.
         tracing::debug!(
             conn = self.id, peer = %self.peer, client = ?self.client, certificate = ?self.cert_name,
-            version, "connection opened"
+            identity = ?self.identity.name, version, "connection opened"
         );
         let welcome = Frame::Welcome(Welcome {
             version,
@@ -485,6 +588,9 @@ impl Connection {
             .resolve(&self.broker.router, publish.topic, &mut self.batch)
         {
             Ok((topic, matches)) => {
+                if let Err(reason) = self.gate.check(&self.identity, topic) {
+                    return self.refuse(publish.seq, ErrorCode::NotPermitted, reason);
+                }
                 let publication = Publication::from_wire(publish.body_flags, publish.body, now);
                 let routed = self
                     .batch
@@ -579,6 +685,21 @@ impl Connection {
         } else {
             match parse_subscription(pattern, group) {
                 Err((code, reason)) => refuse(code, reason),
+                Ok((pattern, _)) if self.identity.subscribe.permits_pattern(&pattern).is_err() => {
+                    let why = self
+                        .identity
+                        .subscribe
+                        .permits_pattern(&pattern)
+                        .err()
+                        .unwrap_or_default();
+                    refuse(
+                        ErrorCode::NotPermitted,
+                        format!(
+                            "{} may not subscribe to {pattern}: {why}",
+                            self.identity.describe()
+                        ),
+                    )
+                }
                 Ok((_, Some(_))) if start != StartPosition::Latest => refuse(
                     ErrorCode::InvalidGroup,
                     "a queue group subscription starts at the latest message: replaying \
@@ -667,6 +788,56 @@ impl Connection {
                 false
             }
         }
+    }
+
+    /// Takes the identity's permissions from a reloaded `[security.auth]`:
+    /// subscriptions they no longer allow end (each answered with a
+    /// SUB_NACK), and a removed identity is disconnected.
+    fn reauthorize(&mut self) -> Result<(), Exit> {
+        let Some(identity) = self.broker.auth.refresh(&self.identity) else {
+            return Err(Exit::Revoked(format!(
+                "{} may no longer connect (security.auth changed)",
+                self.identity.describe()
+            )));
+        };
+        self.identity = identity;
+        self.gate = PublishGate::default();
+        let revoked: Vec<(u32, String)> = self
+            .subs
+            .iter()
+            .filter_map(|(sid, sub)| {
+                let why = self
+                    .identity
+                    .subscribe
+                    .permits_pattern(&sub.pattern)
+                    .err()?;
+                Some((
+                    *sid,
+                    format!(
+                        "subscription to {} ended: {} may no longer subscribe to it: {why}",
+                        sub.pattern,
+                        self.identity.describe()
+                    ),
+                ))
+            })
+            .collect();
+        let mut replied = false;
+        for (sid, reason) in revoked {
+            if let Some(sub) = self.subs.remove(&sid) {
+                self.broker.router.unsubscribe(&sub);
+            }
+            tracing::info!(conn = self.id, peer = %self.peer, identity = ?self.identity.name, %reason, "subscription revoked");
+            self.broker.stats.subscribe_refused(ErrorCode::NotPermitted);
+            replied |= self.reply(&Frame::SubNack(Nack {
+                id: u64::from(sid),
+                code: ErrorCode::NotPermitted,
+                reason,
+            }));
+        }
+        if replied {
+            self.outbox.wake();
+        }
+        Ok(())
     }
 
     fn unsubscribe_all(&mut self) {

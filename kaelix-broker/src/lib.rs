@@ -6,6 +6,8 @@
 //! - [`server`]: [`Server`], the TCP listener with its connection limit.
 //! - `connection`: one client connection: handshake, batched decode and
 //!   routing, replies, and the named reason it ended.
+//! - `auth`: identities (tokens, passwords, certificates) and their
+//!   publish and subscribe permissions.
 //! - `tls`: the TLS acceptor, swapped when certificate files change.
 //! - `router`: subscription state (exact topics in a map, wildcards in a
 //!   trie), per-publisher route caches, delivery into subscriber buffers.
@@ -20,6 +22,7 @@
 //! The binaries `kaelix-broker` (the server) and `kaelix` (a command-line
 //! client) live in `src/bin`.
 
+mod auth;
 pub mod broker;
 mod connection;
 mod exec;
@@ -30,6 +33,7 @@ pub mod stats;
 pub mod telemetry;
 mod tls;
 
+pub use auth::{hash_password, AuthFailure};
 pub use broker::{IntoPattern, MessageBroker, Receiver, TopicInfo};
 pub use live::Reconfigured;
 pub use server::Server;

@@ -28,11 +28,15 @@ pub enum Disconnect {
     /// The TLS handshake failed (no common version or cipher, a client
     /// certificate missing or not signed by the CA, not TLS at all).
     TlsHandshake,
+    /// The credentials were not accepted.
+    AuthenticationFailed,
+    /// A reload removed the identity the client logged in as.
+    Revoked,
 }
 
 impl Disconnect {
     /// Every reason, in counter order.
-    pub const ALL: [Disconnect; 8] = [
+    pub const ALL: [Disconnect; 10] = [
         Disconnect::ClientClosed,
         Disconnect::ReadError,
         Disconnect::WriteError,
@@ -41,6 +45,8 @@ impl Disconnect {
         Disconnect::ProtocolViolation,
         Disconnect::SlowConsumer,
         Disconnect::TlsHandshake,
+        Disconnect::AuthenticationFailed,
+        Disconnect::Revoked,
     ];
 
     /// The label value.
@@ -54,6 +60,8 @@ impl Disconnect {
             Disconnect::ProtocolViolation => "protocol_violation",
             Disconnect::SlowConsumer => "slow_consumer",
             Disconnect::TlsHandshake => "tls_handshake",
+            Disconnect::AuthenticationFailed => "authentication_failed",
+            Disconnect::Revoked => "revoked",
         }
     }
 }

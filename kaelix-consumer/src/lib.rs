@@ -597,12 +597,20 @@ fn handle_control(frame: Frame, inner: &Inner) -> Result<(), CloseReason> {
         Frame::SubNack(nack) => {
             let sid = nack.id as u32;
             let mut state = inner.state.lock();
-            state.subs.remove(&sid);
+            let active = state.subs.remove(&sid);
             if let Some(tx) = state.pending.remove(&sid) {
                 let _ = tx.send(Err(Error::Refused {
                     code: nack.code,
                     reason: nack.reason,
                 }));
+            } else if let Some(inbox) = active {
+                // The broker ended a live subscription (its permission was
+                // revoked): what it holds can still be read, then `recv`
+                // returns the reason.
+                inbox.close(CloseReason::Server {
+                    code: nack.code,
+                    reason: nack.reason,
+                });
             }
         }
         Frame::Ping(token) => {

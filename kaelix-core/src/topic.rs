@@ -210,6 +210,62 @@ impl TopicPattern {
     }
 }
 
+impl TopicPattern {
+    /// Whether every topic `other` matches, this pattern matches too
+    /// (`orders.>` covers `orders.eu.*`; `orders.*` does not cover
+    /// `orders.>`).
+    ///
+    /// ```
+    /// use kaelix_core::TopicPattern;
+    /// let p = |s| TopicPattern::new(s).unwrap();
+    /// assert!(p("orders.>").covers(&p("orders.eu.*")));
+    /// assert!(!p("orders.*").covers(&p("orders.>")));
+    /// assert!(p("orders.*").covers(&p("orders.new")));
+    /// ```
+    pub fn covers(&self, other: &TopicPattern) -> bool {
+        let mut theirs = other.tokens();
+        for mine in self.tokens() {
+            let Some(their) = theirs.next() else {
+                return false;
+            };
+            match (mine, their) {
+                (">", _) => return true,
+                (_, ">") => return false,
+                ("*", _) => {}
+                (_, "*") => return false,
+                (a, b) if a != b => return false,
+                _ => {}
+            }
+        }
+        theirs.next().is_none()
+    }
+
+    /// Whether some topic matches both patterns (`orders.*.new` and
+    /// `orders.eu.>` overlap on `orders.eu.new`).
+    ///
+    /// ```
+    /// use kaelix_core::TopicPattern;
+    /// let p = |s| TopicPattern::new(s).unwrap();
+    /// assert!(p("orders.*.new").overlaps(&p("orders.eu.>")));
+    /// assert!(!p("orders.*").overlaps(&p("audit.>")));
+    /// assert!(!p("orders.*").overlaps(&p("orders.a.b")));
+    /// ```
+    pub fn overlaps(&self, other: &TopicPattern) -> bool {
+        let mut mine = self.tokens();
+        let mut theirs = other.tokens();
+        loop {
+            match (mine.next(), theirs.next()) {
+                (None, None) => return true,
+                (None, Some(_)) | (Some(_), None) => return false,
+                (Some(">"), Some(_)) | (Some(_), Some(">")) => return true,
+                (Some("*"), Some(_)) | (Some(_), Some("*")) => {}
+                (Some(a), Some(b)) if a != b => return false,
+                _ => {}
+            }
+        }
+    }
+}
+
 /// Validates a queue group name: one token of the topic alphabet.
 pub fn check_group(group: &str) -> Result<()> {
     let invalid = |reason| Error::InvalidGroup {
@@ -322,6 +378,45 @@ mod tests {
 
     fn topic(s: &str) -> Topic {
         Topic::new(s).unwrap()
+    }
+
+    #[test]
+    fn covering_and_overlapping_agree_with_matching() {
+        let p = |s: &str| TopicPattern::new(s).unwrap();
+        let patterns = [
+            ">", "a", "a.b", "a.*", "a.>", "*.b", "*.*", "a.b.c", "a.*.c", "*.>", "b.>", "a.b.>",
+        ];
+        let topics = [
+            "a", "b", "a.b", "a.c", "b.b", "a.b.c", "a.x.c", "a.b.d", "b.c.d", "a.b.c.d",
+        ];
+        for x in patterns {
+            for y in patterns {
+                let (px, py) = (p(x), p(y));
+                let matched_by = |q: &TopicPattern| {
+                    topics
+                        .iter()
+                        .filter(|t| q.matches(&topic(t)))
+                        .copied()
+                        .collect::<Vec<_>>()
+                };
+                let (mx, my) = (matched_by(&px), matched_by(&py));
+                // On these sample topics: covering implies containment,
+                // a shared topic implies overlap.
+                if px.covers(&py) {
+                    assert!(my.iter().all(|t| mx.contains(t)), "{x} covers {y}");
+                }
+                if mx.iter().any(|t| my.contains(t)) {
+                    assert!(px.overlaps(&py), "{x} overlaps {y}");
+                }
+                assert_eq!(px.overlaps(&py), py.overlaps(&px), "{x} {y} symmetric");
+            }
+        }
+        assert!(p("a.>").covers(&p("a.b.>")));
+        assert!(!p("a.b.>").covers(&p("a.>")));
+        assert!(!p("a.*").covers(&p("a.>")));
+        assert!(p(">").covers(&p("*.>")));
+        assert!(!p("a.b").overlaps(&p("a.b.>")));
+        assert!(p("a.*.c").overlaps(&p("*.b.>")));
     }
 
     #[test]

@@ -155,7 +155,14 @@ fn check_config(loaded: Result<Loaded, kaelix_core::config::ConfigError>) -> Exi
         .iter()
         .map(|(k, o)| (k.as_str(), o.as_str()))
         .collect();
-    let text = match toml::to_string(&loaded.config) {
+    // Tokens are secrets: say one is set, not what it is.
+    let mut shown = loaded.config.clone();
+    for user in &mut shown.security.auth.users {
+        if !user.token.is_empty() {
+            user.token = "<set, not shown>".into();
+        }
+    }
+    let text = match toml::to_string(&shown) {
         Ok(text) => text,
         Err(err) => {
             eprintln!("kaelix-broker: cannot print the configuration: {err}");

@@ -7,6 +7,7 @@
 //! kaelix pub orders o-1 --key user-42    # same key, same partition, kept in order
 //! kaelix sub orders --partitions 0,2     # only those partitions
 //! kaelix stats [--json]                 # the broker's statistics and rates
+//! kaelix passwd                          # a password hash for kaelix.toml
 //! KAELIX_PASSWORD=... kaelix --tls-ca ca.pem --user alice pub orders o-1
 //! ```
 
@@ -60,44 +61,20 @@ struct ConnectionArgs {
     #[arg(long, global = true, value_name = "NAME", env = "KAELIX_TLS_NAME")]
     tls_name: Option<String>,
     /// This client's certificate (PEM), for brokers that require mutual TLS.
-    #[arg(
-        long,
-        global = true,
-        value_name = "FILE",
-        requires = "tls_key",
-        env = "KAELIX_TLS_CERT"
-    )]
+    #[arg(long, global = true, value_name = "FILE", env = "KAELIX_TLS_CERT")]
     tls_cert: Option<std::path::PathBuf>,
     /// The private key (PEM) of --tls-cert.
-    #[arg(
-        long,
-        global = true,
-        value_name = "FILE",
-        requires = "tls_cert",
-        env = "KAELIX_TLS_KEY"
-    )]
+    #[arg(long, global = true, value_name = "FILE", env = "KAELIX_TLS_KEY")]
     tls_key: Option<std::path::PathBuf>,
     /// Log in with this access token.
-    #[arg(
-        long,
-        global = true,
-        conflicts_with = "user",
-        env = "KAELIX_TOKEN",
-        hide_env_values = true
-    )]
+    #[arg(long, global = true, env = "KAELIX_TOKEN", hide_env_values = true)]
     token: Option<String>,
     /// Log in as this user (with --password).
-    #[arg(long, global = true, requires = "password", env = "KAELIX_USER")]
+    #[arg(long, global = true, env = "KAELIX_USER")]
     user: Option<String>,
     /// The user's password. Prefer the KAELIX_PASSWORD variable: other
     /// users of the machine can read command lines.
-    #[arg(
-        long,
-        global = true,
-        requires = "user",
-        env = "KAELIX_PASSWORD",
-        hide_env_values = true
-    )]
+    #[arg(long, global = true, env = "KAELIX_PASSWORD", hide_env_values = true)]
     password: Option<String>,
 }
 
@@ -112,10 +89,14 @@ impl ConnectionArgs {
             if let Some(ca) = &self.tls_ca {
                 builder = builder.ca_file(ca).map_err(|e| e.to_string())?;
             }
-            if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
-                builder = builder
-                    .client_cert_files(cert, key)
-                    .map_err(|e| e.to_string())?;
+            match (&self.tls_cert, &self.tls_key) {
+                (Some(cert), Some(key)) => {
+                    builder = builder
+                        .client_cert_files(cert, key)
+                        .map_err(|e| e.to_string())?;
+                }
+                (None, None) => {}
+                _ => return Err("--tls-cert and --tls-key go together".into()),
             }
             let name = self.tls_name.as_deref().unwrap_or(host);
             Some(
@@ -128,9 +109,16 @@ impl ConnectionArgs {
             None
         };
         let credentials = match (&self.token, &self.user, &self.password) {
+            (Some(_), Some(_), _) => {
+                return Err("--token and --user are two ways to log in: pick one".into())
+            }
             (Some(token), _, _) => Some(Credentials::token(token)),
             (None, Some(user), Some(password)) => Some(Credentials::user(user, password)),
-            _ => None,
+            (None, Some(_), None) => {
+                return Err("--user needs --password (or KAELIX_PASSWORD)".into())
+            }
+            (None, None, Some(_)) => return Err("--password needs --user".into()),
+            (None, None, None) => None,
         };
         Ok(ClientOptions {
             name: name.into(),
@@ -198,6 +186,10 @@ enum Command {
         #[arg(long, conflicts_with = "queue")]
         credit: Option<u32>,
     },
+    /// Print an argon2 hash of a password, for `password_hash` in
+    /// `[[security.auth.users]]`. Asks for it twice on a terminal (without
+    /// echo); otherwise reads the first line of standard input.
+    Passwd,
     /// Print the broker's statistics: uptime, health, connections,
     /// subscriptions and topics, message and byte rates, refusals, drops.
     Stats {
@@ -234,6 +226,18 @@ fn server_addr(server: &str) -> String {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let args = Args::parse();
+    if let Command::Passwd = args.command {
+        return match passwd() {
+            Ok(hash) => {
+                println!("{hash}");
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                eprintln!("kaelix passwd: {err}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let server = server_addr(&args.server);
     let client = match args
         .connection
@@ -295,6 +299,7 @@ async fn main() -> ExitCode {
             subscribe(&server, &pattern, options).await
         }
         Command::Stats { json, interval } => stats(&server, json, interval).await,
+        Command::Passwd => unreachable!("handled before connecting"),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -303,6 +308,29 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Reads a password (twice, without echo, on a terminal) and hashes it.
+fn passwd() -> Result<String, String> {
+    use std::io::IsTerminal;
+    let password = if std::io::stdin().is_terminal() {
+        let first = rpassword::prompt_password("Password: ").map_err(|e| e.to_string())?;
+        let again = rpassword::prompt_password("Again: ").map_err(|e| e.to_string())?;
+        if first != again {
+            return Err("the two passwords differ".into());
+        }
+        first
+    } else {
+        let mut line = String::new();
+        std::io::stdin()
+            .read_line(&mut line)
+            .map_err(|e| format!("cannot read standard input: {e}"))?;
+        line.trim_end_matches(['\n', '\r']).to_string()
+    };
+    if password.is_empty() {
+        return Err("an empty password is not a password".into());
+    }
+    kaelix_broker::hash_password(&password)
 }
 
 /// Where the broker is and how to connect to it.

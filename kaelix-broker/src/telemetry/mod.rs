@@ -152,6 +152,9 @@ impl MessageBroker {
             }
         }
 
+        for (reason, n) in self.inner.auth.failures() {
+            counter!("kaelix_auth_failures_total", "reason" => reason).absolute(n);
+        }
         let tls = &self.inner.tls;
         if self.config().security.tls.enabled {
             for (result, n) in [("loaded", &tls.loaded), ("refused", &tls.refused)] {
@@ -294,6 +297,11 @@ fn describe() {
     describe_counter!(
         "kaelix_config_reloads_total",
         "Configuration reloads, by result (applied, unchanged, refused)."
+    );
+    describe_counter!(
+        "kaelix_auth_failures_total",
+        "Logins refused, by reason (no_credentials, malformed, unknown_token, unknown_user, \
+         wrong_password, unknown_certificate)."
     );
     describe_counter!(
         "kaelix_tls_certificate_reloads_total",

@@ -25,9 +25,9 @@ pub use reload::{
     ReloadStats,
 };
 pub use schema::{
-    LimitsConfig, LogFormat, LoggingConfig, MemoryStreamerConfig, MetricsConfig, NetworkConfig,
-    PrometheusConfig, RetentionConfig, RuntimeSection, SecurityConfig, TelemetryConfig, TlsConfig,
-    TopicConfig,
+    AuthConfig, LimitsConfig, LogFormat, LoggingConfig, MemoryStreamerConfig, MetricsConfig,
+    NetworkConfig, Permissions, PrometheusConfig, RetentionConfig, RuntimeSection, SecurityConfig,
+    TelemetryConfig, TlsConfig, TopicConfig, UserConfig,
 };
 pub use validate::{ConfigValidator, ConfigWarning, Problem};
 

@@ -193,6 +193,80 @@ pub enum LogFormat {
 #[serde(deny_unknown_fields, default)]
 pub struct SecurityConfig {
     pub tls: TlsConfig,
+    pub auth: AuthConfig,
+}
+
+/// `[security.auth]`: who may connect, and what each identity may do.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Accept clients that present no credentials, as the identity
+    /// `anonymous`. Unset: allowed while no users are configured.
+    pub anonymous: Option<bool>,
+    /// What anonymous clients may do (everything, by default).
+    pub anonymous_publish: Permissions,
+    pub anonymous_subscribe: Permissions,
+    /// Under mutual TLS, a client whose verified certificate names a user
+    /// (its subject common name, else its first alternative name) is that
+    /// user, with no password or token.
+    pub certificate_identity: bool,
+    /// The users.
+    pub users: Vec<UserConfig>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            anonymous: None,
+            anonymous_publish: Permissions::everything(),
+            anonymous_subscribe: Permissions::everything(),
+            certificate_identity: false,
+            users: Vec::new(),
+        }
+    }
+}
+
+impl AuthConfig {
+    /// Whether clients without credentials are accepted.
+    pub fn anonymous_allowed(&self) -> bool {
+        self.anonymous.unwrap_or(self.users.is_empty())
+    }
+}
+
+/// One `[[security.auth.users]]` entry: an identity, how it logs in, and
+/// what it may do. A user is granted nothing it is not allowed explicitly.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct UserConfig {
+    /// The identity, in logs and in certificates (`certificate_identity`).
+    pub name: String,
+    /// The password's argon2 hash in PHC form (`$argon2id$...`), as
+    /// `kaelix passwd` prints it; empty for none.
+    pub password_hash: String,
+    /// An access token that logs in as this user; empty for none.
+    pub token: String,
+    /// Topics this user may publish to.
+    pub publish: Permissions,
+    /// Topic patterns this user may subscribe to.
+    pub subscribe: Permissions,
+}
+
+/// Allow and deny lists of topic patterns; deny wins.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Permissions {
+    pub allow: Vec<String>,
+    pub deny: Vec<String>,
+}
+
+impl Permissions {
+    /// Every topic.
+    pub fn everything() -> Permissions {
+        Permissions {
+            allow: vec![">".into()],
+            deny: Vec::new(),
+        }
+    }
 }
 
 /// `[security.tls]`: TLS for client connections. Empty paths are unset.

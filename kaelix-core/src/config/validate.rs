@@ -166,6 +166,7 @@ impl ConfigValidator {
                 }
             }
         }
+        auth_problems(config, &mut bad);
         for problem in config.runtime.problems() {
             if let Some((key, reason)) = problem.split_once(": ") {
                 bad(key, reason.to_string());
@@ -244,6 +245,26 @@ impl ConfigValidator {
                 warn(key, format!("cannot read {}: {err}", path.display()));
             }
         }
+        let auth = &config.security.auth;
+        if !auth.users.is_empty() && !config.security.tls.enabled {
+            warn(
+                "security.auth.users",
+                "TLS is off (security.tls.enabled = false): passwords and tokens cross the \
+                 network in the clear"
+                    .into(),
+            );
+        }
+        for (i, user) in auth.users.iter().enumerate() {
+            if !user.token.is_empty() && user.token.len() < 16 {
+                warn(
+                    &format!("security.auth.users[{i}].token"),
+                    format!(
+                        "{} characters is short enough to guess; use 16 or more random ones",
+                        user.token.len()
+                    ),
+                );
+            }
+        }
         let prometheus = &config.telemetry.metrics.prometheus;
         if config.telemetry.enabled
             && config.telemetry.metrics.enabled
@@ -279,6 +300,91 @@ impl ConfigValidator {
             );
         }
         out
+    }
+}
+
+/// The problems of `[security.auth]`: names, credentials, patterns.
+fn auth_problems(config: &MemoryStreamerConfig, bad: &mut impl FnMut(&str, String)) {
+    let auth = &config.security.auth;
+    let tls = &config.security.tls;
+    if auth.certificate_identity && (!tls.enabled || tls.client_ca_path.as_os_str().is_empty()) {
+        bad(
+            "security.auth.certificate_identity",
+            "needs mutual TLS: security.tls.enabled = true and security.tls.client_ca_path set"
+                .into(),
+        );
+    }
+    let mut patterns = |key: &str, permissions: &crate::config::Permissions| {
+        for (list, items) in [("allow", &permissions.allow), ("deny", &permissions.deny)] {
+            for (j, pattern) in items.iter().enumerate() {
+                if let Err(err) = crate::TopicPattern::new(pattern) {
+                    bad(&format!("{key}.{list}[{j}]"), err.to_string());
+                }
+            }
+        }
+    };
+    patterns("security.auth.anonymous_publish", &auth.anonymous_publish);
+    patterns(
+        "security.auth.anonymous_subscribe",
+        &auth.anonymous_subscribe,
+    );
+    for (i, user) in auth.users.iter().enumerate() {
+        let key = format!("security.auth.users[{i}]");
+        patterns(&format!("{key}.publish"), &user.publish);
+        patterns(&format!("{key}.subscribe"), &user.subscribe);
+    }
+    let mut names = std::collections::HashSet::new();
+    let mut tokens = std::collections::HashSet::new();
+    for (i, user) in auth.users.iter().enumerate() {
+        let key = format!("security.auth.users[{i}]");
+        if user.name.trim().is_empty() {
+            bad(&format!("{key}.name"), "required".into());
+        } else if user.name == "anonymous" {
+            bad(
+                &format!("{key}.name"),
+                "\"anonymous\" is the identity of clients without credentials".into(),
+            );
+        } else if !names.insert(user.name.as_str()) {
+            bad(
+                &format!("{key}.name"),
+                format!("{:?} is listed more than once", user.name),
+            );
+        }
+        if !user.password_hash.is_empty() {
+            if let Err(reason) = check_password_hash(&user.password_hash) {
+                bad(&format!("{key}.password_hash"), reason);
+            }
+        }
+        if !user.token.is_empty() && !tokens.insert(user.token.as_str()) {
+            // The value is a secret: name the users, not the token.
+            bad(
+                &format!("{key}.token"),
+                "another user has the same token".into(),
+            );
+        }
+        if user.password_hash.is_empty() && user.token.is_empty() && !auth.certificate_identity {
+            bad(
+                &key,
+                format!(
+                    "user {:?} has no way to log in: set password_hash or token, or \
+                     security.auth.certificate_identity",
+                    user.name
+                ),
+            );
+        }
+    }
+}
+
+/// Whether `hash` is an argon2 hash in PHC form, as `kaelix passwd` prints.
+pub fn check_password_hash(hash: &str) -> Result<(), String> {
+    let parsed = argon2::PasswordHash::new(hash).map_err(|e| {
+        format!("not a password hash in PHC form ($argon2id$v=19$m=...): {e}; make one with `kaelix passwd`")
+    })?;
+    match parsed.algorithm.as_str() {
+        "argon2id" | "argon2i" | "argon2d" => Ok(()),
+        other => Err(format!(
+            "{other} hashes are not accepted; make an argon2 hash with `kaelix passwd`"
+        )),
     }
 }
 
