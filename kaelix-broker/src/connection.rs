@@ -38,6 +38,7 @@ use crate::live::LiveLimits;
 use crate::router::{
     Batch, NewSub, Owner, PartitionSet, Publication, RouteCache, Sink, Subscriber,
 };
+use crate::server::HandshakeSlot;
 use crate::stats::{Disconnect, Rejection};
 
 /// Bytes of a connection's first reads; see `Connection::run`.
@@ -65,6 +66,8 @@ pub(crate) enum Exit {
     AuthFailed(AuthFailure, Option<&'static str>),
     /// The identity was removed by a reload.
     Revoked(String),
+    /// Nothing heard, not even a PONG, within `limits.idle_timeout_ms`.
+    IdleTimeout(Duration),
 }
 
 impl Exit {
@@ -85,6 +88,14 @@ impl Exit {
                 auth_failure_reason(*failure, *detail),
             ),
             Exit::Revoked(reason) => (ErrorCode::NotPermitted, reason.clone()),
+            Exit::IdleTimeout(t) => (
+                ErrorCode::IdleTimeout,
+                format!(
+                    "nothing heard from the client for {} ms, not even an answer to a PING \
+                     (limits.idle_timeout_ms)",
+                    t.as_millis()
+                ),
+            ),
             Exit::ClientClosed | Exit::ReadError(_) | Exit::Outbox(_) => return None,
         };
         Some(ErrorFrame { code, reason })
@@ -100,6 +111,7 @@ impl Exit {
             Exit::Protocol(_) => Disconnect::ProtocolViolation,
             Exit::AuthFailed(..) => Disconnect::AuthenticationFailed,
             Exit::Revoked(_) => Disconnect::Revoked,
+            Exit::IdleTimeout(_) => Disconnect::IdleTimeout,
             Exit::Outbox(CloseReason::SlowConsumer) => Disconnect::SlowConsumer,
             Exit::Outbox(CloseReason::ShuttingDown) => Disconnect::ShuttingDown,
             Exit::Outbox(CloseReason::PeerClosed) => Disconnect::ClientClosed,
@@ -115,7 +127,9 @@ impl Exit {
             Exit::HandshakeTimeout(_) | Exit::Protocol(_) => {
                 CloseReason::Protocol(self.to_string())
             }
-            Exit::AuthFailed(..) | Exit::Revoked(_) => CloseReason::Protocol(self.to_string()),
+            Exit::AuthFailed(..) | Exit::Revoked(_) | Exit::IdleTimeout(_) => {
+                CloseReason::Protocol(self.to_string())
+            }
             Exit::Outbox(reason) => reason.clone(),
         }
     }
@@ -134,6 +148,7 @@ impl fmt::Display for Exit {
                 write!(f, "authentication failed ({})", failure.name())
             }
             Exit::Revoked(reason) => f.write_str(reason),
+            Exit::IdleTimeout(t) => write!(f, "idle for {} ms", t.as_millis()),
         }
     }
 }
@@ -145,6 +160,7 @@ pub(crate) async fn serve(
     peer: SocketAddr,
     broker: Arc<Inner>,
     tls: Option<Arc<TlsAcceptor>>,
+    slot: HandshakeSlot,
 ) {
     // Every log line of this connection carries its id and peer.
     let id = broker.next_conn.fetch_add(1, Ordering::Relaxed);
@@ -161,6 +177,7 @@ pub(crate) async fn serve(
         config,
         deadline,
         cert_name: None,
+        handshake: slot,
     };
     let Some(acceptor) = tls else {
         let (rd, wr) = stream.into_split();
@@ -201,6 +218,8 @@ struct Open {
     deadline: tokio::time::Instant,
     /// The identity in the client's verified certificate, under mutual TLS.
     cert_name: Option<String>,
+    /// Held until HELLO is answered.
+    handshake: HandshakeSlot,
 }
 
 async fn serve_open<R, W>(mut rd: R, mut wr: W, open: Open, broker: Arc<Inner>)
@@ -214,6 +233,7 @@ where
         config,
         deadline,
         cert_name,
+        handshake,
     } = open;
     let outbox = Arc::new(Outbox::with_shared_limit(
         broker.live.limits.max_pending_bytes.clone(),
@@ -263,6 +283,9 @@ where
         identity: Identity::nobody(),
         login: None,
         gate: PublishGate::default(),
+        handshake: Some(handshake),
+        published: (0, 0),
+        throttle: Throttle::default(),
     };
     let exit = conn.run(&mut rd, deadline).await;
     conn.unsubscribe_all();
@@ -280,7 +303,11 @@ where
         .fetch_sub(1, Ordering::Relaxed);
     broker.stats.closed(exit.disconnect());
     match &exit {
-        Exit::Protocol(_) | Exit::HandshakeTimeout(_) | Exit::AuthFailed(..) | Exit::Revoked(_) => {
+        Exit::Protocol(_)
+        | Exit::HandshakeTimeout(_)
+        | Exit::AuthFailed(..)
+        | Exit::Revoked(_)
+        | Exit::IdleTimeout(_) => {
             tracing::warn!(conn = id, %peer, client = ?conn.client, user = ?conn.login, reason = %exit, "connection closed")
         }
         _ => {
@@ -312,6 +339,50 @@ struct Connection {
     /// The user name the client gave, for the logs (never the secret).
     login: Option<String>,
     gate: PublishGate,
+    /// Held until HELLO is answered, then given back.
+    handshake: Option<HandshakeSlot>,
+    /// Messages and body bytes published in this read batch.
+    published: (u64, u64),
+    throttle: Throttle,
+}
+
+/// A connection's publish allowance: a token bucket on each axis that
+/// holds one second's worth of the limit.
+#[derive(Default)]
+struct Throttle {
+    messages: f64,
+    bytes: f64,
+    last: Option<tokio::time::Instant>,
+    /// Whether this connection was already held back (logged once).
+    logged: bool,
+}
+
+impl Throttle {
+    /// Spends `used` (messages, bytes) against the limits (0: none); how
+    /// long the connection must wait before reading more, if at all.
+    fn charge(&mut self, used: (u64, u64), limits: (usize, usize)) -> Option<Duration> {
+        let (max_messages, max_bytes) = (limits.0 as f64, limits.1 as f64);
+        let now = tokio::time::Instant::now();
+        let elapsed = match self.last.replace(now) {
+            Some(last) => now.duration_since(last).as_secs_f64(),
+            // A fresh bucket is full.
+            None => 1.0,
+        };
+        let mut wait: f64 = 0.0;
+        for (allowance, max, spent) in [
+            (&mut self.messages, max_messages, used.0 as f64),
+            (&mut self.bytes, max_bytes, used.1 as f64),
+        ] {
+            if max == 0.0 {
+                continue;
+            }
+            *allowance = (*allowance + elapsed * max).min(max) - spent;
+            if *allowance < 0.0 {
+                wait = wait.max(-*allowance / max);
+            }
+        }
+        (wait > 0.0).then(|| Duration::from_secs_f64(wait))
+    }
 }
 
 /// The topics a connection's identity was found allowed to publish to,
@@ -394,6 +465,17 @@ impl Connection {
         if let Err(exit) = self.welcome(hello).await {
             return exit;
         }
+        // The handshake is over: its place goes to the next one.
+        self.handshake = None;
+        let idle = Duration::from_millis(config.limits.idle_timeout_ms);
+        let mut heard = tokio::time::Instant::now();
+        let mut pinged = false;
+        let idle_check = tokio::time::sleep(if idle.is_zero() {
+            Duration::from_secs(86_400 * 365)
+        } else {
+            idle / 2
+        });
+        tokio::pin!(idle_check);
 
         let shutdown = self.broker.shutdown.clone();
         let mut auth_changes = self.broker.auth.changes();
@@ -402,6 +484,12 @@ impl Connection {
         loop {
             if let Err(exit) = self.process(&mut buf, max_frame) {
                 return exit;
+            }
+            let published = std::mem::take(&mut self.published);
+            if published.0 > 0 {
+                if let Err(exit) = self.throttle(published).await {
+                    return exit;
+                }
             }
             let blocked = self.batch.take_blocked();
             if !blocked.is_empty() {
@@ -436,13 +524,65 @@ impl Connection {
                         return exit;
                     }
                 }
-                read = rd.read_buf(&mut buf) => match read {
-                    Ok(0) => return Exit::ClientClosed,
-                    Ok(n) if n == room => want = (want * 2).min(read_size),
-                    Ok(_) => {}
-                    Err(err) => return Exit::ReadError(err),
+                _ = &mut idle_check, if !idle.is_zero() => {
+                    let silent = heard.elapsed();
+                    if silent >= idle {
+                        return Exit::IdleTimeout(idle);
+                    }
+                    if silent >= idle / 2 && !pinged {
+                        pinged = true;
+                        if self.reply(&Frame::Ping(0)) {
+                            self.outbox.wake();
+                        }
+                    }
+                    let next = if pinged { heard + idle } else { heard + idle / 2 };
+                    idle_check.as_mut().reset(next);
+                }
+                read = rd.read_buf(&mut buf) => {
+                    heard = tokio::time::Instant::now();
+                    pinged = false;
+                    match read {
+                        Ok(0) => return Exit::ClientClosed,
+                        Ok(n) if n == room => want = (want * 2).min(read_size),
+                        Ok(_) => {}
+                        Err(err) => return Exit::ReadError(err),
+                    }
                 },
             }
+        }
+    }
+
+    /// Holds the connection back (reads nothing) while its publish rate is
+    /// over `limits.max_publish_*_per_sec`.
+    async fn throttle(&mut self, published: (u64, u64)) -> Result<(), Exit> {
+        let limits = &self.broker.live.limits;
+        let max = (
+            LiveLimits::get(&limits.max_publish_messages_per_sec),
+            LiveLimits::get(&limits.max_publish_bytes_per_sec),
+        );
+        if max == (0, 0) {
+            return Ok(());
+        }
+        let Some(wait) = self.throttle.charge(published, max) else {
+            return Ok(());
+        };
+        let stats = &self.broker.stats;
+        stats.throttled.fetch_add(1, Ordering::Relaxed);
+        stats
+            .throttled_us
+            .fetch_add(wait.as_micros() as u64, Ordering::Relaxed);
+        if !std::mem::replace(&mut self.throttle.logged, true) {
+            tracing::info!(
+                conn = self.id, peer = %self.peer, identity = ?self.identity.name,
+                messages_per_sec = max.0, bytes_per_sec = max.1,
+                "publisher held back: over its publish rate (limits.max_publish_*_per_sec)"
+            );
+        }
+        tokio::select! {
+            biased;
+            _ = self.broker.shutdown.cancelled() => Err(Exit::ShuttingDown),
+            reason = self.outbox.closed() => Err(Exit::Outbox(reason)),
+            _ = tokio::time::sleep(wait) => Ok(()),
         }
     }
 
@@ -576,6 +716,8 @@ impl Connection {
 
     fn publish(&mut self, publish: PublishRef<'_>, now: Timestamp, max_payload: usize) -> bool {
         self.batch.add_bytes_in(publish.body.len());
+        self.published.0 += 1;
+        self.published.1 += publish.body.len() as u64;
         // The body bounds the payload, so the exact size is only worked
         // out for bodies above the limit.
         if publish.body.len() > max_payload {

@@ -29,6 +29,7 @@ const READ_WHEN_USED: &[&str] = &[
     "network.shutdown_grace_ms",
     "network.read_buffer_bytes",
     "limits.max_frame_bytes",
+    "limits.idle_timeout_ms",
 ];
 
 /// Keys held in [`LiveLimits`].
@@ -39,6 +40,10 @@ const LIMITS: &[&str] = &[
     "limits.max_subscriptions_per_connection",
     "limits.max_pending_messages",
     "limits.slow_consumer_block_ms",
+    "limits.max_connections_per_address",
+    "limits.max_pending_handshakes",
+    "limits.max_publish_messages_per_sec",
+    "limits.max_publish_bytes_per_sec",
 ];
 
 /// The limits the data path checks, as atomics a reload can move.
@@ -51,6 +56,10 @@ pub(crate) struct LiveLimits {
     pub(crate) max_subscriptions_per_connection: AtomicUsize,
     pub(crate) max_pending_messages: AtomicUsize,
     pub(crate) slow_consumer_block_ms: AtomicUsize,
+    pub(crate) max_connections_per_address: AtomicUsize,
+    pub(crate) max_pending_handshakes: AtomicUsize,
+    pub(crate) max_publish_messages_per_sec: AtomicUsize,
+    pub(crate) max_publish_bytes_per_sec: AtomicUsize,
 }
 
 impl LiveLimits {
@@ -62,6 +71,10 @@ impl LiveLimits {
             max_subscriptions_per_connection: AtomicUsize::new(0),
             max_pending_messages: AtomicUsize::new(0),
             slow_consumer_block_ms: AtomicUsize::new(0),
+            max_connections_per_address: AtomicUsize::new(0),
+            max_pending_handshakes: AtomicUsize::new(0),
+            max_publish_messages_per_sec: AtomicUsize::new(0),
+            max_publish_bytes_per_sec: AtomicUsize::new(0),
         };
         limits.set(config);
         limits
@@ -78,9 +91,20 @@ impl LiveLimits {
             l.max_subscriptions_per_connection,
         );
         store(&self.max_pending_messages, l.max_pending_messages);
+        let wide = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
+        store(&self.slow_consumer_block_ms, wide(l.slow_consumer_block_ms));
         store(
-            &self.slow_consumer_block_ms,
-            usize::try_from(l.slow_consumer_block_ms).unwrap_or(usize::MAX),
+            &self.max_connections_per_address,
+            l.max_connections_per_address,
+        );
+        store(&self.max_pending_handshakes, l.max_pending_handshakes);
+        store(
+            &self.max_publish_messages_per_sec,
+            wide(l.max_publish_messages_per_sec),
+        );
+        store(
+            &self.max_publish_bytes_per_sec,
+            wide(l.max_publish_bytes_per_sec),
         );
     }
 

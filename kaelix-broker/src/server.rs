@@ -3,14 +3,13 @@
 //! broker shuts down.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use kaelix_core::protocol::{ErrorCode, ErrorFrame, Frame};
 use kaelix_core::runtime::TaskPriority;
-use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream, ToSocketAddrs};
 
 use crate::broker::MessageBroker;
@@ -82,7 +81,8 @@ impl Server {
     /// every connection to flush and close.
     pub async fn run(self) -> io::Result<()> {
         let inner = self.broker.inner.clone();
-        let open = Arc::new(AtomicUsize::new(0));
+        let admission = Arc::new(Admission::default());
+        let refusals = LogThrottle::default();
         let shutdown = inner.shutdown.clone();
         loop {
             let accepted = tokio::select! {
@@ -98,23 +98,28 @@ impl Server {
                     continue;
                 }
             };
-            // The limit is read per accept, so a reload moves it at once
-            // (lowering it closes no open connection).
-            let limit = LiveLimits::get(&inner.live.limits.max_connections);
-            let Some(permit) = Slot::take(&open, limit) else {
-                inner.stats.rejected(Rejection::ConnectionLimit);
-                tracing::warn!(%peer, "connection refused: network.max_connections reached");
-                spawn_refusal(&inner, stream, CONNECTION_LIMIT);
-                continue;
-            };
             // The certificate in force now serves this connection to its end.
             let tls = inner.tls.acceptor();
+            // Limits are read per accept, so a reload moves them at once
+            // (lowering one closes no open connection).
+            let (permit, handshake) = match admission.admit(&inner.live.limits, peer.ip()) {
+                Ok(admitted) => admitted,
+                Err((why, reason)) => {
+                    inner.stats.rejected(why);
+                    refusals.warn(|suppressed| {
+                        tracing::warn!(%peer, suppressed, "connection refused: {reason}")
+                    });
+                    refuse_inline(stream, &reason, tls.is_none());
+                    continue;
+                }
+            };
+            let admitted = Admitted { permit, handshake };
             match inner.runtime.get() {
                 None => {
                     let inner = inner.clone();
                     inner.tasks.clone().spawn(async move {
-                        connection::serve(stream, peer, inner, tls).await;
-                        drop(permit);
+                        connection::serve(stream, peer, inner, tls, admitted.handshake).await;
+                        drop(admitted.permit);
                     });
                 }
                 Some(runtime) => {
@@ -139,12 +144,15 @@ impl Server {
                                 return;
                             };
                             match TcpStream::from_std(stream) {
-                                Ok(stream) => connection::serve(stream, peer, inner, tls).await,
+                                Ok(stream) => {
+                                    connection::serve(stream, peer, inner, tls, admitted.handshake)
+                                        .await
+                                }
                                 Err(err) => {
                                     tracing::warn!(%peer, error = %err, "cannot register the connection")
                                 }
                             }
-                            drop(permit);
+                            drop(admitted.permit);
                         })
                     };
                     if let Err(err) = runtime.spawn_on(worker, TaskPriority::High, task) {
@@ -164,24 +172,118 @@ impl Server {
     }
 }
 
-/// One of `network.max_connections`, given back on drop.
-struct Slot(Arc<AtomicUsize>);
+/// What a new connection holds: its place among the open connections
+/// (for its life) and among the handshakes (until it has said HELLO).
+struct Admitted {
+    permit: Slot,
+    handshake: HandshakeSlot,
+}
 
-impl Slot {
-    /// Only the accept loop takes slots, so the check and the add race
-    /// with nothing but releases.
-    fn take(open: &Arc<AtomicUsize>, limit: usize) -> Option<Slot> {
-        if open.load(Ordering::Acquire) >= limit {
-            return None;
+/// Counts of open connections, by client address, and of handshakes.
+#[derive(Default)]
+struct Admission {
+    open: AtomicUsize,
+    by_address: parking_lot::Mutex<foldhash::HashMap<IpAddr, usize>>,
+    handshaking: Arc<AtomicUsize>,
+}
+
+impl Admission {
+    /// Takes a place for a connection from `ip`, or says which limit
+    /// refuses it. Only the accept loop admits, so each check and its add
+    /// race with nothing but releases.
+    fn admit(
+        self: &Arc<Self>,
+        limits: &LiveLimits,
+        ip: IpAddr,
+    ) -> Result<(Slot, HandshakeSlot), (Rejection, String)> {
+        let total = LiveLimits::get(&limits.max_connections);
+        if self.open.load(Ordering::Acquire) >= total {
+            return Err((Rejection::ConnectionLimit, CONNECTION_LIMIT.into()));
         }
-        open.fetch_add(1, Ordering::AcqRel);
-        Some(Slot(open.clone()))
+        let handshakes = LiveLimits::get(&limits.max_pending_handshakes);
+        if self.handshaking.load(Ordering::Acquire) >= handshakes {
+            return Err((
+                Rejection::HandshakeLimit,
+                format!(
+                    "{handshakes} connections are still in their handshake \
+                     (limits.max_pending_handshakes); try again shortly"
+                ),
+            ));
+        }
+        let per_address = LiveLimits::get(&limits.max_connections_per_address);
+        {
+            let mut by_address = self.by_address.lock();
+            let held = by_address.entry(ip).or_insert(0);
+            if per_address > 0 && *held >= per_address {
+                return Err((
+                    Rejection::AddressLimit,
+                    format!(
+                        "{ip} already holds {per_address} connections \
+                         (limits.max_connections_per_address)"
+                    ),
+                ));
+            }
+            *held += 1;
+        }
+        self.open.fetch_add(1, Ordering::AcqRel);
+        self.handshaking.fetch_add(1, Ordering::AcqRel);
+        Ok((
+            Slot {
+                admission: self.clone(),
+                ip,
+            },
+            HandshakeSlot(self.handshaking.clone()),
+        ))
     }
+}
+
+/// A connection's place among the open ones, given back on drop.
+struct Slot {
+    admission: Arc<Admission>,
+    ip: IpAddr,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
+        self.admission.open.fetch_sub(1, Ordering::AcqRel);
+        let mut by_address = self.admission.by_address.lock();
+        if let Some(held) = by_address.get_mut(&self.ip) {
+            *held -= 1;
+            if *held == 0 {
+                by_address.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// A place among the connections in their handshake, given back when the
+/// handshake ends, however it ends.
+pub(crate) struct HandshakeSlot(Arc<AtomicUsize>);
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// At most one log line a second for a kind of event that can come in
+/// floods; the next line says how many were left out.
+#[derive(Default)]
+struct LogThrottle {
+    last: std::sync::atomic::AtomicU64,
+    suppressed: std::sync::atomic::AtomicU64,
+}
+
+impl LogThrottle {
+    fn warn(&self, log: impl FnOnce(u64)) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if self.last.swap(now, Ordering::Relaxed) == now {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        log(self.suppressed.swap(0, Ordering::Relaxed));
     }
 }
 
@@ -190,13 +292,14 @@ const CONNECTION_LIMIT: &str =
 const RUNTIME_BUSY: &str =
     "the broker is overloaded: its runtime queues are full (runtime.task_queue_depth)";
 
-/// Refuses a connection from a task of its own: an error frame, then close.
-fn spawn_refusal(inner: &Arc<crate::broker::Inner>, stream: TcpStream, reason: &'static str) {
-    let refusal = inner.tasks.track_future(refuse(stream, reason));
-    if let Err(err) = exec::spawn(inner.runtime.get(), TaskPriority::Normal, refusal) {
-        // The future, and the socket with it, is dropped: closed unanswered.
-        tracing::debug!(error = %err, "refusal not sent");
+/// Refuses a connection without a task: one non-blocking write of the
+/// error frame (in plain TCP; a TLS client could not read it), then close.
+/// A fresh socket's buffer has room for the frame.
+fn refuse_inline(stream: TcpStream, reason: &str, plain: bool) {
+    if plain {
+        let _ = stream.try_write(&error_frame(reason));
     }
+    drop(stream);
 }
 
 fn error_frame(reason: &str) -> Vec<u8> {
@@ -206,15 +309,6 @@ fn error_frame(reason: &str) -> Vec<u8> {
     })
     .to_bytes()
     .to_vec()
-}
-
-async fn refuse(mut stream: TcpStream, reason: &'static str) {
-    let frame = error_frame(reason);
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
-        let _ = stream.write_all(&frame).await;
-        let _ = stream.shutdown().await;
-    })
-    .await;
 }
 
 /// Refuses without a task: one non-blocking write of the error frame (a

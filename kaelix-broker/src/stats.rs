@@ -30,13 +30,15 @@ pub enum Disconnect {
     TlsHandshake,
     /// The credentials were not accepted.
     AuthenticationFailed,
+    /// Nothing heard from the client within `limits.idle_timeout_ms`.
+    IdleTimeout,
     /// A reload removed the identity the client logged in as.
     Revoked,
 }
 
 impl Disconnect {
     /// Every reason, in counter order.
-    pub const ALL: [Disconnect; 10] = [
+    pub const ALL: [Disconnect; 11] = [
         Disconnect::ClientClosed,
         Disconnect::ReadError,
         Disconnect::WriteError,
@@ -46,6 +48,7 @@ impl Disconnect {
         Disconnect::SlowConsumer,
         Disconnect::TlsHandshake,
         Disconnect::AuthenticationFailed,
+        Disconnect::IdleTimeout,
         Disconnect::Revoked,
     ];
 
@@ -61,6 +64,7 @@ impl Disconnect {
             Disconnect::SlowConsumer => "slow_consumer",
             Disconnect::TlsHandshake => "tls_handshake",
             Disconnect::AuthenticationFailed => "authentication_failed",
+            Disconnect::IdleTimeout => "idle_timeout",
             Disconnect::Revoked => "revoked",
         }
     }
@@ -73,17 +77,28 @@ pub enum Rejection {
     ConnectionLimit,
     /// The runtime's queues were full.
     RuntimeBusy,
+    /// `limits.max_connections_per_address` reached for the client's address.
+    AddressLimit,
+    /// `limits.max_pending_handshakes` connections were still in their handshake.
+    HandshakeLimit,
 }
 
 impl Rejection {
     /// Every reason, in counter order.
-    pub const ALL: [Rejection; 2] = [Rejection::ConnectionLimit, Rejection::RuntimeBusy];
+    pub const ALL: [Rejection; 4] = [
+        Rejection::ConnectionLimit,
+        Rejection::RuntimeBusy,
+        Rejection::AddressLimit,
+        Rejection::HandshakeLimit,
+    ];
 
     /// The label value.
     pub fn name(self) -> &'static str {
         match self {
             Rejection::ConnectionLimit => "connection_limit",
             Rejection::RuntimeBusy => "runtime_busy",
+            Rejection::AddressLimit => "address_limit",
+            Rejection::HandshakeLimit => "handshake_limit",
         }
     }
 }
@@ -158,6 +173,10 @@ pub(crate) struct Stats {
     pub(crate) slow_dropped: AtomicU64,
     /// Times a publisher waited for a slow subscriber (block).
     pub(crate) slow_blocked: AtomicU64,
+    /// Times a connection was held back for its publish rate, and for how
+    /// long in all (µs).
+    pub(crate) throttled: AtomicU64,
+    pub(crate) throttled_us: AtomicU64,
     pub(crate) subscriptions: AtomicI64,
     pub(crate) connections_active: AtomicI64,
     pub(crate) connections_total: AtomicU64,
@@ -178,6 +197,8 @@ impl Default for Stats {
             slow_consumers: AtomicU64::new(0),
             slow_dropped: AtomicU64::new(0),
             slow_blocked: AtomicU64::new(0),
+            throttled: AtomicU64::new(0),
+            throttled_us: AtomicU64::new(0),
             subscriptions: AtomicI64::new(0),
             connections_active: AtomicI64::new(0),
             connections_total: AtomicU64::new(0),
@@ -236,6 +257,8 @@ impl Stats {
             slow_consumers: get(&self.slow_consumers),
             slow_consumer_drops: get(&self.slow_dropped),
             slow_consumer_waits: get(&self.slow_blocked),
+            publish_throttles: get(&self.throttled),
+            publish_throttled: Duration::from_micros(get(&self.throttled_us)),
             subscriptions: self.subscriptions.load(Ordering::Relaxed).max(0) as u64,
             topics: 0,
             wildcard_subscriptions: 0,
@@ -289,6 +312,11 @@ pub struct BrokerStats {
     /// Times a publisher waited for a subscriber that fell behind under the
     /// `block` policy.
     pub slow_consumer_waits: u64,
+    /// Times a connection was held back for passing its publish rate
+    /// (`limits.max_publish_messages_per_sec`, `max_publish_bytes_per_sec`).
+    pub publish_throttles: u64,
+    /// Time connections were held back for their publish rate, in all.
+    pub publish_throttled: Duration,
     /// Subscriptions active now.
     pub subscriptions: u64,
     /// Distinct exact topics with at least one subscription now.

@@ -122,6 +122,9 @@ impl MessageBroker {
             stats.slow_consumer_waits,
         );
         set("kaelix_connections_accepted_total", stats.connections_total);
+        set("kaelix_publish_throttled_total", stats.publish_throttles);
+        counter!("kaelix_publish_throttled_seconds_total")
+            .absolute(stats.publish_throttled.as_secs());
         for (reason, n) in &stats.publish_refusals {
             counter!("kaelix_publish_refusals_total", "reason" => *reason).absolute(*n);
         }
@@ -297,6 +300,15 @@ fn describe() {
     describe_counter!(
         "kaelix_config_reloads_total",
         "Configuration reloads, by result (applied, unchanged, refused)."
+    );
+    describe_counter!(
+        "kaelix_publish_throttled_total",
+        "Times a connection was held back for passing its publish rate limit."
+    );
+    describe_counter!(
+        "kaelix_publish_throttled_seconds_total",
+        Unit::Seconds,
+        "Whole seconds connections were held back for their publish rate limits."
     );
     describe_counter!(
         "kaelix_auth_failures_total",

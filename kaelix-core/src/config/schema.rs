@@ -75,6 +75,22 @@ pub struct LimitsConfig {
     /// subscriber to make room before that subscriber is disconnected;
     /// 0 waits for as long as it takes.
     pub slow_consumer_block_ms: u64,
+    /// Connections one client IP address may hold at once; 0 for no limit.
+    pub max_connections_per_address: usize,
+    /// Connections still in their handshake (TLS and HELLO) at once; more
+    /// are refused as they arrive, so a flood of handshakes cannot starve
+    /// the clients already connected.
+    pub max_pending_handshakes: usize,
+    /// Messages per second one connection may publish; 0 for no limit.
+    /// Past it the broker stops reading the connection until its rate is
+    /// back under the limit, and TCP pushes back on the publisher.
+    pub max_publish_messages_per_sec: u64,
+    /// Message bytes per second one connection may publish; 0 for no limit.
+    pub max_publish_bytes_per_sec: u64,
+    /// A connection the broker has heard nothing from for half of this is
+    /// sent a PING; hearing nothing for all of it, the broker closes the
+    /// connection (idle-timeout). 0 never does.
+    pub idle_timeout_ms: u64,
 }
 
 impl Default for LimitsConfig {
@@ -86,6 +102,11 @@ impl Default for LimitsConfig {
             max_subscriptions_per_connection: 10_000,
             max_pending_messages: 1_000_000,
             slow_consumer_block_ms: 10_000,
+            max_connections_per_address: 0,
+            max_pending_handshakes: 1_000,
+            max_publish_messages_per_sec: 0,
+            max_publish_bytes_per_sec: 0,
+            idle_timeout_ms: 120_000,
         }
     }
 }

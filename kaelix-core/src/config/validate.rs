@@ -117,6 +117,19 @@ impl ConfigValidator {
                 "must be at least 1".into(),
             );
         }
+        if l.max_pending_handshakes == 0 {
+            bad("limits.max_pending_handshakes", "must be at least 1".into());
+        }
+        if l.idle_timeout_ms != 0 && l.idle_timeout_ms < 1_000 {
+            bad(
+                "limits.idle_timeout_ms",
+                format!(
+                    "{} ms is shorter than a client on a busy network can answer a ping; \
+                     use 1000 or more (or 0 for never)",
+                    l.idle_timeout_ms
+                ),
+            );
+        }
         if l.max_pending_messages == 0 {
             bad("limits.max_pending_messages", "must be at least 1".into());
         }

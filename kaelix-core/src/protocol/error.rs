@@ -114,6 +114,9 @@ error_codes! {
     HandshakeRequired = 4, "handshake-required";
     /// No HELLO arrived in time.
     HandshakeTimeout = 5, "handshake-timeout";
+    /// Nothing arrived from the client, not even an answer to a PING,
+    /// within `limits.idle_timeout_ms`.
+    IdleTimeout = 6, "idle-timeout";
     /// A topic name broke the naming rules.
     InvalidTopic = 10, "invalid-topic";
     /// A subscription pattern broke the naming rules.
