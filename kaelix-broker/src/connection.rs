@@ -68,6 +68,8 @@ pub(crate) enum Exit {
     Revoked(String),
     /// Nothing heard, not even a PONG, within `limits.idle_timeout_ms`.
     IdleTimeout(Duration),
+    /// The client closed its side in the middle of a frame.
+    Truncated(usize),
 }
 
 impl Exit {
@@ -88,6 +90,10 @@ impl Exit {
                 auth_failure_reason(*failure, *detail),
             ),
             Exit::Revoked(reason) => (ErrorCode::NotPermitted, reason.clone()),
+            Exit::Truncated(n) => (
+                ErrorCode::Malformed,
+                format!("the connection ended {n} bytes into an unfinished frame"),
+            ),
             Exit::IdleTimeout(t) => (
                 ErrorCode::IdleTimeout,
                 format!(
@@ -112,6 +118,7 @@ impl Exit {
             Exit::AuthFailed(..) => Disconnect::AuthenticationFailed,
             Exit::Revoked(_) => Disconnect::Revoked,
             Exit::IdleTimeout(_) => Disconnect::IdleTimeout,
+            Exit::Truncated(_) => Disconnect::ProtocolViolation,
             Exit::Outbox(CloseReason::SlowConsumer) => Disconnect::SlowConsumer,
             Exit::Outbox(CloseReason::ShuttingDown) => Disconnect::ShuttingDown,
             Exit::Outbox(CloseReason::PeerClosed) => Disconnect::ClientClosed,
@@ -127,7 +134,7 @@ impl Exit {
             Exit::HandshakeTimeout(_) | Exit::Protocol(_) => {
                 CloseReason::Protocol(self.to_string())
             }
-            Exit::AuthFailed(..) | Exit::Revoked(_) | Exit::IdleTimeout(_) => {
+            Exit::AuthFailed(..) | Exit::Revoked(_) | Exit::IdleTimeout(_) | Exit::Truncated(_) => {
                 CloseReason::Protocol(self.to_string())
             }
             Exit::Outbox(reason) => reason.clone(),
@@ -149,6 +156,10 @@ impl fmt::Display for Exit {
             }
             Exit::Revoked(reason) => f.write_str(reason),
             Exit::IdleTimeout(t) => write!(f, "idle for {} ms", t.as_millis()),
+            Exit::Truncated(n) => write!(
+                f,
+                "client closed the connection {n} bytes into an unfinished frame"
+            ),
         }
     }
 }
@@ -307,7 +318,8 @@ where
         | Exit::HandshakeTimeout(_)
         | Exit::AuthFailed(..)
         | Exit::Revoked(_)
-        | Exit::IdleTimeout(_) => {
+        | Exit::IdleTimeout(_)
+        | Exit::Truncated(_) => {
             tracing::warn!(conn = id, %peer, client = ?conn.client, user = ?conn.login, reason = %exit, "connection closed")
         }
         _ => {
@@ -542,6 +554,7 @@ impl Connection {
                     heard = tokio::time::Instant::now();
                     pinged = false;
                     match read {
+                        Ok(0) if !buf.is_empty() => return Exit::Truncated(buf.len()),
                         Ok(0) => return Exit::ClientClosed,
                         Ok(n) if n == room => want = (want * 2).min(read_size),
                         Ok(_) => {}
@@ -1028,6 +1041,7 @@ async fn read_first<R: AsyncRead + Unpin>(
         }
         buf.reserve(INITIAL_READ);
         match rd.read_buf(buf).await {
+            Ok(0) if !buf.is_empty() => return Err(Exit::Truncated(buf.len())),
             Ok(0) => return Err(Exit::ClientClosed),
             Ok(_) => {}
             Err(err) => return Err(Exit::ReadError(err)),

@@ -361,3 +361,84 @@ fn the_cli_publishes_and_subscribes_over_mutual_tls() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot connect"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_tls_handshakes_is_bounded_and_connected_clients_lose_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path(), "test-ca");
+    let server = pki.server("server", "kaelix-test-server");
+    let toml = format!(
+        "handshake_timeout_ms = 2000\n{}\n[limits]\nmax_pending_handshakes = 16\n",
+        tls_section(&server, None)
+    );
+    let broker = BrokerProcess::with_config_in(dir.path(), &toml);
+    let addr = broker.addr();
+    let tls = ClientTls::from_ca_file(pki.ca_path()).unwrap();
+    let consumer = consumer(&addr, options(tls.clone())).await.unwrap();
+    let mut sub = consumer.subscribe("steady").await.unwrap();
+    let publisher = Publisher::connect_with(&addr, options(tls.clone()))
+        .await
+        .unwrap();
+    const N: u32 = 5_000;
+    let traffic = tokio::spawn(async move {
+        for i in 0..N {
+            publisher
+                .send("steady", i.to_be_bytes().to_vec())
+                .await
+                .unwrap();
+            if i % 250 == 249 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        publisher.flush().await.unwrap();
+    });
+
+    // Waves of full handshakes; `silent` connections that never start
+    // theirs hold every place during the first waves.
+    let wave = |addr: String, tls: ClientTls| async move {
+        let mut tasks = Vec::new();
+        for _ in 0..30 {
+            let (addr, tls) = (addr.clone(), tls.clone());
+            tasks.push(tokio::spawn(async move {
+                Publisher::connect_with(&addr, options(tls)).await.is_ok()
+            }));
+        }
+        let mut connected = 0;
+        for task in tasks {
+            connected += usize::from(task.await.unwrap());
+        }
+        connected
+    };
+    let mut silent = Vec::new();
+    for _ in 0..16 {
+        silent.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+    }
+    let mut refused = 0;
+    for _ in 0..3 {
+        refused += 30 - wave(addr.clone(), tls.clone()).await;
+    }
+    drop(silent);
+    let mut connected = 0;
+    for _ in 0..7 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        connected += wave(addr.clone(), tls.clone()).await;
+    }
+    eprintln!("handshake flood: {refused} refused while the places were held, {connected} of 210 connected after");
+    assert!(connected > 0, "handshakes go through once places are free");
+    for i in 0..N {
+        let m = tokio::time::timeout(Duration::from_secs(30), sub.recv())
+            .await
+            .expect("a message within 30 s")
+            .expect("the subscription stays open");
+        assert_eq!(m.payload.as_ref(), i.to_be_bytes());
+    }
+    traffic.await.unwrap();
+    assert!(refused > 0, "the flood met the bound");
+    let (_, metrics) = broker.http_get("/metrics");
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("kaelix_connections_rejected_total{reason=\"handshake_limit\"}"))
+        .unwrap_or_default()
+        .to_string();
+    assert!(!line.ends_with(" 0") && !line.is_empty(), "{line}");
+}
