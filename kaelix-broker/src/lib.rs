@@ -54,3 +54,8 @@ struct ConfigurationDoc;
 #[cfg(doctest)]
 #[doc = include_str!("../../docs/delivery.md")]
 struct DeliveryDoc;
+
+/// The Rust snippets of docs/security.md.
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/security.md")]
+struct SecurityDoc;
