@@ -297,6 +297,7 @@ where
         handshake: Some(handshake),
         published: (0, 0),
         throttle: Throttle::default(),
+        refusals_logged: 0,
     };
     let exit = conn.run(&mut rd, deadline).await;
     conn.unsubscribe_all();
@@ -356,6 +357,8 @@ struct Connection {
     /// Messages and body bytes published in this read batch.
     published: (u64, u64),
     throttle: Throttle,
+    /// The refusal codes already logged at info on this connection.
+    refusals_logged: u64,
 }
 
 /// A connection's publish allowance: a token bucket on each axis that
@@ -768,6 +771,7 @@ impl Connection {
     #[cold]
     fn refuse(&mut self, seq: u64, code: ErrorCode, reason: String) -> bool {
         self.broker.stats.publish_refused(code);
+        self.log_refusal("publish", code, &reason);
         self.reply(&Frame::PubNack(Nack {
             id: seq,
             code,
@@ -793,17 +797,29 @@ impl Connection {
         if size <= max_payload {
             return None;
         }
-        self.broker
-            .stats
-            .publish_refused(ErrorCode::PayloadTooLarge);
-        Some(self.reply(&Frame::PubNack(Nack {
-            id: publish.seq,
-            code: ErrorCode::PayloadTooLarge,
-            reason: format!(
-                "message of {size} bytes (payload and headers) exceeds \
-                 limits.max_payload_bytes ({max_payload})"
-            ),
-        })))
+        let reason = format!(
+            "message of {size} bytes (payload and headers) exceeds \
+             limits.max_payload_bytes ({max_payload})"
+        );
+        Some(self.refuse(publish.seq, ErrorCode::PayloadTooLarge, reason))
+    }
+
+    /// Logs a refusal: the first of each kind on this connection at info,
+    /// the rest at debug, so that a client repeating a mistake cannot
+    /// flood the log (every one is counted in the metrics).
+    #[cold]
+    fn log_refusal(&mut self, what: &str, code: ErrorCode, reason: &str) {
+        let bit = 1u64 << (code.as_u16() % 64);
+        if self.refusals_logged & bit == 0 {
+            self.refusals_logged |= bit;
+            tracing::info!(
+                conn = self.id, peer = %self.peer, identity = ?self.identity.name,
+                code = code.name(), %reason,
+                "{what} refused (further ones of this kind on this connection are logged at debug)"
+            );
+        } else {
+            tracing::debug!(conn = self.id, peer = %self.peer, code = code.name(), %reason, "{what} refused");
+        }
     }
 
     fn subscribe(&mut self, subscribe: Subscribe) -> bool {
@@ -919,6 +935,9 @@ impl Connection {
                 },
             }
         };
+        if let Frame::SubNack(nack) = &answer {
+            self.log_refusal("subscribe", nack.code, &nack.reason);
+        }
         self.reply(&answer)
     }
 

@@ -206,6 +206,10 @@ async fn permissions_refuse_by_topic_and_a_reload_changes_them_for_open_connecti
     assert!(reason.contains("audit.log"), "{reason}");
     // The connection stays.
     publisher.publish("orders.eu.new", "fine").await.unwrap();
+    broker.wait_for_log(
+        &["publish refused", "not-permitted", "orders.admin.drop"],
+        Duration::from_secs(10),
+    );
 
     let consumer = connect_consumer(&addr, with(alice.clone())).await.unwrap();
     let reason = refused(
