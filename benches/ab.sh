@@ -21,6 +21,8 @@ LOAD_RATE=${LOAD_RATE:-200000}
 # Payload sizes of the 1→1 scenarios; ONLY_PUBSUB=1 skips the others.
 SIZES=${SIZES:-"16 128 1024"}
 ONLY_PUBSUB=${ONLY_PUBSUB:-0}
+# ONLY_LATENCY=1 runs the two latency scenarios alone.
+ONLY_LATENCY=${ONLY_LATENCY:-0}
 OUT=target/ab
 RESULTS=$OUT/results.jsonl
 [ $# -ge 2 ] || { echo "usage: $0 LABEL=BINARY [KAELIX_X=V ...] LABEL=BINARY ..." >&2; exit 2; }
@@ -68,13 +70,15 @@ for placement in $PLACEMENTS; do
     start_all "$placement"
     for run in $(seq 1 "$RUNS"); do
         echo "   run $run/$RUNS"
-        for size in $SIZES; do
-            run_all "$placement" "pubsub $size B" pubsub --payload "$size" --duration "$DURATION"
-        done
-        [ "$ONLY_PUBSUB" = 1 ] && continue
-        run_all "$placement" "fanout 1→4" fanout --subscribers 4 --duration "$DURATION"
-        run_all "$placement" "fanin 4→1" fanin --publishers 4 --duration "$DURATION"
-        run_all "$placement" "queue of 4" queue --subscribers 4 --duration "$DURATION"
+        if [ "$ONLY_LATENCY" != 1 ]; then
+            for size in $SIZES; do
+                run_all "$placement" "pubsub $size B" pubsub --payload "$size" --duration "$DURATION"
+            done
+            [ "$ONLY_PUBSUB" = 1 ] && continue
+            run_all "$placement" "fanout 1→4" fanout --subscribers 4 --duration "$DURATION"
+            run_all "$placement" "fanin 4→1" fanin --publishers 4 --duration "$DURATION"
+            run_all "$placement" "queue of 4" queue --subscribers 4 --duration "$DURATION"
+        fi
         run_all "$placement" "latency idle" latency --duration "$DURATION"
         run_all "$placement" "latency at ${LOAD_RATE}/s" latency --rate "$LOAD_RATE" --duration "$DURATION"
     done

@@ -493,8 +493,17 @@ impl Connection {
         tokio::pin!(idle_check);
 
         let shutdown = self.broker.shutdown.clone();
-        let mut auth_changes = self.broker.auth.changes();
-        auth_changes.mark_unchanged();
+        // The read loop's other wake-ups, made once and kept across reads:
+        // each registers its waker once, not on every read.
+        let stopping = shutdown.clone().cancelled_owned();
+        tokio::pin!(stopping);
+        let outbox = self.outbox.clone();
+        let closing = async move { outbox.closed().await };
+        tokio::pin!(closing);
+        let mut changes = self.broker.auth.changes();
+        changes.mark_unchanged();
+        let auth_changed = next_change(changes);
+        tokio::pin!(auth_changed);
         let mut reads: u32 = 0;
         loop {
             if let Err(exit) = self.process(&mut buf, max_frame) {
@@ -532,9 +541,10 @@ impl Connection {
             let room = buf.capacity() - buf.len();
             tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => return Exit::ShuttingDown,
-                reason = self.outbox.closed() => return Exit::Outbox(reason),
-                _ = auth_changes.changed() => {
+                _ = &mut stopping => return Exit::ShuttingDown,
+                reason = &mut closing => return Exit::Outbox(reason),
+                changes = &mut auth_changed => {
+                    auth_changed.set(next_change(changes));
                     if let Err(exit) = self.reauthorize() {
                         return exit;
                     }
@@ -1019,6 +1029,18 @@ impl Connection {
             self.broker.router.unsubscribe(&sub);
         }
     }
+}
+
+/// Waits for the next change of `[security.auth]`, and hands the receiver
+/// back for the one after.
+async fn next_change(
+    mut changes: tokio::sync::watch::Receiver<u64>,
+) -> tokio::sync::watch::Receiver<u64> {
+    if changes.changed().await.is_err() {
+        // The broker is gone; its shutdown ends the connection.
+        std::future::pending::<()>().await;
+    }
+    changes
 }
 
 /// A refusal's code and reason.
