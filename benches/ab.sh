@@ -5,7 +5,9 @@
 #   benches/ab.sh before=/tmp/old/kaelix-broker after=target/release/kaelix-broker
 #   benches/ab.sh off=target/release/kaelix-broker "spin=target/release/kaelix-broker KAELIX_RUNTIME_IDLE_SPIN_US=100"
 #
-# Each argument is LABEL=BINARY followed by optional KAELIX_* settings. For
+# Each argument is LABEL=BINARY followed by optional KAELIX_* settings (and
+# BENCH_TLS_CA=FILE, which makes the load tool connect over TLS trusting
+# FILE; the broker then needs KAELIX_SECURITY_TLS_* settings). For
 # each placement (default, and everything pinned to CPU 0) and each of RUNS
 # runs, every scenario runs once against each variant in turn; the table
 # gives medians and each variant's ratio to the first. Raw results go to
@@ -36,16 +38,23 @@ RUNDIR=$(realpath "$OUT/run")
 # shellcheck source=benches/common.sh
 source benches/common.sh
 
-LABELS=(); PORTS=(); BROKER_PIDS=()
+LABELS=(); PORTS=(); BROKER_PIDS=(); BENCH_EXTRA=()
 start_all() {
-    local placement=$1 i=0 spec label bin
-    LABELS=(); PORTS=(); BROKER_PIDS=()
+    local placement=$1 i=0 spec label bin word
+    LABELS=(); PORTS=(); BROKER_PIDS=(); BENCH_EXTRA=()
     for spec in "${VARIANTS[@]}"; do
         read -r -a words <<<"$spec"
         label=${words[0]%%=*}; bin=$(realpath "${words[0]#*=}")
-        local port=$((PORT + i))
+        local port=$((PORT + i)) settings=() extra=""
+        for word in "${words[@]:1}"; do
+            case $word in
+                BENCH_TLS_CA=*) extra="--tls-ca $(realpath "${word#*=}")" ;;
+                *) settings+=("$word") ;;
+            esac
+        done
+        BENCH_EXTRA+=("$extra")
         # From an empty directory: a kaelix.toml here is not the variant's.
-        (cd "$RUNDIR" && exec env KAELIX_TELEMETRY_METRICS_PROMETHEUS_PORT=0 "${words[@]:1}" KAELIX_NETWORK_HOST=127.0.0.1 \
+        (cd "$RUNDIR" && exec env KAELIX_TELEMETRY_METRICS_PROMETHEUS_PORT=0 "${settings[@]}" KAELIX_NETWORK_HOST=127.0.0.1 \
             KAELIX_NETWORK_PORT=$port RUST_LOG=warn $(prefix "$placement") "$bin") \
             >"$OUT/$label.log" 2>&1 &
         BROKER_PIDS+=($!); PIDS+=($!); LABELS+=("$label"); PORTS+=("$port")
@@ -61,7 +70,7 @@ run_all() { # placement name scenario args...
     local i
     for i in "${!LABELS[@]}"; do
         $(prefix "$placement") "$BENCH" "$scenario" --target "kaelix://127.0.0.1:${PORTS[$i]}" \
-            --pid "${BROKER_PIDS[$i]}" --label "${LABELS[$i]}|$placement|$name" --json "$@" >>"$RESULTS"
+            --pid "${BROKER_PIDS[$i]}" --label "${LABELS[$i]}|$placement|$name" --json ${BENCH_EXTRA[$i]} "$@" >>"$RESULTS"
     done
 }
 

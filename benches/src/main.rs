@@ -143,6 +143,10 @@ struct RunOpts {
     /// The broker's pid, for its CPU time and memory.
     #[arg(long)]
     pid: Option<u32>,
+    /// Connect to Kaelix over TLS, trusting the CA certificates in FILE
+    /// (the broker's certificate must name the address connected to).
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
     /// A label for reports, e.g. the CPU placement.
     #[arg(long, default_value = "")]
     label: String,
@@ -255,6 +259,13 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
         Cmd::Connections(o) => ("connections", o),
     };
     let mut relay = None;
+    if let Some(ca) = &opts.tls_ca {
+        let tls = kaelix_core::tls::ClientTls::from_ca_file(ca)?;
+        driver::use_kaelix_client(kaelix_core::client::ClientOptions {
+            tls: Some(tls),
+            ..kaelix_core::client::ClientOptions::default()
+        });
+    }
     let (endpoint, pid) = match &opts.target {
         Target::Kaelix(a) => (Endpoint::Kaelix(a.clone()), opts.pid),
         Target::Nats(a) => (Endpoint::Nats(a.clone()), opts.pid),

@@ -8,6 +8,7 @@
 pub mod nats;
 pub mod relay;
 
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use kaelix_consumer::{Consumer, Subscription};
@@ -17,6 +18,34 @@ use kaelix_publisher::Publisher;
 use crate::error::{BenchError, Result};
 use nats::NatsConn;
 use relay::RelayConn;
+
+/// How Kaelix clients connect (TLS), when not the defaults.
+static KAELIX_CLIENT: OnceLock<kaelix_core::client::ClientOptions> = OnceLock::new();
+
+/// Makes every Kaelix connection of this run use `options`.
+pub fn use_kaelix_client(options: kaelix_core::client::ClientOptions) {
+    let _ = KAELIX_CLIENT.set(options);
+}
+
+async fn kaelix_publisher(addr: &str) -> Result<Publisher> {
+    Ok(match KAELIX_CLIENT.get() {
+        Some(options) => Publisher::connect_with(addr, options.clone()).await?,
+        None => Publisher::connect(addr).await?,
+    })
+}
+
+async fn kaelix_consumer(addr: &str) -> Result<Consumer> {
+    Ok(match KAELIX_CLIENT.get() {
+        Some(options) => {
+            let options = kaelix_consumer::ConsumerOptions {
+                client: options.clone(),
+                ..Default::default()
+            };
+            Consumer::connect_with(addr, options).await?
+        }
+        None => Consumer::connect(addr).await?,
+    })
+}
 
 /// Where to connect, once a relay has been started.
 #[derive(Debug, Clone)]
@@ -37,7 +66,7 @@ impl Pub {
     pub async fn connect(endpoint: &Endpoint, topic: &str) -> Result<Pub> {
         Ok(match endpoint {
             Endpoint::Kaelix(addr) => Pub::Kaelix {
-                publisher: Publisher::connect(addr.as_str()).await?,
+                publisher: kaelix_publisher(addr).await?,
                 topic: Topic::new(topic)?,
             },
             Endpoint::Nats(addr) => Pub::Nats {
@@ -143,7 +172,7 @@ impl Sub {
         }
         Ok(match endpoint {
             Endpoint::Kaelix(addr) => {
-                let consumer = Consumer::connect(addr.as_str()).await?;
+                let consumer = kaelix_consumer(addr).await?;
                 let subscription = match (group, credit) {
                     (Some(g), _) => consumer.subscribe_queue(topic, g).await?,
                     (None, Some(n)) => {
