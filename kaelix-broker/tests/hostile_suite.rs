@@ -315,3 +315,47 @@ async fn thousands_of_connections_opened_and_dropped() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumers_that_never_read_are_cut_off_at_their_pending_limit() {
+    // Ten consumers subscribe to everything and never read; 10 MB is
+    // published past them. Unbounded, the broker would hold 100 MB for them.
+    let config = "[limits]\nmax_pending_bytes = 1048576\n";
+    let (_dir, broker) = under_attack(config, |addr| async move {
+        let mut stalled = Vec::new();
+        for sid in 0..10u32 {
+            let mut client = RawClient::handshake(&addr).await;
+            client
+                .send(&Frame::Subscribe(Subscribe {
+                    sid,
+                    pattern: ">".into(),
+                    ..Default::default()
+                }))
+                .await;
+            // Its SUB_ACK is the last thing it reads until the flood is over.
+            assert!(matches!(client.next().await, Some(Frame::SubAck(_))));
+            stalled.push(client);
+        }
+        let publisher = Publisher::connect(&addr).await.unwrap();
+        let payload = bytes::Bytes::from(vec![7u8; 1024]);
+        for _ in 0..10_000 {
+            publisher.send("flood", payload.clone()).await.unwrap();
+        }
+        publisher.flush().await.unwrap();
+        // Now they read: what they were sent ends in a slow-consumer error.
+        for mut client in stalled {
+            assert_eq!(
+                closed_with(&mut client).await,
+                Some(ErrorCode::SlowConsumer)
+            );
+        }
+    })
+    .await;
+    broker.wait_for_log(&["slow consumer"], Duration::from_secs(10));
+    let (_, text) = broker.http_get("/metrics");
+    assert!(
+        text.lines()
+            .any(|l| l == "kaelix_connections_closed_total{reason=\"slow_consumer\"} 10"),
+        "ten slow-consumer disconnects counted"
+    );
+}
