@@ -94,6 +94,10 @@ pub enum Error {
     #[error("TLS: {0}")]
     Tls(String),
 
+    /// A plugin could not be registered, initialized or called.
+    #[error("plugin {plugin}: {reason}")]
+    Plugin { plugin: String, reason: String },
+
     /// The configuration could not be loaded or is invalid.
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),

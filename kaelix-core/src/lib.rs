@@ -6,6 +6,10 @@
 //! - [`message`]: [`Message`], its id, partition, offset, timestamp and
 //!   [`Headers`], and the [`MessageBuilder`].
 //! - [`batch`]: [`MessageBatch`], many messages moved as one.
+//! - [`plugin`]: [`Plugin`](plugin::Plugin) and
+//!   [`StreamProcessor`](plugin::StreamProcessor), the
+//!   [`PluginRegistry`](plugin::PluginRegistry) and the guard every plugin
+//!   call goes through.
 //! - [`pool`]: [`MessagePool`], reusable message instances.
 //! - [`protocol`]: the wire frames and their codec; pure functions on
 //!   buffers that know nothing of sockets.
@@ -27,6 +31,7 @@ pub mod error;
 pub mod flow;
 pub mod message;
 pub mod outbox;
+pub mod plugin;
 pub mod pool;
 pub mod protocol;
 pub mod queue;

@@ -144,6 +144,12 @@ error_codes! {
     NotPermitted = 30, "not-permitted";
     /// The credentials were not accepted.
     AuthenticationFailed = 31, "authentication-failed";
+    /// A plugin on the topic dropped the message; the reason says which
+    /// and why.
+    Rejected = 40, "rejected";
+    /// A plugin on the topic sent the message to the dead-letter topic
+    /// (it refused it, failed or panicked); the reason says which and why.
+    DeadLettered = 41, "dead-lettered";
     /// The broker failed internally.
     Internal = 99, "internal";
 }

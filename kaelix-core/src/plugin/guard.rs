@@ -1,0 +1,351 @@
+//! The guard every plugin call goes through: timing, panics, the CPU share
+//! and the circuit breaker.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use super::breaker::{BreakerState, CircuitBreaker, Transition};
+use super::context::{MetricKind, PluginContext, Shared};
+use super::security::SecurityIsolation;
+use super::{ProcessingAction, StreamPlugin};
+use crate::{Error, Message, Result};
+
+/// The outcome of one guarded call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Call {
+    /// The plugin answered.
+    Done(ProcessingAction),
+    /// The plugin returned an error or panicked; the message should be
+    /// dead-lettered.
+    Failed(Failure),
+    /// The plugin is switched off by its circuit breaker (or was never
+    /// initialized, or failed to): the call did not reach it.
+    Off,
+}
+
+/// How a call failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    Error(String),
+    Panic(String),
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Error(e) => write!(f, "failed: {e}"),
+            Failure::Panic(p) => write!(f, "panicked: {p}"),
+        }
+    }
+}
+
+/// A plugin's counters, kept by its guard.
+#[derive(Debug, Default)]
+pub struct PluginStats {
+    pub calls: AtomicU64,
+    /// Time spent in calls, in nanoseconds.
+    pub call_nanos: AtomicU64,
+    pub errors: AtomicU64,
+    pub panics: AtomicU64,
+    /// Calls over the time budget.
+    pub over_budget: AtomicU64,
+    /// Seconds in which the plugin took more than its CPU share.
+    pub over_cpu: AtomicU64,
+    /// Messages that passed while the plugin was off.
+    pub skipped: AtomicU64,
+    /// Actions by kind: continue, drop, dead_letter, reroute, copy.
+    pub actions: [AtomicU64; 5],
+    /// Changes into closed, half-open, open.
+    pub transitions: [AtomicU64; 3],
+    /// [`BreakerState::gauge`] now.
+    pub state: AtomicU8,
+}
+
+impl PluginStats {
+    /// The action kinds in the order of `actions`.
+    pub const ACTIONS: [&'static str; 5] = ["continue", "drop", "dead_letter", "reroute", "copy"];
+
+    fn action(&self, action: &ProcessingAction) {
+        let i = match action {
+            ProcessingAction::Continue => 0,
+            ProcessingAction::Drop { .. } => 1,
+            ProcessingAction::DeadLetter { .. } => 2,
+            ProcessingAction::Reroute { .. } => 3,
+            ProcessingAction::Copy { .. } => 4,
+        };
+        self.actions[i].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+struct State {
+    plugin: Box<dyn StreamPlugin>,
+    breaker: CircuitBreaker,
+    security: SecurityIsolation,
+    /// `initialize` succeeded and `shutdown` has not been called since.
+    ready: bool,
+    /// Time in calls since `window_start`, for the CPU share.
+    window_start: Instant,
+    window_busy: Duration,
+}
+
+struct Inner {
+    name: String,
+    kind: String,
+    state: Mutex<State>,
+    shared: Arc<Shared>,
+    stats: PluginStats,
+}
+
+/// A plugin behind its guard; cheap to clone, shared by every chain that
+/// uses it. Calls to one plugin are serialised: its `&mut self` methods
+/// never run at the same time.
+#[derive(Clone)]
+pub struct PluginHandle {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for PluginHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PluginHandle")
+            .field("name", &self.inner.name)
+            .field("kind", &self.inner.kind)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PluginHandle {
+    /// Guards `plugin` under the name `name`; `kind` is what it is (the
+    /// built-in's or registered plugin's name).
+    pub fn new(
+        name: impl Into<String>,
+        kind: impl Into<String>,
+        plugin: Box<dyn StreamPlugin>,
+        security: SecurityIsolation,
+    ) -> PluginHandle {
+        let shared = Arc::new(Shared::new(security.permissions));
+        PluginHandle {
+            inner: Arc::new(Inner {
+                name: name.into(),
+                kind: kind.into(),
+                state: Mutex::new(State {
+                    plugin,
+                    breaker: CircuitBreaker::new(security.breaker),
+                    security,
+                    ready: false,
+                    window_start: Instant::now(),
+                    window_busy: Duration::ZERO,
+                }),
+                shared,
+                stats: PluginStats::default(),
+            }),
+        }
+    }
+
+    /// The name it is registered or configured under.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// What it is: the built-in's or registered plugin's name.
+    pub fn kind(&self) -> &str {
+        &self.inner.kind
+    }
+
+    /// The plugin's own `name()` and `version()`.
+    pub fn describe(&self) -> (String, String) {
+        let state = self.inner.state.lock();
+        (
+            state.plugin.name().to_string(),
+            state.plugin.version().to_string(),
+        )
+    }
+
+    pub fn stats(&self) -> &PluginStats {
+        &self.inner.stats
+    }
+
+    pub fn breaker_state(&self) -> BreakerState {
+        self.inner.state.lock().breaker.state()
+    }
+
+    /// The plugin's own metrics: name, kind, value (a gauge's as f64 bits).
+    pub fn custom_metrics(&self) -> Vec<(String, MetricKind, u64)> {
+        self.inner.shared.custom_metrics()
+    }
+
+    pub fn security(&self) -> SecurityIsolation {
+        self.inner.state.lock().security.clone()
+    }
+
+    /// New limits and permissions: the limits, the breaker's policy and
+    /// the metrics permission apply at once; the config permission at the
+    /// next `initialize`.
+    pub fn set_security(&self, security: SecurityIsolation) {
+        let mut state = self.inner.state.lock();
+        self.inner.shared.set_permissions(security.permissions);
+        state.breaker.set_policy(security.breaker);
+        state.security = security;
+    }
+
+    /// Initializes the plugin with `config` (again, if it was: a new
+    /// configuration). A failure or panic leaves it out of the path.
+    pub fn initialize(&self, config: toml::Table) -> Result<()> {
+        let context =
+            PluginContext::with_shared(self.inner.name.clone(), config, self.inner.shared.clone());
+        let mut state = self.inner.state.lock();
+        state.ready = false;
+        let result = catch_unwind(AssertUnwindSafe(|| state.plugin.initialize(&context)));
+        match result {
+            Ok(Ok(())) => {
+                state.ready = true;
+                Ok(())
+            }
+            Ok(Err(err)) => Err(self.error(format!("initialize failed: {err}"))),
+            Err(panic) => Err(self.error(format!("initialize panicked: {}", panic_text(&*panic)))),
+        }
+    }
+
+    /// Takes the plugin out of the path and calls its `shutdown`.
+    pub fn shutdown(&self) -> Result<()> {
+        let mut state = self.inner.state.lock();
+        if !std::mem::replace(&mut state.ready, false) {
+            return Ok(());
+        }
+        match catch_unwind(AssertUnwindSafe(|| state.plugin.shutdown())) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(err)) => Err(self.error(format!("shutdown failed: {err}"))),
+            Err(panic) => Err(self.error(format!("shutdown panicked: {}", panic_text(&*panic)))),
+        }
+    }
+
+    fn error(&self, reason: String) -> Error {
+        Error::Plugin {
+            plugin: self.inner.name.clone(),
+            reason,
+        }
+    }
+
+    /// Calls the plugin on `message` through the guard.
+    pub fn call(&self, message: &mut Message) -> Call {
+        self.call_at(message, Instant::now()).0
+    }
+
+    /// [`call`](Self::call) with the time it starts at; returns the time it
+    /// ended, so that a chain reads the clock once between two plugins.
+    pub fn call_at(&self, message: &mut Message, start: Instant) -> (Call, Instant) {
+        let stats = &self.inner.stats;
+        let mut state = self.inner.state.lock();
+        let (allowed, half_open) = state.breaker.allow(start);
+        if let Some(t) = half_open {
+            self.changed(t, "the cool-down is over: the next message tries it");
+        }
+        if !allowed || !state.ready {
+            stats.skipped.fetch_add(1, Ordering::Relaxed);
+            return (Call::Off, start);
+        }
+        let result = catch_unwind(AssertUnwindSafe(|| state.plugin.process_message(message)));
+        let end = Instant::now();
+        let took = end.saturating_duration_since(start);
+        stats.calls.fetch_add(1, Ordering::Relaxed);
+        stats
+            .call_nanos
+            .fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
+        let budget = state.security.time_budget;
+        let over_budget = !budget.is_zero() && took > budget;
+        let call = match result {
+            Ok(Ok(action)) => {
+                stats.action(&action);
+                Call::Done(action)
+            }
+            Ok(Err(err)) => {
+                stats.errors.fetch_add(1, Ordering::Relaxed);
+                Call::Failed(Failure::Error(err.to_string()))
+            }
+            Err(panic) => {
+                stats.panics.fetch_add(1, Ordering::Relaxed);
+                Call::Failed(Failure::Panic(panic_text(&*panic)))
+            }
+        };
+        if over_budget {
+            stats.over_budget.fetch_add(1, Ordering::Relaxed);
+        }
+        let failed = matches!(call, Call::Failed(_)) || over_budget;
+        if !failed {
+            if let Some(t) = state.breaker.success() {
+                self.changed(t, "the trial message went through");
+            }
+        } else if let Some(t) = state.breaker.failure(end) {
+            let why = match &call {
+                Call::Failed(f) => format!("it {f}"),
+                _ => format!("a call took {took:?}, over its budget of {budget:?}"),
+            };
+            self.changed(t, &why);
+        }
+        self.charge_cpu(&mut state, took, end);
+        (call, end)
+    }
+
+    /// Adds a call's time to the CPU window; a window of a second or more
+    /// over `max_cpu_percent` switches the plugin off.
+    fn charge_cpu(&self, state: &mut State, took: Duration, now: Instant) {
+        let max = state.security.limits.max_cpu_percent;
+        if max == 0 {
+            return;
+        }
+        state.window_busy += took;
+        let window = now.saturating_duration_since(state.window_start);
+        if window < Duration::from_secs(1) {
+            return;
+        }
+        let percent = state.window_busy.as_secs_f64() / window.as_secs_f64() * 100.0;
+        state.window_start = now;
+        state.window_busy = Duration::ZERO;
+        if percent > f64::from(max) {
+            self.inner.stats.over_cpu.fetch_add(1, Ordering::Relaxed);
+            if let Some(t) = state.breaker.trip(now) {
+                self.changed(
+                    t,
+                    &format!(
+                        "its calls took {percent:.0}% of a CPU, over its max_cpu_percent of {max}"
+                    ),
+                );
+            }
+        }
+    }
+
+    fn changed(&self, t: Transition, why: &str) {
+        let stats = &self.inner.stats;
+        stats.state.store(t.to.gauge(), Ordering::Relaxed);
+        let i = match t.to {
+            BreakerState::Closed => 0,
+            BreakerState::HalfOpen => 1,
+            BreakerState::Open => 2,
+        };
+        stats.transitions[i].fetch_add(1, Ordering::Relaxed);
+        let name = &self.inner.name;
+        match t.to {
+            BreakerState::Open => tracing::warn!(
+                plugin = %name, from = t.from.name(), to = t.to.name(),
+                "plugin switched off by its circuit breaker: {why}"
+            ),
+            _ => tracing::info!(
+                plugin = %name, from = t.from.name(), to = t.to.name(),
+                "plugin circuit breaker: {why}"
+            ),
+        }
+    }
+}
+
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a panic without a message".to_string()
+    }
+}
