@@ -22,6 +22,7 @@ use crate::router::{
 use crate::stats::{BrokerStats, RuntimeStats, Stats};
 use crate::telemetry::{Endpoint, Metrics};
 use kaelix_core::config::HotReloadManager;
+use kaelix_core::plugin::{PluginHandle, StreamPlugin};
 
 /// A broker: subscriptions, routing and counters. Cheap to clone; clones
 /// share one broker.
@@ -74,11 +75,32 @@ pub(crate) struct Inner {
     pub(crate) tls: crate::tls::TlsState,
     /// Who may connect, and what each identity may do.
     pub(crate) auth: crate::auth::Auth,
+    /// The plugin registry and the `[[plugins]]` entries in force.
+    pub(crate) plugins: crate::plugins::Plugins,
 }
 
 impl Default for MessageBroker {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+impl Inner {
+    /// Builds the chains of `config`'s `[[plugins]]` and puts them in
+    /// force; plugins no longer named are shut down. On an error nothing
+    /// changes.
+    pub(crate) fn put_plugins_in_force(
+        &self,
+        config: &MemoryStreamerConfig,
+    ) -> std::result::Result<(), String> {
+        let (chains, retired) = self.plugins.build(config)?;
+        let names: Vec<&str> = chains.handles().map(PluginHandle::name).collect();
+        if !names.is_empty() || !retired.is_empty() {
+            tracing::info!(plugins = %names.join(", "), "plugins in force");
+        }
+        self.router.set_chains(chains);
+        crate::plugins::Plugins::retire(retired);
+        Ok(())
     }
 }
 
@@ -109,8 +131,19 @@ impl MessageBroker {
                 reloader: OnceLock::new(),
                 tls: crate::tls::TlsState::default(),
                 auth: crate::auth::Auth::new(&config.security.auth),
+                plugins: crate::plugins::Plugins::new(),
             }),
         };
+        let inner = Arc::downgrade(&broker.inner);
+        broker.on_reconfigure("plugins", &["plugins", "dead_letter"], move |config| {
+            match inner.upgrade() {
+                // Before start, start builds the chains from this config.
+                Some(inner) if inner.running.load(Ordering::Acquire) => {
+                    inner.put_plugins_in_force(config)
+                }
+                _ => Ok(()),
+            }
+        });
         let inner = Arc::downgrade(&broker.inner);
         broker.on_reconfigure("auth", &["security.auth"], move |config| {
             match inner.upgrade() {
@@ -174,10 +207,44 @@ impl MessageBroker {
         if self.inner.shutdown.is_cancelled() {
             return Err(Error::BrokerNotRunning);
         }
+        if !self.inner.running.load(Ordering::Acquire) {
+            self.inner
+                .put_plugins_in_force(&self.config())
+                .map_err(|e| kaelix_core::config::ConfigError::Invalid(vec![e]))?;
+        }
         if !self.inner.running.swap(true, Ordering::AcqRel) {
             self.spawn_housekeeping();
         }
         Ok(())
+    }
+
+    /// Registers `plugin` under `name`: a `[[plugins]]` entry with that
+    /// name puts it in the path of its topics. Register before
+    /// [`start`](Self::start) (or before the reload that names it).
+    pub fn register_plugin<P: StreamPlugin + 'static>(
+        &self,
+        name: &str,
+        plugin: Box<P>,
+    ) -> Result<()> {
+        self.inner.plugins.registry().register(name, plugin)
+    }
+
+    /// Registers a factory under `kind`: each `[[plugins]]` entry naming
+    /// it gets its own instance, initialized with the entry's `config`.
+    pub fn register_plugin_factory<F>(&self, kind: &str, factory: F) -> Result<()>
+    where
+        F: Fn() -> Box<dyn StreamPlugin> + Send + Sync + 'static,
+    {
+        self.inner
+            .plugins
+            .registry()
+            .register_factory(kind, factory)
+    }
+
+    /// The plugins in the message path now, each with its guard's counters
+    /// and state.
+    pub fn plugins(&self) -> Vec<PluginHandle> {
+        self.inner.router.chains().handles().cloned().collect()
     }
 
     /// Once a second until shutdown: retained messages past their age go,
@@ -429,18 +496,39 @@ impl MessageBroker {
             let Some((_, cache)) = slot.as_mut() else {
                 unreachable!("set just above")
             };
+            let router = &self.inner.router;
             let mut batch = Batch::new(self.inner.stats.clone());
+            let mut refused = None;
             for message in messages {
                 let (topic, matches) =
-                    cache.resolve(&self.inner.router, message.topic.as_bytes(), &mut batch)?;
-                let publication = Publication::from_message(message);
-                if let Err(refused) = batch.route(&self.inner.router, topic, matches, &publication)
-                {
-                    return Err(Error::InvalidPartition(refused.0));
+                    cache.resolve(router, message.topic.as_bytes(), &mut batch)?;
+                let Some(chain) = matches.chain().cloned() else {
+                    let publication = Publication::from_message(message);
+                    if let Err(refused) = batch.route(router, topic, matches, &publication) {
+                        return Err(Error::InvalidPartition(refused.0));
+                    }
+                    continue;
+                };
+                let (deliver, refusal) = crate::plugins::run(&chain, message).into_parts();
+                for message in deliver {
+                    let (topic, matches) =
+                        cache.resolve(router, message.topic.as_bytes(), &mut batch)?;
+                    let publication = Publication::from_message(message);
+                    if let Err(refused) = batch.route(router, topic, matches, &publication) {
+                        return Err(Error::InvalidPartition(refused.0));
+                    }
+                }
+                if let Some((code, reason)) = refusal {
+                    self.inner.stats.publish_refused(code);
+                    refused.get_or_insert(Error::Refused { code, reason });
                 }
             }
             batch.finish();
-            Ok(batch.take_blocked())
+            match refused {
+                // What was not refused is routed; the first refusal is the answer.
+                Some(err) => Err(err),
+                None => Ok(batch.take_blocked()),
+            }
         })
     }
 
@@ -486,6 +574,8 @@ impl MessageBroker {
         let _ = tokio::time::timeout(grace * 2, self.inner.tasks.wait()).await;
         // The endpoint answered 503 while connections drained; now it goes.
         self.inner.endpoint.lock().take();
+        self.inner.router.set_chains(Default::default());
+        self.inner.plugins.shutdown();
         for sub in self.inner.router.all() {
             if let Sink::Local(queue) = &sub.sink {
                 queue.close(CloseReason::ShuttingDown);

@@ -759,6 +759,10 @@ impl Connection {
                 if let Err(reason) = self.gate.check(&self.identity, topic) {
                     return self.refuse(publish.seq, ErrorCode::NotPermitted, reason);
                 }
+                if let Some(chain) = matches.chain() {
+                    let (chain, topic) = (chain.clone(), topic.clone());
+                    return self.publish_through(publish, &topic, &chain, now);
+                }
                 let publication = Publication::from_wire(publish.body_flags, publish.body, now);
                 let routed = self
                     .batch
@@ -774,6 +778,58 @@ impl Connection {
                 }
             }
             Err(err) => self.refuse(publish.seq, ErrorCode::InvalidTopic, err.to_string()),
+        }
+    }
+
+    /// A publish on a topic with plugins: its chain runs, then what it let
+    /// through (and copies, or the dead letter) is routed. A refusal is
+    /// answered when the publisher asked for an acknowledgement, and
+    /// counted and logged either way.
+    #[inline(never)]
+    fn publish_through(
+        &mut self,
+        publish: PublishRef<'_>,
+        topic: &Topic,
+        chain: &crate::plugins::Chain,
+        now: Timestamp,
+    ) -> bool {
+        let message = crate::router::wire_message(publish.body_flags, publish.body, topic, now);
+        let (deliver, refusal) = crate::plugins::run(chain, message).into_parts();
+        let mut unknown_partition = None;
+        for message in deliver {
+            let routed = match self.cache.resolve(
+                &self.broker.router,
+                message.topic.as_bytes(),
+                &mut self.batch,
+            ) {
+                Ok((topic, matches)) => {
+                    let publication = Publication::from_message(message);
+                    self.batch
+                        .route(&self.broker.router, topic, matches, &publication)
+                        .map_err(|refused| refused.0)
+                }
+                Err(err) => Err(err.to_string()),
+            };
+            if let Err(reason) = routed {
+                unknown_partition.get_or_insert(reason);
+            }
+        }
+        if let Some((code, reason)) = refusal {
+            if publish.ack {
+                return self.refuse(publish.seq, code, reason);
+            }
+            self.broker.stats.publish_refused(code);
+            self.log_refusal("publish", code, &reason);
+            return false;
+        }
+        if let Some(reason) = unknown_partition {
+            return self.refuse(publish.seq, ErrorCode::UnknownPartition, reason);
+        }
+        if publish.ack {
+            self.acks += 1;
+            self.reply(&Frame::PubAck(publish.seq))
+        } else {
+            false
         }
     }
 

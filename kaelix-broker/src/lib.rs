@@ -27,6 +27,7 @@ pub mod broker;
 mod connection;
 mod exec;
 pub mod live;
+pub mod plugins;
 mod router;
 pub mod server;
 pub mod stats;

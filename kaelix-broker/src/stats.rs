@@ -104,11 +104,13 @@ impl Rejection {
 }
 
 /// The publish refusals counted one by one; any other counts as `other`.
-pub const PUBLISH_REFUSALS: [ErrorCode; 4] = [
+pub const PUBLISH_REFUSALS: [ErrorCode; 6] = [
     ErrorCode::InvalidTopic,
     ErrorCode::PayloadTooLarge,
     ErrorCode::InvalidHeader,
     ErrorCode::NotPermitted,
+    ErrorCode::Rejected,
+    ErrorCode::DeadLettered,
 ];
 
 /// The subscribe refusals counted one by one; any other counts as `other`.
@@ -182,7 +184,7 @@ pub(crate) struct Stats {
     pub(crate) connections_total: AtomicU64,
     rejected: [AtomicU64; Rejection::ALL.len()],
     closed: [AtomicU64; Disconnect::ALL.len()],
-    publish_refused: ByCode<4>,
+    publish_refused: ByCode<6>,
     subscribe_refused: ByCode<5>,
 }
 

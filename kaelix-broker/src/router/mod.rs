@@ -30,6 +30,7 @@ use kaelix_core::{CloseReason, Message, SlowConsumerPolicy, Timestamp, Topic, To
 use parking_lot::lock_api::ArcMutexGuard;
 use parking_lot::{RawMutex, RwLock};
 
+use crate::plugins::{Chain, ChainSet};
 use crate::stats::Stats;
 use credit::{Flow, Part};
 use log::{LogState, Logs, TopicLog};
@@ -124,6 +125,15 @@ pub(crate) struct Route {
     matches: Matches,
     log: Arc<TopicLog>,
     generation: u64,
+    /// The topic's plugins, if any apply to it.
+    chain: Option<Arc<Chain>>,
+}
+
+impl Route {
+    /// The plugins a message to this topic passes through first.
+    pub(crate) fn chain(&self) -> Option<&Arc<Chain>> {
+        self.chain.as_ref()
+    }
 }
 
 impl Matches {
@@ -164,6 +174,8 @@ pub(crate) struct Router {
     next_id: AtomicU64,
     stats: Arc<Stats>,
     pub(crate) logs: Logs,
+    /// The plugin chains in force.
+    chains: arc_swap::ArcSwap<ChainSet>,
 }
 
 impl Router {
@@ -174,7 +186,19 @@ impl Router {
             next_id: AtomicU64::new(1),
             stats,
             logs: Logs::new(config),
+            chains: arc_swap::ArcSwap::from_pointee(ChainSet::default()),
         }
+    }
+
+    /// Puts `chains` in force: every publisher looks its routes up again.
+    pub(crate) fn set_chains(&self, chains: ChainSet) {
+        self.chains.store(Arc::new(chains));
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// The plugin chains in force.
+    pub(crate) fn chains(&self) -> Arc<ChainSet> {
+        self.chains.load_full()
     }
 
     pub(crate) fn subscribe(&self, new: NewSub) -> Arc<Subscriber> {
@@ -258,6 +282,7 @@ impl Router {
             matches: self.matches(topic),
             log: self.logs.get_or_create(topic),
             generation,
+            chain: self.chains.load().chain_for(topic),
         })
     }
 
@@ -602,6 +627,12 @@ impl<'a> Publication<'a> {
     }
 }
 
+/// The in-process form of a PUBLISH body the decoder validated, for the
+/// plugins of its topic.
+pub(crate) fn wire_message(flags: u8, body: &[u8], topic: &Topic, timestamp: Timestamp) -> Message {
+    Publication::from_wire(flags, body, timestamp).message(topic)
+}
+
 /// MESSAGE frames for one subscriber connection, gathered during a batch
 /// and handed to its outbox in one append.
 struct Staged {
@@ -844,6 +875,8 @@ impl Batch {
                     matches: router.matches(topic),
                     log: route.log.clone(),
                     generation,
+                    // The chain already ran; delivery does not look at it.
+                    chain: None,
                 })
             };
             let policy = log.slow_consumer;

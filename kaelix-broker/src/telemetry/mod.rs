@@ -168,6 +168,8 @@ impl MessageBroker {
                 .set(tls.not_after.load(Ordering::Relaxed) as f64);
         }
 
+        self.export_plugin_metrics();
+
         let health = self.health();
         for status in [
             HealthStatus::Healthy,
@@ -210,6 +212,56 @@ impl MessageBroker {
         }
         if let Some(rss) = kaelix_core::runtime::process_rss() {
             gauge!("kaelix_process_resident_memory_bytes").set(rss as f64);
+        }
+    }
+
+    /// Each plugin in force: its guard's counters, its circuit breaker,
+    /// and the metrics it keeps itself.
+    fn export_plugin_metrics(&self) {
+        use kaelix_core::plugin::{MetricKind, PluginStats};
+        let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        for handle in self.plugins() {
+            let plugin = handle.name().to_string();
+            let s = handle.stats();
+            counter!("kaelix_plugin_calls_total", "plugin" => plugin.clone())
+                .absolute(get(&s.calls));
+            // Time in its calls since it was put in force: with the calls,
+            // the average; its rate, the CPU share it takes.
+            gauge!("kaelix_plugin_busy_seconds", "plugin" => plugin.clone())
+                .set(get(&s.call_nanos) as f64 / 1e9);
+            for (kind, n) in [
+                ("error", &s.errors),
+                ("panic", &s.panics),
+                ("over_budget", &s.over_budget),
+                ("over_cpu", &s.over_cpu),
+            ] {
+                counter!("kaelix_plugin_failures_total", "plugin" => plugin.clone(), "kind" => kind)
+                    .absolute(get(n));
+            }
+            counter!("kaelix_plugin_skipped_total", "plugin" => plugin.clone())
+                .absolute(get(&s.skipped));
+            for (action, n) in PluginStats::ACTIONS.iter().zip(&s.actions) {
+                counter!("kaelix_plugin_actions_total", "plugin" => plugin.clone(), "action" => *action)
+                    .absolute(get(n));
+            }
+            for (state, n) in ["closed", "half_open", "open"].iter().zip(&s.transitions) {
+                counter!("kaelix_plugin_state_changes_total", "plugin" => plugin.clone(), "state" => *state)
+                    .absolute(get(n));
+            }
+            gauge!("kaelix_plugin_state", "plugin" => plugin.clone())
+                .set(f64::from(s.state.load(Ordering::Relaxed)));
+            for (name, kind, value) in handle.custom_metrics() {
+                match kind {
+                    MetricKind::Counter => {
+                        counter!(format!("kaelix_plugin_custom_{name}_total"), "plugin" => plugin.clone())
+                            .absolute(value)
+                    }
+                    MetricKind::Gauge => {
+                        gauge!(format!("kaelix_plugin_custom_{name}"), "plugin" => plugin.clone())
+                            .set(f64::from_bits(value))
+                    }
+                }
+            }
         }
     }
 }

@@ -25,9 +25,9 @@ pub use reload::{
     ReloadStats,
 };
 pub use schema::{
-    AuthConfig, LimitsConfig, LogFormat, LoggingConfig, MemoryStreamerConfig, MetricsConfig,
-    NetworkConfig, Permissions, PrometheusConfig, RetentionConfig, RuntimeSection, SecurityConfig,
-    TelemetryConfig, TlsConfig, TopicConfig, UserConfig,
+    AuthConfig, DeadLetterConfig, LimitsConfig, LogFormat, LoggingConfig, MemoryStreamerConfig,
+    MetricsConfig, NetworkConfig, Permissions, PluginConfig, PrometheusConfig, RetentionConfig,
+    RuntimeSection, SecurityConfig, TelemetryConfig, TlsConfig, TopicConfig, UserConfig, WhenOff,
 };
 pub use validate::{ConfigValidator, ConfigWarning, Problem};
 

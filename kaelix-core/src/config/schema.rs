@@ -17,6 +17,10 @@ pub struct MemoryStreamerConfig {
     pub retention: RetentionConfig,
     /// Per-topic settings, matched by pattern (the most specific wins).
     pub topics: Vec<TopicConfig>,
+    /// Plugins in the publish path, each on the topics its pattern matches.
+    pub plugins: Vec<PluginConfig>,
+    /// Where messages that plugins dead-letter go.
+    pub dead_letter: DeadLetterConfig,
 }
 
 /// `[network]`: where and how the broker listens.
@@ -393,5 +397,104 @@ impl MemoryStreamerConfig {
             }
         }
         best.map(|(_, e)| e.clone()).unwrap_or_default()
+    }
+}
+
+/// One `[[plugins]]` entry: a plugin on the publish path of the topics its
+/// pattern matches. A topic's chain runs in `order` (then file order)
+/// before the message is routed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PluginConfig {
+    /// Which plugin: a built-in (`header_stamp`, `json_validate`,
+    /// `rate_limit`, `size_cap`, `topic_route`) or one the program that
+    /// embeds the broker registered.
+    pub name: String,
+    /// What logs and metrics call this entry; unique. Empty: `name`.
+    pub id: String,
+    /// The topics it applies to.
+    pub pattern: String,
+    /// Place in the chain: lower runs first; equal keeps the file order.
+    pub order: i32,
+    /// Off without removing the entry.
+    pub enabled: bool,
+    /// A call that takes longer counts as a failure; 0: no budget.
+    pub time_budget_us: u64,
+    /// Failures in a row (errors, panics, calls over budget) that switch
+    /// the plugin off.
+    pub failure_threshold: u32,
+    /// How long it stays off before one message tries it again.
+    pub cooldown_ms: u64,
+    /// Share of one CPU its calls may take, measured each second; over
+    /// it, the plugin is switched off. 0: no limit.
+    pub max_cpu_percent: u32,
+    /// While the plugin is switched off: `bypass` (messages go on without
+    /// it) or `dead_letter`.
+    pub when_off: WhenOff,
+    /// Whether the plugin may read `config`.
+    pub can_read_config: bool,
+    /// Whether the plugin may export metrics of its own.
+    pub can_write_metrics: bool,
+    /// The plugin's own settings.
+    pub config: toml::Table,
+}
+
+impl Default for PluginConfig {
+    fn default() -> Self {
+        PluginConfig {
+            name: String::new(),
+            id: String::new(),
+            pattern: ">".into(),
+            order: 0,
+            enabled: true,
+            time_budget_us: 1_000,
+            failure_threshold: 5,
+            cooldown_ms: 10_000,
+            max_cpu_percent: 0,
+            when_off: WhenOff::Bypass,
+            can_read_config: true,
+            can_write_metrics: true,
+            config: toml::Table::new(),
+        }
+    }
+}
+
+impl PluginConfig {
+    /// `id`, or `name` when no id is set.
+    pub fn id(&self) -> &str {
+        if self.id.is_empty() {
+            &self.name
+        } else {
+            &self.id
+        }
+    }
+}
+
+/// What happens to messages while a plugin is switched off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenOff {
+    /// They go on without it.
+    #[default]
+    Bypass,
+    /// They go to the dead-letter topic.
+    DeadLetter,
+}
+
+/// `[dead_letter]`: where messages that plugins dead-letter go.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeadLetterConfig {
+    /// The topic. Dead letters carry the message's own headers plus
+    /// `kaelix-dead-letter-plugin`, `-reason` and `-topic`; its retention
+    /// is that of `[[topics]]` matching it.
+    pub topic: String,
+}
+
+impl Default for DeadLetterConfig {
+    fn default() -> Self {
+        DeadLetterConfig {
+            topic: "kaelix.dead_letter".into(),
+        }
     }
 }

@@ -154,6 +154,45 @@ impl ConfigValidator {
                 );
             }
         }
+        let mut ids = std::collections::HashSet::new();
+        for (i, plugin) in config.plugins.iter().enumerate() {
+            if plugin.name.trim().is_empty() {
+                bad(
+                    &format!("plugins[{i}].name"),
+                    "must name a plugin (header_stamp, json_validate, rate_limit, size_cap, topic_route, or a registered one)".into(),
+                );
+            }
+            if let Err(err) = crate::TopicPattern::new(&plugin.pattern) {
+                bad(&format!("plugins[{i}].pattern"), err.to_string());
+            }
+            if !ids.insert(plugin.id()) {
+                bad(
+                    &format!("plugins[{i}].id"),
+                    format!(
+                        "{:?} is already the id of another entry; give each entry of the same plugin its own id",
+                        plugin.id()
+                    ),
+                );
+            }
+            if plugin.failure_threshold == 0 {
+                bad(
+                    &format!("plugins[{i}].failure_threshold"),
+                    "must be at least 1".into(),
+                );
+            }
+            if plugin.max_cpu_percent > 100 * 1024 {
+                bad(
+                    &format!("plugins[{i}].max_cpu_percent"),
+                    format!(
+                        "{} is more CPU than any machine has",
+                        plugin.max_cpu_percent
+                    ),
+                );
+            }
+        }
+        if let Err(err) = crate::Topic::new(&config.dead_letter.topic) {
+            bad("dead_letter.topic", err.to_string());
+        }
         let buckets = &config.telemetry.metrics.delivery_latency_buckets_us;
         if buckets.is_empty() || buckets.windows(2).any(|w| w[0] >= w[1]) || buckets[0] == 0 {
             bad(

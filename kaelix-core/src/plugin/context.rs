@@ -152,8 +152,8 @@ impl PluginContext {
 }
 
 /// A plugin's own counters and gauges, exported on the broker's `/metrics`
-/// as `kaelix_plugin_<name>_total{plugin="…"}` (counters) and
-/// `kaelix_plugin_<name>{plugin="…"}` (gauges). Names keep ASCII letters,
+/// as `kaelix_plugin_custom_<name>_total{plugin="…"}` (counters) and
+/// `kaelix_plugin_custom_<name>{plugin="…"}` (gauges). Names keep ASCII letters,
 /// digits and `_`; anything else becomes `_`.
 #[derive(Debug, Clone)]
 pub struct PluginMetrics {

@@ -145,6 +145,11 @@ impl PluginHandle {
         }
     }
 
+    /// Whether both are the same plugin instance.
+    pub fn same_as(&self, other: &PluginHandle) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
     /// The name it is registered or configured under.
     pub fn name(&self) -> &str {
         &self.inner.name

@@ -27,7 +27,7 @@ mod registry;
 mod security;
 
 pub use breaker::{BreakerPolicy, BreakerState, CircuitBreaker, Transition};
-pub use context::{PluginContext, PluginMetrics};
+pub use context::{MetricKind, PluginContext, PluginCounter, PluginGauge, PluginMetrics};
 pub use guard::{Call, Failure, PluginHandle, PluginStats};
 pub use registry::{PluginFactory, PluginRegistry};
 pub use security::{PermissionSet, ResourceLimits, SecurityIsolation};
