@@ -60,3 +60,8 @@ struct DeliveryDoc;
 #[cfg(doctest)]
 #[doc = include_str!("../../docs/security.md")]
 struct SecurityDoc;
+
+/// The Rust snippets of docs/plugins.md.
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/plugins.md")]
+struct PluginsDoc;
