@@ -7,7 +7,8 @@
 #
 # Each argument is LABEL=BINARY followed by optional KAELIX_* settings (and
 # BENCH_TLS_CA=FILE, which makes the load tool connect over TLS trusting
-# FILE; the broker then needs KAELIX_SECURITY_TLS_* settings). For
+# FILE; the broker then needs KAELIX_SECURITY_TLS_* settings; and
+# CONFIG=FILE, the broker's configuration file). For
 # each placement (default, and everything pinned to CPU 0) and each of RUNS
 # runs, every scenario runs once against each variant in turn; the table
 # gives medians and each variant's ratio to the first. Raw results go to
@@ -45,17 +46,18 @@ start_all() {
     for spec in "${VARIANTS[@]}"; do
         read -r -a words <<<"$spec"
         label=${words[0]%%=*}; bin=$(realpath "${words[0]#*=}")
-        local port=$((PORT + i)) settings=() extra=""
+        local port=$((PORT + i)) settings=() extra="" args=()
         for word in "${words[@]:1}"; do
             case $word in
                 BENCH_TLS_CA=*) extra="--tls-ca $(realpath "${word#*=}")" ;;
+                CONFIG=*) args=(--config "$(realpath "${word#*=}")") ;;
                 *) settings+=("$word") ;;
             esac
         done
         BENCH_EXTRA+=("$extra")
         # From an empty directory: a kaelix.toml here is not the variant's.
         (cd "$RUNDIR" && exec env KAELIX_TELEMETRY_METRICS_PROMETHEUS_PORT=0 "${settings[@]}" KAELIX_NETWORK_HOST=127.0.0.1 \
-            KAELIX_NETWORK_PORT=$port RUST_LOG=warn $(prefix "$placement") "$bin") \
+            KAELIX_NETWORK_PORT=$port RUST_LOG=warn $(prefix "$placement") "$bin" "${args[@]}") \
             >"$OUT/$label.log" 2>&1 &
         BROKER_PIDS+=($!); PIDS+=($!); LABELS+=("$label"); PORTS+=("$port")
         wait_port "$port"
