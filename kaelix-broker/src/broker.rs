@@ -509,7 +509,8 @@ impl MessageBroker {
                     }
                     continue;
                 };
-                let (deliver, refusal) = crate::plugins::run(&chain, message).into_parts();
+                let topic = topic.clone();
+                let (deliver, refusal) = crate::plugins::run_one(&chain, &topic, message);
                 for message in deliver {
                     let (topic, matches) =
                         cache.resolve(router, message.topic.as_bytes(), &mut batch)?;

@@ -25,7 +25,7 @@ use kaelix_core::protocol::{
 use kaelix_core::runtime::TaskPriority;
 use kaelix_core::topic::check_group;
 use kaelix_core::{
-    CloseReason, MemoryStreamerConfig, StartPosition, Timestamp, Topic, TopicPattern,
+    CloseReason, MemoryStreamerConfig, Message, StartPosition, Timestamp, Topic, TopicPattern,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -35,6 +35,7 @@ use crate::auth::{AuthFailure, Identity, Login};
 use crate::broker::Inner;
 use crate::exec;
 use crate::live::LiveLimits;
+use crate::plugins::{Chain, Fate, Run};
 use crate::router::{
     Batch, NewSub, Owner, PartitionSet, Publication, RouteCache, Sink, Subscriber,
 };
@@ -298,6 +299,8 @@ where
         published: (0, 0),
         throttle: Throttle::default(),
         refusals_logged: 0,
+        run: Run::default(),
+        held: Vec::new(),
     };
     let exit = conn.run(&mut rd, deadline).await;
     conn.unsubscribe_all();
@@ -359,6 +362,20 @@ struct Connection {
     throttle: Throttle,
     /// The refusal codes already logged at info on this connection.
     refusals_logged: u64,
+    /// Publishes on a topic with plugins, put through its chain together
+    /// before anything else of this read is routed (see [`Run`]).
+    run: Run,
+    /// What answering each publish in `run` needs.
+    held: Vec<Held>,
+}
+
+/// A publish waiting in the plugin run.
+struct Held {
+    seq: u64,
+    ack: bool,
+    body_flags: u8,
+    /// Where its body is in the read buffer.
+    body: std::ops::Range<usize>,
 }
 
 /// A connection's publish allowance: a token bucket on each axis that
@@ -672,8 +689,10 @@ impl Connection {
             match protocol::peek(&buf[used..], max_frame) {
                 Ok(Peek::Incomplete) => break Ok(()),
                 Ok(Peek::Publish(publish, len)) => {
+                    // The body ends the frame.
+                    let body_at = used + len - publish.body.len();
                     used += len;
-                    replied |= self.publish(publish, now, max_payload);
+                    replied |= self.publish(publish, body_at, &buf[..], now, max_payload);
                 }
                 Ok(Peek::Deliver(..)) => {
                     break Err(Exit::Protocol(ProtocolError::Unexpected {
@@ -682,6 +701,7 @@ impl Connection {
                     }))
                 }
                 Ok(Peek::Other) => {
+                    replied |= self.put_through(&buf[..]);
                     buf.advance(used);
                     used = 0;
                     match protocol::decode(buf, max_frame) {
@@ -696,6 +716,7 @@ impl Connection {
                 Err(err) => break Err(Exit::Protocol(err)),
             }
         };
+        replied |= self.put_through(&buf[..]);
         buf.advance(used);
         self.batch.finish();
         if self.acks > 0 {
@@ -740,7 +761,34 @@ impl Connection {
         }
     }
 
-    fn publish(&mut self, publish: PublishRef<'_>, now: Timestamp, max_payload: usize) -> bool {
+    /// Routes a publish whose body is at `body_at` in `read` (the read
+    /// buffer); returns whether a reply was queued.
+    fn publish(
+        &mut self,
+        publish: PublishRef<'_>,
+        body_at: usize,
+        read: &[u8],
+        now: Timestamp,
+        max_payload: usize,
+    ) -> bool {
+        // What the plugins hold goes first, unless this joins it.
+        let mut replied = false;
+        if !self.run.is_empty()
+            && (!self.run.holds_topic(publish.topic) || publish.body.len() > max_payload)
+        {
+            replied = self.put_through(read);
+        }
+        replied | self.publish_one(publish, body_at, read, now, max_payload)
+    }
+
+    fn publish_one(
+        &mut self,
+        publish: PublishRef<'_>,
+        body_at: usize,
+        read: &[u8],
+        now: Timestamp,
+        max_payload: usize,
+    ) -> bool {
         self.batch.add_bytes_in(publish.body.len());
         self.published.0 += 1;
         self.published.1 += publish.body.len() as u64;
@@ -761,7 +809,7 @@ impl Connection {
                 }
                 if let Some(chain) = matches.chain() {
                     let (chain, topic) = (chain.clone(), topic.clone());
-                    return self.publish_through(publish, &topic, &chain, now);
+                    return self.hold(publish, body_at, read, &topic, &chain, now);
                 }
                 let publication = Publication::from_wire(publish.body_flags, publish.body, now);
                 let routed = self
@@ -781,55 +829,116 @@ impl Connection {
         }
     }
 
-    /// A publish on a topic with plugins: its chain runs, then what it let
-    /// through (and copies, or the dead letter) is routed. A refusal is
-    /// answered when the publisher asked for an acknowledgement, and
-    /// counted and logged either way.
+    /// A publish on a topic with plugins joins the run its chain will go
+    /// over (the run was put through already if this could not join it).
     #[inline(never)]
-    fn publish_through(
+    fn hold(
         &mut self,
         publish: PublishRef<'_>,
+        body_at: usize,
+        read: &[u8],
         topic: &Topic,
-        chain: &crate::plugins::Chain,
+        chain: &Arc<Chain>,
         now: Timestamp,
     ) -> bool {
-        let message = crate::router::wire_message(publish.body_flags, publish.body, topic, now);
-        let (deliver, refusal) = crate::plugins::run(chain, message).into_parts();
-        let mut unknown_partition = None;
-        for message in deliver {
-            let routed = match self.cache.resolve(
-                &self.broker.router,
-                message.topic.as_bytes(),
-                &mut self.batch,
-            ) {
-                Ok((topic, matches)) => {
-                    let publication = Publication::from_message(message);
-                    self.batch
-                        .route(&self.broker.router, topic, matches, &publication)
-                        .map_err(|refused| refused.0)
-                }
-                Err(err) => Err(err.to_string()),
-            };
-            if let Err(reason) = routed {
-                unknown_partition.get_or_insert(reason);
-            }
+        let mut replied = false;
+        if !self.run.accepts(chain, topic) {
+            // Full, or the chain changed under a reload.
+            replied = self.put_through(read);
         }
-        if let Some((code, reason)) = refusal {
-            if publish.ack {
-                return self.refuse(publish.seq, code, reason);
-            }
-            self.broker.stats.publish_refused(code);
-            self.log_refusal("publish", code, &reason);
+        let message = crate::router::wire_message(publish.body_flags, publish.body, topic, now);
+        self.run.push(chain, topic, message);
+        self.held.push(Held {
+            seq: publish.seq,
+            ack: publish.ack,
+            body_flags: publish.body_flags,
+            body: body_at..body_at + publish.body.len(),
+        });
+        replied
+    }
+
+    /// Puts the held publishes through their chain and routes what it let
+    /// through (with copies, or the dead letters), in order. A refusal is
+    /// answered when the publisher asked for an acknowledgement, and
+    /// counted and logged either way. A message no plugin changed is
+    /// forwarded as the bytes it arrived in (`read`, the read buffer).
+    #[inline(never)]
+    fn put_through(&mut self, read: &[u8]) -> bool {
+        if self.run.is_empty() {
             return false;
         }
-        if let Some(reason) = unknown_partition {
-            return self.refuse(publish.seq, ErrorCode::UnknownPartition, reason);
-        }
-        if publish.ack {
-            self.acks += 1;
-            self.reply(&Frame::PubAck(publish.seq))
-        } else {
-            false
+        let mut run = std::mem::take(&mut self.run);
+        let held = std::mem::take(&mut self.held);
+        let mut replied = false;
+        run.finish(|i, message, fate, copies| {
+            let h = &held[i];
+            let refusal = match fate {
+                Fate::Pass => {
+                    let wire = read
+                        .get(h.body.clone())
+                        .filter(|body| unchanged(&message, h.body_flags, body));
+                    let mut failed = self.route_result(message, wire.map(|b| (h.body_flags, b)));
+                    for copy in copies {
+                        if let Some(reason) = self.route_result(copy, None) {
+                            failed.get_or_insert(reason);
+                        }
+                    }
+                    failed.map(|reason| (ErrorCode::UnknownPartition, reason))
+                }
+                Fate::Refused {
+                    code,
+                    reason,
+                    dead_letter,
+                } => {
+                    if dead_letter {
+                        // Where a dead letter went does not change the answer.
+                        let _ = self.route_result(message, None);
+                    }
+                    Some((code, reason))
+                }
+            };
+            replied |= match refusal {
+                None if h.ack => {
+                    self.acks += 1;
+                    self.reply(&Frame::PubAck(h.seq))
+                }
+                None => false,
+                Some((code, reason)) if h.ack || code == ErrorCode::UnknownPartition => {
+                    self.refuse(h.seq, code, reason)
+                }
+                Some((code, reason)) => {
+                    self.broker.stats.publish_refused(code);
+                    self.log_refusal("publish", code, &reason);
+                    false
+                }
+            };
+        });
+        self.run = run;
+        self.held = held;
+        self.held.clear();
+        replied
+    }
+
+    /// Routes a message a chain let through: as `wire` (its flags and body
+    /// as they arrived) when given, else encoded from `message`.
+    fn route_result(&mut self, message: Message, wire: Option<(u8, &[u8])>) -> Option<String> {
+        let timestamp = message.timestamp;
+        match self.cache.resolve(
+            &self.broker.router,
+            message.topic.as_bytes(),
+            &mut self.batch,
+        ) {
+            Ok((topic, matches)) => {
+                let publication = match wire {
+                    Some((flags, body)) => Publication::from_wire(flags, body, timestamp),
+                    None => Publication::from_message(message),
+                };
+                self.batch
+                    .route(&self.broker.router, topic, matches, &publication)
+                    .err()
+                    .map(|refused| refused.0)
+            }
+            Err(err) => Some(err.to_string()),
         }
     }
 
@@ -1143,5 +1252,74 @@ async fn read_first<R: AsyncRead + Unpin>(
             Ok(_) => {}
             Err(err) => return Err(Exit::ReadError(err)),
         }
+    }
+}
+
+/// Whether a chain left `message` as the PUBLISH body it was made of: same
+/// topic, partition, headers and payload.
+fn unchanged(message: &Message, body_flags: u8, body: &[u8]) -> bool {
+    let Ok(parts) = protocol::decode::body_parts(body, body_flags) else {
+        return false;
+    };
+    let headers = parts.headers.map(protocol::decode::header_slices);
+    let same_headers = match headers {
+        None => message.headers.is_empty(),
+        Some(wire) => message
+            .headers
+            .iter()
+            .map(|(n, v)| (n.as_bytes(), v.as_bytes()))
+            .eq(wire),
+    };
+    message.topic.as_bytes() == parts.topic
+        && message.partition.map(|p| p.get()) == parts.partition
+        && same_headers
+        && message.payload[..] == *parts.payload
+}
+
+#[cfg(test)]
+mod tests {
+    use kaelix_core::protocol::MessageBody;
+    use kaelix_core::PartitionId;
+
+    use super::*;
+
+    #[test]
+    fn a_message_a_chain_left_alone_is_forwarded_as_it_came() {
+        let topic = Topic::new("orders.eu").unwrap();
+        let sent = Message::builder()
+            .topic("orders.eu")
+            .payload("payload")
+            .header("a", "1")
+            .header("b", "2")
+            .build()
+            .unwrap();
+        let body = MessageBody::from_message(&sent);
+        let (flags, raw) = (body.flags(), body.raw().clone());
+        let made = crate::router::wire_message(flags, &raw, &topic, Timestamp::now());
+        assert!(unchanged(&made, flags, &raw));
+
+        let changed: [fn(&mut Message); 5] = [
+            |m| m.set_header("c", "3"),
+            |m| m.set_header("a", "one"),
+            |m| m.set_payload("other"),
+            |m| m.set_topic(Topic::new("orders.us").unwrap()),
+            |m| m.partition = Some(PartitionId::new(1)),
+        ];
+        for change in changed {
+            let mut m = made.clone();
+            change(&mut m);
+            assert!(!unchanged(&m, flags, &raw), "{m:?}");
+        }
+        let mut fewer = made.clone();
+        fewer.headers.remove("b");
+        assert!(!unchanged(&fewer, flags, &raw));
+
+        let bare = Message::new(topic.clone(), "payload").unwrap();
+        let body = MessageBody::from_message(&bare);
+        let made = crate::router::wire_message(body.flags(), body.raw(), &topic, Timestamp::now());
+        assert!(unchanged(&made, body.flags(), body.raw()));
+        let mut stamped = made.clone();
+        stamped.set_header("x", "y");
+        assert!(!unchanged(&stamped, body.flags(), body.raw()));
     }
 }

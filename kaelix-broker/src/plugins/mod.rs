@@ -81,93 +81,186 @@ impl ChainSet {
     }
 }
 
-/// What became of a message that went through its chain.
-pub(crate) enum Outcome {
-    /// Route `message` (its topic may have changed) and the copies.
-    Deliver {
-        message: Message,
-        copies: SmallVec<[Message; 1]>,
-    },
-    /// Refused: tell the publisher; route the dead letter, if any.
+/// What a chain made of a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Fate {
+    /// Route it (its topic may have changed), then its copies.
+    Pass,
+    /// Refused: tell the publisher; when `dead_letter`, the message is now
+    /// the dead letter and is routed.
     Refused {
         code: ErrorCode,
         reason: String,
-        dead_letter: Option<Message>,
+        dead_letter: bool,
     },
 }
 
-impl Outcome {
-    /// The messages to route (the message first, then its copies, or the
-    /// dead letter) and the refusal to answer with, if any.
-    pub(crate) fn into_parts(self) -> (SmallVec<[Message; 2]>, Option<(ErrorCode, String)>) {
-        match self {
-            Outcome::Deliver { message, copies } => {
-                let mut all = SmallVec::new();
-                all.push(message);
-                all.extend(copies);
-                (all, None)
+/// Most messages a run holds before it must be put through its chain.
+pub(crate) const RUN_CAP: usize = 256;
+
+/// A run of messages on one topic put through its chain together, plugin
+/// by plugin: each plugin's guard (its lock, its counters) is paid once
+/// per run rather than once per message, and its code and data stay hot.
+/// Order holds: each message meets the plugins in the chain's order, and
+/// the caller routes the results in the order they were pushed.
+#[derive(Default)]
+pub(crate) struct Run {
+    chain: Option<Arc<Chain>>,
+    /// The topic every message was published on.
+    topic: Option<Topic>,
+    messages: Vec<Message>,
+    fates: Vec<Fate>,
+    /// Copies, by the index of the message they were made of.
+    copies: Vec<(usize, Message)>,
+    calls: Vec<(usize, Call)>,
+}
+
+impl Run {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.messages.is_empty()
+    }
+
+    /// Whether the run's messages were published on `topic`.
+    pub(crate) fn holds_topic(&self, topic: &[u8]) -> bool {
+        self.topic.as_ref().is_some_and(|t| t.as_bytes() == topic)
+    }
+
+    /// Whether a message on `topic` with `chain` may join this run (or the
+    /// run must be put through first).
+    pub(crate) fn accepts(&self, chain: &Arc<Chain>, topic: &Topic) -> bool {
+        match (&self.chain, &self.topic) {
+            (Some(c), Some(t)) => {
+                Arc::ptr_eq(c, chain) && t == topic && self.messages.len() < RUN_CAP
             }
-            Outcome::Refused {
-                code,
-                reason,
-                dead_letter,
-            } => (dead_letter.into_iter().collect(), Some((code, reason))),
+            _ => true,
+        }
+    }
+
+    /// Adds `message` (published on `topic`, whose chain is `chain`); the
+    /// caller checked [`accepts`](Self::accepts).
+    pub(crate) fn push(&mut self, chain: &Arc<Chain>, topic: &Topic, message: Message) {
+        if self.chain.is_none() {
+            self.chain = Some(chain.clone());
+            self.topic = Some(topic.clone());
+        }
+        self.messages.push(message);
+    }
+
+    /// Puts the messages through the chain, then hands each message, its
+    /// fate and its copies to `each`, in order; leaves the run empty.
+    pub(crate) fn finish(
+        &mut self,
+        mut each: impl FnMut(usize, Message, Fate, &mut dyn Iterator<Item = Message>),
+    ) {
+        let (Some(chain), Some(topic)) = (self.chain.take(), self.topic.take()) else {
+            return;
+        };
+        self.put_through(&chain, &topic);
+        // Copies were made plugin by plugin; each message's in chain order.
+        self.copies.sort_by_key(|(i, _)| *i);
+        let mut copies = self.copies.drain(..).peekable();
+        let messages = self.messages.drain(..).zip(self.fates.drain(..));
+        for (i, (message, fate)) in messages.enumerate() {
+            let mut mine =
+                std::iter::from_fn(|| copies.next_if(|(at, _)| *at == i).map(|(_, m)| m));
+            each(i, message, fate, &mut mine);
+            // Copies `each` did not take are dropped.
+            mine.for_each(drop);
+        }
+    }
+
+    fn put_through(&mut self, chain: &Chain, topic: &Topic) {
+        self.fates.clear();
+        self.fates.resize(self.messages.len(), Fate::Pass);
+        let mut at = Instant::now();
+        for step in &chain.steps {
+            let alive = self
+                .messages
+                .iter_mut()
+                .zip(&self.fates)
+                .enumerate()
+                .filter(|(_, (_, fate))| **fate == Fate::Pass)
+                .map(|(i, (message, _))| (i, message));
+            self.calls.clear();
+            at = step.handle.call_each(alive, at, &mut self.calls);
+            for (i, call) in self.calls.drain(..) {
+                let message = &mut self.messages[i];
+                let dead = match call {
+                    Call::Done(ProcessingAction::Continue) => continue,
+                    Call::Done(ProcessingAction::Reroute { topic }) => {
+                        message.set_topic(topic);
+                        continue;
+                    }
+                    Call::Done(ProcessingAction::Copy { topic }) => {
+                        let mut copy = message.clone();
+                        copy.set_topic(topic);
+                        self.copies.push((i, copy));
+                        continue;
+                    }
+                    Call::Done(ProcessingAction::Drop { reason }) => {
+                        self.fates[i] = Fate::Refused {
+                            code: ErrorCode::Rejected,
+                            reason: format!("plugin {}: {reason}", step.handle.name()),
+                            dead_letter: false,
+                        };
+                        continue;
+                    }
+                    Call::Done(ProcessingAction::DeadLetter { reason }) => reason,
+                    Call::Failed(failure) => failure.to_string(),
+                    Call::Off => match step.when_off {
+                        WhenOff::Bypass => continue,
+                        WhenOff::DeadLetter => "switched off by its circuit breaker".to_string(),
+                    },
+                    // An action this broker does not know: passed over.
+                    Call::Done(_) => continue,
+                };
+                self.fates[i] = dead_letter(chain, step, message, topic, dead);
+            }
         }
     }
 }
 
-/// Runs `message` through `chain`. One clock reading between two plugins
-/// serves both.
-pub(crate) fn run(chain: &Chain, mut message: Message) -> Outcome {
-    let mut copies = SmallVec::new();
-    let mut at = Instant::now();
-    let original = message.topic.clone();
-    for step in &chain.steps {
-        let (call, end) = step.handle.call_at(&mut message, at);
-        at = end;
-        let dead = match call {
-            Call::Done(ProcessingAction::Continue) => continue,
-            Call::Done(ProcessingAction::Reroute { topic }) => {
-                message.set_topic(topic);
-                continue;
+/// Puts one message through `chain` (an in-process publish): the message
+/// to route first, then its copies (or the dead letter), and the refusal.
+pub(crate) fn run_one(
+    chain: &Arc<Chain>,
+    topic: &Topic,
+    message: Message,
+) -> (SmallVec<[Message; 2]>, Option<(ErrorCode, String)>) {
+    let mut run = Run::default();
+    run.push(chain, topic, message);
+    let mut routed = SmallVec::new();
+    let mut refusal = None;
+    run.finish(|_, message, fate, copies| match fate {
+        Fate::Pass => {
+            routed.push(message);
+            routed.extend(copies);
+        }
+        Fate::Refused {
+            code,
+            reason,
+            dead_letter,
+        } => {
+            if dead_letter {
+                routed.push(message);
             }
-            Call::Done(ProcessingAction::Copy { topic }) => {
-                let mut copy = message.clone();
-                copy.set_topic(topic);
-                copies.push(copy);
-                continue;
-            }
-            Call::Done(ProcessingAction::Drop { reason }) => {
-                return Outcome::Refused {
-                    code: ErrorCode::Rejected,
-                    reason: format!("plugin {}: {reason}", step.handle.name()),
-                    dead_letter: None,
-                }
-            }
-            Call::Done(ProcessingAction::DeadLetter { reason }) => reason,
-            Call::Failed(failure) => failure.to_string(),
-            Call::Off => match step.when_off {
-                WhenOff::Bypass => continue,
-                WhenOff::DeadLetter => "switched off by its circuit breaker".to_string(),
-            },
-            // An action this broker does not know: passed over.
-            Call::Done(_) => continue,
-        };
-        return dead_letter(chain, step, message, &original, dead);
-    }
-    Outcome::Deliver { message, copies }
+            refusal = Some((code, reason));
+        }
+    });
+    (routed, refusal)
 }
 
 /// Longest reason a dead letter's header carries.
 const MAX_REASON: usize = 1024;
 
+/// Makes `message` its dead letter.
 fn dead_letter(
     chain: &Chain,
     step: &Step,
-    mut message: Message,
+    message: &mut Message,
     original: &Topic,
     mut reason: String,
-) -> Outcome {
+) -> Fate {
     if reason.len() > MAX_REASON {
         let mut cut = MAX_REASON;
         while !reason.is_char_boundary(cut) {
@@ -186,10 +279,10 @@ fn dead_letter(
     message.set_topic(chain.dead_letter.clone());
     // The partition named for the original topic means nothing here.
     message.partition = None;
-    Outcome::Refused {
+    Fate::Refused {
         code: ErrorCode::DeadLettered,
         reason: refusal,
-        dead_letter: Some(message),
+        dead_letter: true,
     }
 }
 
@@ -352,4 +445,220 @@ fn security(entry: &PluginConfig) -> SecurityIsolation {
             failure_threshold: entry.failure_threshold,
             cooldown: Duration::from_millis(entry.cooldown_ms),
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use kaelix_core::plugin::{Plugin, PluginContext, StreamProcessor};
+    use kaelix_core::{Error, Result};
+
+    use super::*;
+
+    /// Answers by the message's payload: "drop", "dead", "fail" or else
+    /// `otherwise`; counts its calls.
+    struct ByPayload {
+        otherwise: fn() -> ProcessingAction,
+        calls: Arc<AtomicUsize>,
+    }
+
+    impl Plugin for ByPayload {
+        fn name(&self) -> &str {
+            "by_payload"
+        }
+        fn version(&self) -> &str {
+            "1"
+        }
+        fn initialize(&mut self, _: &PluginContext) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    impl StreamProcessor for ByPayload {
+        fn process_message(&mut self, message: &mut Message) -> Result<ProcessingAction> {
+            self.calls.fetch_add(1, Ordering::Relaxed);
+            Ok(match &message.payload[..] {
+                b"drop" => ProcessingAction::dropped("asked to"),
+                b"dead" => ProcessingAction::dead_letter("asked to"),
+                b"fail" => {
+                    return Err(Error::Plugin {
+                        plugin: "by_payload".into(),
+                        reason: "asked to".into(),
+                    })
+                }
+                _ => (self.otherwise)(),
+            })
+        }
+    }
+
+    fn step(
+        name: &str,
+        otherwise: fn() -> ProcessingAction,
+        policy: BreakerPolicy,
+    ) -> (Step, Arc<AtomicUsize>) {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let plugin = ByPayload {
+            otherwise,
+            calls: calls.clone(),
+        };
+        let security = SecurityIsolation::new().with_breaker(policy);
+        let handle = PluginHandle::new(name, "by_payload", Box::new(plugin), security);
+        handle.initialize(toml::Table::new()).unwrap();
+        let step = Step {
+            handle,
+            when_off: WhenOff::Bypass,
+        };
+        (step, calls)
+    }
+
+    fn topic(name: &str) -> Topic {
+        Topic::new(name).unwrap()
+    }
+
+    fn chain(steps: Vec<Step>) -> Arc<Chain> {
+        Arc::new(Chain {
+            steps,
+            dead_letter: topic("dead"),
+        })
+    }
+
+    /// Runs `payloads` on topic "in" through `chain`; what each became.
+    fn run_all(chain: &Arc<Chain>, payloads: &[&str]) -> Vec<(String, String, Fate, Vec<String>)> {
+        let mut run = Run::default();
+        let on = topic("in");
+        for payload in payloads {
+            assert!(run.accepts(chain, &on));
+            run.push(
+                chain,
+                &on,
+                Message::new(on.clone(), payload.as_bytes().to_vec()).unwrap(),
+            );
+        }
+        let mut out = Vec::new();
+        run.finish(|i, message, fate, copies| {
+            assert_eq!(i, out.len(), "in the order pushed");
+            let copies = copies.map(|c| c.topic.to_string()).collect();
+            let payload = String::from_utf8(message.payload.to_vec()).unwrap();
+            out.push((payload, message.topic.to_string(), fate, copies));
+        });
+        assert!(run.is_empty());
+        out
+    }
+
+    #[test]
+    fn a_run_meets_each_plugin_in_order_and_keeps_its_order() {
+        let policy = BreakerPolicy::default();
+        let (first, first_calls) = step("first", || ProcessingAction::Continue, policy);
+        let copy = || ProcessingAction::Copy {
+            topic: Topic::new("copied").unwrap(),
+        };
+        let (second, second_calls) = step("second", copy, policy);
+        let reroute = || ProcessingAction::Reroute {
+            topic: Topic::new("moved").unwrap(),
+        };
+        let (third, third_calls) = step("third", reroute, policy);
+        let chain = chain(vec![first, second, third]);
+        let out = run_all(&chain, &["a", "drop", "b", "dead", "c"]);
+
+        // Refused messages meet no later plugin.
+        assert_eq!(first_calls.load(Ordering::Relaxed), 5);
+        assert_eq!(second_calls.load(Ordering::Relaxed), 3);
+        assert_eq!(third_calls.load(Ordering::Relaxed), 3);
+
+        let passed = |payload: &str| {
+            (
+                payload.to_string(),
+                "moved".to_string(),
+                Fate::Pass,
+                vec!["copied".to_string()],
+            )
+        };
+        assert_eq!(out[0], passed("a"));
+        assert_eq!(out[2], passed("b"));
+        assert_eq!(out[4], passed("c"));
+        assert!(matches!(
+            &out[1].2,
+            Fate::Refused { code: ErrorCode::Rejected, dead_letter: false, reason } if reason.contains("first")
+        ));
+        assert_eq!(out[1].1, "in");
+        assert!(matches!(
+            &out[3].2,
+            Fate::Refused {
+                code: ErrorCode::DeadLettered,
+                dead_letter: true,
+                ..
+            }
+        ));
+        assert_eq!(
+            out[3].1, "dead",
+            "a dead letter goes to the dead-letter topic"
+        );
+        assert!(out[1].3.is_empty() && out[3].3.is_empty());
+    }
+
+    #[test]
+    fn the_breaker_opens_in_the_middle_of_a_run() {
+        let policy = BreakerPolicy {
+            failure_threshold: 2,
+            cooldown: Duration::from_secs(60),
+        };
+        let (failing, calls) = step("failing", || ProcessingAction::Continue, policy);
+        let chain = chain(vec![failing.clone()]);
+        let out = run_all(&chain, &["fail", "fail", "fail", "ok"]);
+        // Two failures open it: the rest bypass it (when_off = bypass).
+        assert_eq!(calls.load(Ordering::Relaxed), 2);
+        assert!(matches!(
+            &out[0].2,
+            Fate::Refused {
+                dead_letter: true,
+                ..
+            }
+        ));
+        assert!(matches!(
+            &out[1].2,
+            Fate::Refused {
+                dead_letter: true,
+                ..
+            }
+        ));
+        assert_eq!(out[2].2, Fate::Pass);
+        assert_eq!(out[3].2, Fate::Pass);
+        let stats = failing.handle.stats();
+        assert_eq!(stats.calls.load(Ordering::Relaxed), 2);
+        assert_eq!(stats.errors.load(Ordering::Relaxed), 2);
+        assert_eq!(stats.skipped.load(Ordering::Relaxed), 2);
+        assert_eq!(
+            failing.handle.breaker_state(),
+            kaelix_core::plugin::BreakerState::Open
+        );
+    }
+
+    #[test]
+    fn a_run_takes_one_topic_and_chain_up_to_its_cap() {
+        let (only, _) = step(
+            "only",
+            || ProcessingAction::Continue,
+            BreakerPolicy::default(),
+        );
+        let (a, b) = (chain(vec![only.clone()]), chain(vec![only]));
+        let mut run = Run::default();
+        let on = topic("in");
+        assert!(run.accepts(&a, &on));
+        run.push(&a, &on, Message::new(on.clone(), "x").unwrap());
+        assert!(run.holds_topic(b"in") && !run.holds_topic(b"other"));
+        assert!(!run.accepts(&a, &topic("other")));
+        assert!(
+            !run.accepts(&b, &on),
+            "a chain made by a reload starts a new run"
+        );
+        for _ in 1..RUN_CAP {
+            run.push(&a, &on, Message::new(on.clone(), "x").unwrap());
+        }
+        assert!(!run.accepts(&a, &on), "full");
+        let mut n = 0;
+        run.finish(|_, _, _, _| n += 1);
+        assert_eq!(n, RUN_CAP);
+        assert!(run.accepts(&b, &on));
+    }
 }

@@ -69,16 +69,27 @@ impl PluginStats {
     /// The action kinds in the order of `actions`.
     pub const ACTIONS: [&'static str; 5] = ["continue", "drop", "dead_letter", "reroute", "copy"];
 
-    fn action(&self, action: &ProcessingAction) {
-        let i = match action {
+    fn action_index(action: &ProcessingAction) -> usize {
+        match action {
             ProcessingAction::Continue => 0,
             ProcessingAction::Drop { .. } => 1,
             ProcessingAction::DeadLetter { .. } => 2,
             ProcessingAction::Reroute { .. } => 3,
             ProcessingAction::Copy { .. } => 4,
-        };
-        self.actions[i].fetch_add(1, Ordering::Relaxed);
+        }
     }
+}
+
+/// Counters of the calls in one batch, added to [`PluginStats`] at its end.
+#[derive(Default)]
+struct Tally {
+    calls: u64,
+    busy: Duration,
+    errors: u64,
+    panics: u64,
+    over_budget: u64,
+    skipped: u64,
+    actions: [u64; 5],
 }
 
 struct State {
@@ -242,41 +253,78 @@ impl PluginHandle {
     /// [`call`](Self::call) with the time it starts at; returns the time it
     /// ended, so that a chain reads the clock once between two plugins.
     pub fn call_at(&self, message: &mut Message, start: Instant) -> (Call, Instant) {
-        let stats = &self.inner.stats;
         let mut state = self.inner.state.lock();
+        let mut tally = Tally::default();
+        let (call, end) = self.call_locked(&mut state, &mut tally, message, start);
+        self.settle(&mut state, &tally, end);
+        (call, end)
+    }
+
+    /// Calls the plugin on each message in turn, under one lock: the
+    /// guard's own work (the lock, the counters, the CPU share) is paid
+    /// once per batch, while each call is still timed and judged on its
+    /// own (the breaker can open in the middle of a batch). Pushes onto
+    /// `out` the index and outcome of each call that did not answer
+    /// [`ProcessingAction::Continue`]; returns the time the last call ended.
+    pub fn call_each<'m>(
+        &self,
+        messages: impl IntoIterator<Item = (usize, &'m mut Message)>,
+        start: Instant,
+        out: &mut Vec<(usize, Call)>,
+    ) -> Instant {
+        let mut state = self.inner.state.lock();
+        let mut tally = Tally::default();
+        let mut at = start;
+        for (i, message) in messages {
+            let (call, end) = self.call_locked(&mut state, &mut tally, message, at);
+            at = end;
+            if call != Call::Done(ProcessingAction::Continue) {
+                out.push((i, call));
+            }
+        }
+        self.settle(&mut state, &tally, at);
+        at
+    }
+
+    /// One call, under the lock; counters go to `tally`.
+    fn call_locked(
+        &self,
+        state: &mut State,
+        tally: &mut Tally,
+        message: &mut Message,
+        start: Instant,
+    ) -> (Call, Instant) {
         let (allowed, half_open) = state.breaker.allow(start);
         if let Some(t) = half_open {
             self.changed(t, "the cool-down is over: the next message tries it");
         }
         if !allowed || !state.ready {
-            stats.skipped.fetch_add(1, Ordering::Relaxed);
+            tally.skipped += 1;
             return (Call::Off, start);
         }
         let result = catch_unwind(AssertUnwindSafe(|| state.plugin.process_message(message)));
         let end = Instant::now();
         let took = end.saturating_duration_since(start);
-        stats.calls.fetch_add(1, Ordering::Relaxed);
-        stats
-            .call_nanos
-            .fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
+        tally.calls += 1;
+        tally.busy += took;
         let budget = state.security.time_budget;
         let over_budget = !budget.is_zero() && took > budget;
         let call = match result {
             Ok(Ok(action)) => {
-                stats.action(&action);
+                tally.actions[PluginStats::action_index(&action)] += 1;
                 Call::Done(action)
             }
             Ok(Err(err)) => {
-                stats.errors.fetch_add(1, Ordering::Relaxed);
+                tally.errors += 1;
                 Call::Failed(Failure::Error(err.to_string()))
             }
             Err(panic) => {
-                stats.panics.fetch_add(1, Ordering::Relaxed);
+                tally.panics += 1;
                 Call::Failed(Failure::Panic(panic_text(&*panic)))
             }
         };
         if over_budget {
-            stats.over_budget.fetch_add(1, Ordering::Relaxed);
+            tally.over_budget += 1;
         }
         let failed = matches!(call, Call::Failed(_)) || over_budget;
         if !failed {
@@ -290,8 +338,30 @@ impl PluginHandle {
             };
             self.changed(t, &why);
         }
-        self.charge_cpu(&mut state, took, end);
         (call, end)
+    }
+
+    /// Adds a batch's counters to the plugin's and its time to the CPU
+    /// window.
+    fn settle(&self, state: &mut State, tally: &Tally, now: Instant) {
+        let stats = &self.inner.stats;
+        let add = |counter: &AtomicU64, n: u64| {
+            if n > 0 {
+                counter.fetch_add(n, Ordering::Relaxed);
+            }
+        };
+        add(&stats.calls, tally.calls);
+        add(&stats.call_nanos, tally.busy.as_nanos() as u64);
+        add(&stats.errors, tally.errors);
+        add(&stats.panics, tally.panics);
+        add(&stats.over_budget, tally.over_budget);
+        add(&stats.skipped, tally.skipped);
+        for (counter, n) in stats.actions.iter().zip(tally.actions) {
+            add(counter, n);
+        }
+        if tally.calls > 0 {
+            self.charge_cpu(state, tally.busy, now);
+        }
     }
 
     /// Adds a call's time to the CPU window; a window of a second or more

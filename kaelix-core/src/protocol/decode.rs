@@ -465,11 +465,20 @@ pub fn find_header<'a>(block: &'a [u8], name: &str) -> Option<&'a [u8]> {
 
 /// The name/value pairs of a headers block that was validated.
 pub fn header_pairs(block: &[u8]) -> impl Iterator<Item = (String, String)> + '_ {
+    header_slices(block).map_while(|(name, value)| {
+        let name = std::str::from_utf8(name).ok()?;
+        let value = std::str::from_utf8(value).ok()?;
+        Some((name.to_string(), value.to_string()))
+    })
+}
+
+/// The name/value pairs of a headers block that was validated, borrowed.
+pub fn header_slices(block: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> + '_ {
     let mut r = Reader::new(block, "MESSAGE");
     let count = r.u16("header count").unwrap_or(0);
     (0..count).map_while(move |_| {
-        let name = r.str8("header name").ok()?;
-        let value = r.str16("header value").ok()?;
+        let name = r.bytes8("header name").ok()?;
+        let value = r.bytes16("header value").ok()?;
         Some((name, value))
     })
 }

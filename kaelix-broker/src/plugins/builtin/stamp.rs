@@ -3,7 +3,7 @@
 use std::time::SystemTime;
 
 use kaelix_core::plugin::{Plugin, PluginContext, ProcessingAction, StreamProcessor};
-use kaelix_core::{Message, Result};
+use kaelix_core::{Message, Result, Timestamp};
 
 use super::{bad, known_keys};
 
@@ -28,6 +28,9 @@ pub struct HeaderStamp {
     broker: Option<(String, String)>,
     fixed: Vec<(String, String)>,
     overwrite: bool,
+    /// The last time stamped and its text: the messages of one read share
+    /// their receive time, so it is formatted once per read.
+    last: Option<(Timestamp, String)>,
 }
 
 impl Plugin for HeaderStamp {
@@ -56,6 +59,7 @@ impl Plugin for HeaderStamp {
             (!name.is_empty()).then_some(name)
         };
         self.time = header("time", "kaelix-time");
+        self.last = None;
         self.unix_nanos = match context.get_config("time_format").as_deref() {
             None | Some("rfc3339") => false,
             Some("unix_nanos") => true,
@@ -123,14 +127,21 @@ impl StreamProcessor for HeaderStamp {
         if let Some(name) = &self.time {
             // The time the broker read the message, taken once per read.
             let at = message.timestamp;
-            let unix_nanos = self.unix_nanos;
-            self.set(message, name, || {
-                if unix_nanos {
-                    at.as_nanos().to_string()
-                } else {
-                    humantime::format_rfc3339_micros(SystemTime::from(at)).to_string()
-                }
-            });
+            if self.overwrite || message.header(name).is_none() {
+                let text = match &self.last {
+                    Some((t, text)) if *t == at => text.clone(),
+                    _ => {
+                        let text = if self.unix_nanos {
+                            at.as_nanos().to_string()
+                        } else {
+                            humantime::format_rfc3339_micros(SystemTime::from(at)).to_string()
+                        };
+                        self.last = Some((at, text.clone()));
+                        text
+                    }
+                };
+                message.set_header(name.as_str(), text);
+            }
         }
         if let Some((name, id)) = &self.broker {
             self.set(message, name, || id.clone());
