@@ -239,3 +239,40 @@ fn the_broker_refuses_to_start_with_an_unusable_certificate() {
     assert!(out.stdout.is_empty(), "it listened: {:?}", out.stdout);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn check_config_makes_each_plugin_with_its_config() {
+    let dir = temp_dir("check-plugins");
+    let good = "[[plugins]]\nname = \"size_cap\"\npattern = \"orders.>\"\n\
+                [plugins.config]\nmax_bytes = 1024\n";
+    std::fs::write(dir.join("kaelix.toml"), good).unwrap();
+    let out = broker(&["--check-config"], &[], &dir);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("configuration is valid"), "{stderr}");
+
+    // An unknown plugin and a bad config table fail, naming the entry.
+    let cases = [
+        (
+            "[[plugins]]\nname = \"no_such_plugin\"\n",
+            "plugins[0].name: no plugin \"no_such_plugin\"",
+        ),
+        (
+            "[[plugins]]\nname = \"size_cap\"\n[plugins.config]\nmax_bytse = 1024\n",
+            "max_bytse",
+        ),
+        (
+            "[[plugins]]\nname = \"header_stamp\"\n[plugins.config]\ntime_format = \"iso\"\n",
+            "time_format",
+        ),
+    ];
+    for (file, expected) in cases {
+        std::fs::write(dir.join("kaelix.toml"), file).unwrap();
+        let out = broker(&["--check-config"], &[], &dir);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{file}: {stderr}");
+        assert!(stderr.contains(expected), "{file}: {stderr}");
+        assert!(!stderr.contains("configuration is valid"), "{stderr}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -177,3 +177,53 @@ fn a_plugin_over_its_cpu_share_is_switched_off() {
             >= 1
     );
 }
+
+#[test]
+fn a_batch_over_the_budget_makes_the_next_batch_time_each_call() {
+    use std::sync::atomic::Ordering::Relaxed;
+    // "slow" messages take 3 ms, others nothing; the budget is 2 ms.
+    let handle = guarded(
+        |message| {
+            if &message.payload[..] == b"slow" {
+                std::thread::sleep(Duration::from_millis(3));
+            }
+            Ok(ProcessingAction::Continue)
+        },
+        quick_breaker(3, 60_000).with_time_budget(Duration::from_millis(2)),
+    );
+    let run = |payloads: &[&str]| {
+        let mut batch: Vec<Message> = payloads.iter().map(|p| message(p)).collect();
+        let mut out = Vec::new();
+        handle.call_each(batch.iter_mut().enumerate(), Instant::now(), &mut out);
+        assert!(out.is_empty(), "every call answered Continue: {out:?}");
+    };
+    let over = || handle.stats().over_budget.load(Relaxed);
+
+    // Quick batches are timed as a whole and judged within the budget.
+    run(&["a", "b", "c"]);
+    assert_eq!(over(), 0);
+    // One slow call among several: the batch cannot tell which one, so it
+    // blames none and the next batch is timed call by call.
+    run(&["a", "slow", "b"]);
+    assert_eq!(over(), 0);
+    run(&["slow", "a", "slow"]);
+    assert_eq!(over(), 2, "each slow call of the timed batch counts");
+    // That batch had calls over the budget: the next is timed as well, and
+    // three slow calls in a row open the breaker.
+    run(&["slow", "slow"]);
+    assert_eq!(over(), 4);
+    assert_eq!(handle.breaker_state(), BreakerState::Open);
+    assert_eq!(handle.stats().calls.load(Relaxed), 11);
+
+    // A batch of one call is always judged exactly.
+    let single = guarded(
+        |_| {
+            std::thread::sleep(Duration::from_millis(3));
+            Ok(ProcessingAction::Continue)
+        },
+        quick_breaker(5, 60_000).with_time_budget(Duration::from_millis(2)),
+    );
+    let mut one = [message("x")];
+    single.call_each(one.iter_mut().enumerate(), Instant::now(), &mut Vec::new());
+    assert_eq!(single.stats().over_budget.load(Relaxed), 1);
+}

@@ -203,6 +203,10 @@ fn check_config(loaded: Result<Loaded, kaelix_core::config::ConfigError>) -> Exi
             return ExitCode::from(2);
         }
     }
+    if let Err(err) = kaelix_broker::plugins::check(&loaded.config) {
+        eprintln!("kaelix-broker: {err}");
+        return ExitCode::from(2);
+    }
     eprintln!("configuration is valid");
     ExitCode::SUCCESS
 }

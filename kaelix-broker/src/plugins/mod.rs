@@ -420,6 +420,17 @@ impl Plugins {
     }
 }
 
+/// Checks `config`'s `[[plugins]]` against the built-in plugins without
+/// putting anything in force (what `kaelix-broker --check-config` does):
+/// each entry is made and initialized with its config table, then shut
+/// down. Plugins a program registers are not known here.
+pub fn check(config: &MemoryStreamerConfig) -> Result<(), String> {
+    let plugins = Plugins::new();
+    plugins.build(config)?;
+    plugins.shutdown();
+    Ok(())
+}
+
 /// Whether two entries make the same plugin instance: same plugin, same
 /// settings (pattern, order and the breaker's settings are the chain's or
 /// the guard's, not the instance's).

@@ -24,7 +24,8 @@ use bytes::{Bytes, BytesMut};
 use foldhash::HashMap;
 use kaelix_core::outbox::{Outbox, Pushed};
 use kaelix_core::protocol::decode::{body_parts, header_pairs};
-use kaelix_core::protocol::{encode_deliver_raw, ErrorCode, ErrorFrame, Frame, MessageBody};
+use kaelix_core::protocol::encode::encode_body;
+use kaelix_core::protocol::{encode_deliver_raw, ErrorCode, ErrorFrame, Frame};
 use kaelix_core::queue::MessageQueue;
 use kaelix_core::{CloseReason, Message, SlowConsumerPolicy, Timestamp, Topic, TopicPattern};
 use parking_lot::lock_api::ArcMutexGuard;
@@ -549,7 +550,7 @@ impl RouteCache {
 /// if a network subscriber wants it.
 pub(crate) struct Publication<'a> {
     wire: Option<(u8, &'a [u8])>,
-    body: OnceCell<MessageBody>,
+    body: OnceCell<(u8, Bytes)>,
     message: OnceCell<Message>,
     timestamp: Timestamp,
 }
@@ -598,39 +599,39 @@ impl<'a> Publication<'a> {
         if let Some(wire) = self.wire {
             return wire;
         }
-        let body = self.body.get_or_init(|| {
-            MessageBody::from_message(self.message.get().unwrap_or_else(|| unreachable!()))
-        });
-        (body.flags(), body.raw())
+        let (flags, body) = self
+            .body
+            .get_or_init(|| encode_body(self.message.get().unwrap_or_else(|| unreachable!())));
+        (*flags, body)
     }
 
     fn message(&self, topic: &Topic) -> Message {
         self.message
             .get_or_init(|| {
                 let (flags, body) = self.wire.unwrap_or_else(|| unreachable!());
-                // The decoder validated this body; a failure here is a bug.
-                let parts = body_parts(body, flags).unwrap_or_else(|e| unreachable!("{e}"));
-                Message {
-                    id: kaelix_core::MessageId::next(),
-                    topic: topic.clone(),
-                    payload: Bytes::copy_from_slice(parts.payload),
-                    timestamp: self.timestamp,
-                    partition: parts.partition.map(kaelix_core::PartitionId::new),
-                    offset: None,
-                    headers: parts
-                        .headers
-                        .map(|h| header_pairs(h).collect())
-                        .unwrap_or_default(),
-                }
+                wire_message(flags, body, topic, self.timestamp)
             })
             .clone()
     }
 }
 
-/// The in-process form of a PUBLISH body the decoder validated, for the
-/// plugins of its topic.
+/// The in-process form of a PUBLISH body the decoder validated (for an
+/// in-process subscriber, or the plugins of its topic).
 pub(crate) fn wire_message(flags: u8, body: &[u8], topic: &Topic, timestamp: Timestamp) -> Message {
-    Publication::from_wire(flags, body, timestamp).message(topic)
+    // The decoder validated this body; a failure here is a bug.
+    let parts = body_parts(body, flags).unwrap_or_else(|e| unreachable!("{e}"));
+    Message {
+        id: kaelix_core::MessageId::next(),
+        topic: topic.clone(),
+        payload: Bytes::copy_from_slice(parts.payload),
+        timestamp,
+        partition: parts.partition.map(kaelix_core::PartitionId::new),
+        offset: None,
+        headers: parts
+            .headers
+            .map(|h| header_pairs(h).collect())
+            .unwrap_or_default(),
+    }
 }
 
 /// MESSAGE frames for one subscriber connection, gathered during a batch

@@ -98,6 +98,9 @@ struct State {
     security: SecurityIsolation,
     /// `initialize` succeeded and `shutdown` has not been called since.
     ready: bool,
+    /// Time each call of the next batch: the last untimed batch took
+    /// longer than one time budget.
+    time_each: bool,
     /// Time in calls since `window_start`, for the CPU share.
     window_start: Instant,
     window_busy: Duration,
@@ -147,6 +150,7 @@ impl PluginHandle {
                     breaker: CircuitBreaker::new(security.breaker),
                     security,
                     ready: false,
+                    time_each: false,
                     window_start: Instant::now(),
                     window_busy: Duration::ZERO,
                 }),
@@ -255,17 +259,23 @@ impl PluginHandle {
     pub fn call_at(&self, message: &mut Message, start: Instant) -> (Call, Instant) {
         let mut state = self.inner.state.lock();
         let mut tally = Tally::default();
-        let (call, end) = self.call_locked(&mut state, &mut tally, message, start);
+        let (call, end) = self.call_locked(&mut state, &mut tally, message, start, true);
         self.settle(&mut state, &tally, end);
         (call, end)
     }
 
     /// Calls the plugin on each message in turn, under one lock: the
     /// guard's own work (the lock, the counters, the CPU share) is paid
-    /// once per batch, while each call is still timed and judged on its
-    /// own (the breaker can open in the middle of a batch). Pushes onto
-    /// `out` the index and outcome of each call that did not answer
+    /// once per batch, while each call's outcome is judged on its own (the
+    /// breaker can open in the middle of a batch). Pushes onto `out` the
+    /// index and outcome of each call that did not answer
     /// [`ProcessingAction::Continue`]; returns the time the last call ended.
+    ///
+    /// Time is read once for the whole batch while that is enough to tell
+    /// that no call went over the time budget (the batch took less than
+    /// one budget). When a batch of several calls takes longer, the next
+    /// batch times each call, until one has no call over the budget; a
+    /// batch of one call, and a half-open trial, are always timed exactly.
     pub fn call_each<'m>(
         &self,
         messages: impl IntoIterator<Item = (usize, &'m mut Message)>,
@@ -274,25 +284,46 @@ impl PluginHandle {
     ) -> Instant {
         let mut state = self.inner.state.lock();
         let mut tally = Tally::default();
+        let budget = state.security.time_budget;
+        let mut each = state.time_each || state.breaker.state() != BreakerState::Closed;
         let mut at = start;
-        for (i, message) in messages {
-            let (call, end) = self.call_locked(&mut state, &mut tally, message, at);
+        let mut messages = messages.into_iter().peekable();
+        let mut first = true;
+        while let Some((i, message)) = messages.next() {
+            if std::mem::take(&mut first) && messages.peek().is_none() {
+                // A batch of one: its time is the call's.
+                each = true;
+            }
+            let (call, end) = self.call_locked(&mut state, &mut tally, message, at, each);
             at = end;
             if call != Call::Done(ProcessingAction::Continue) {
                 out.push((i, call));
+            }
+        }
+        if each {
+            state.time_each = tally.over_budget > 0;
+        } else if tally.calls > 0 {
+            at = Instant::now();
+            let took = at.saturating_duration_since(start);
+            tally.busy = took;
+            if !budget.is_zero() && took > budget {
+                // Some call may have gone over: find out next time.
+                state.time_each = true;
             }
         }
         self.settle(&mut state, &tally, at);
         at
     }
 
-    /// One call, under the lock; counters go to `tally`.
+    /// One call, under the lock; counters go to `tally`. Untimed, it is
+    /// judged on its outcome alone and its time is the caller's to count.
     fn call_locked(
         &self,
         state: &mut State,
         tally: &mut Tally,
         message: &mut Message,
         start: Instant,
+        timed: bool,
     ) -> (Call, Instant) {
         let (allowed, half_open) = state.breaker.allow(start);
         if let Some(t) = half_open {
@@ -303,12 +334,12 @@ impl PluginHandle {
             return (Call::Off, start);
         }
         let result = catch_unwind(AssertUnwindSafe(|| state.plugin.process_message(message)));
-        let end = Instant::now();
+        let end = if timed { Instant::now() } else { start };
         let took = end.saturating_duration_since(start);
         tally.calls += 1;
         tally.busy += took;
         let budget = state.security.time_budget;
-        let over_budget = !budget.is_zero() && took > budget;
+        let over_budget = timed && !budget.is_zero() && took > budget;
         let call = match result {
             Ok(Ok(action)) => {
                 tally.actions[PluginStats::action_index(&action)] += 1;
@@ -323,20 +354,29 @@ impl PluginHandle {
                 Call::Failed(Failure::Panic(panic_text(&*panic)))
             }
         };
-        if over_budget {
-            tally.over_budget += 1;
-        }
-        let failed = matches!(call, Call::Failed(_)) || over_budget;
-        if !failed {
-            if let Some(t) = state.breaker.success() {
-                self.changed(t, "the trial message went through");
+        match &call {
+            Call::Failed(f) => {
+                if over_budget {
+                    tally.over_budget += 1;
+                }
+                if let Some(t) = state.breaker.failure(end) {
+                    self.changed(t, &format!("it {f}"));
+                }
             }
-        } else if let Some(t) = state.breaker.failure(end) {
-            let why = match &call {
-                Call::Failed(f) => format!("it {f}"),
-                _ => format!("a call took {took:?}, over its budget of {budget:?}"),
-            };
-            self.changed(t, &why);
+            _ if over_budget => {
+                tally.over_budget += 1;
+                if let Some(t) = state.breaker.failure(end) {
+                    self.changed(
+                        t,
+                        &format!("a call took {took:?}, over its budget of {budget:?}"),
+                    );
+                }
+            }
+            _ => {
+                if let Some(t) = state.breaker.success() {
+                    self.changed(t, "the trial message went through");
+                }
+            }
         }
         (call, end)
     }

@@ -9,7 +9,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 use super::frame::*;
 use super::{flags, opcode, MAGIC};
-use crate::message::{Headers, PartitionId};
+use crate::message::{Headers, Message, PartitionId};
 use crate::topic::Topic;
 
 impl Frame {
@@ -237,6 +237,21 @@ pub fn deliver_len(body: &MessageBody) -> usize {
 /// offset; add 8 with one).
 pub fn deliver_len_raw(body: &[u8]) -> usize {
     super::HEADER_LEN + 4 + body.len()
+}
+
+/// Encodes the body of `message` as PUBLISH and MESSAGE carry it; returns
+/// its flag bits and the bytes. Cheaper than [`MessageBody::from_message`]
+/// for a caller that only forwards the bytes.
+pub fn encode_body(message: &Message) -> (u8, Bytes) {
+    let (topic, partition, headers, payload) = (
+        &message.topic,
+        message.partition,
+        &message.headers,
+        &message.payload,
+    );
+    let mut buf = BytesMut::with_capacity(body_len(topic, partition, headers, payload));
+    put_body(&mut buf, topic, partition, headers, payload);
+    (body_flags(partition, headers), buf.freeze())
 }
 
 pub(super) fn body_flags(partition: Option<PartitionId>, headers: &Headers) -> u8 {
