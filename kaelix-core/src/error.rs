@@ -120,6 +120,10 @@ pub enum CloseReason {
     Protocol(String),
     /// A socket error.
     Io(String),
+    /// Nothing heard from the peer, not even an answer to a ping, for this
+    /// long: the connection is taken for dead (a half-open TCP connection,
+    /// a peer that hangs).
+    PeerSilent(std::time::Duration),
 }
 
 impl fmt::Display for CloseReason {
@@ -134,6 +138,11 @@ impl fmt::Display for CloseReason {
             CloseReason::Server { code, reason } => write!(f, "broker error {code}: {reason}"),
             CloseReason::Protocol(reason) => write!(f, "protocol violation: {reason}"),
             CloseReason::Io(err) => write!(f, "socket error: {err}"),
+            CloseReason::PeerSilent(t) => write!(
+                f,
+                "nothing heard from the peer for {} ms, not even an answer to a ping",
+                t.as_millis()
+            ),
         }
     }
 }

@@ -2,6 +2,10 @@
 //! crates: connect, handshake, read frames in batches, write through an
 //! [`Outbox`].
 
+pub mod reconnect;
+
+pub use reconnect::{Backoff, ConnectionEvent, ReconnectPolicy};
+
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +16,7 @@ use tokio::net::{TcpStream, ToSocketAddrs};
 use tokio::task::JoinHandle;
 
 use crate::error::{CloseReason, Error, Result};
-use crate::outbox::Outbox;
+use crate::outbox::{Outbox, Pushed};
 use crate::protocol::{self, Frame, Hello, Welcome};
 use crate::tls::ClientTls;
 
@@ -92,7 +96,68 @@ pub struct ClientOptions {
     pub tls: Option<ClientTls>,
     /// Credentials sent in HELLO, for brokers that require them.
     pub credentials: Option<Credentials>,
+    /// How the client notices a dead broker.
+    pub heartbeat: Heartbeat,
 }
+
+/// How a client notices a broker that went away without closing the
+/// connection (a half-open TCP connection, a hung process): after
+/// `interval` without hearing anything it sends a ping; if nothing comes
+/// back within `timeout`, the connection is closed as
+/// [`CloseReason::PeerSilent`]. A dead broker is noticed within
+/// `interval + timeout`. A zero `interval` turns it off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Heartbeat {
+    pub interval: Duration,
+    pub timeout: Duration,
+}
+
+impl Default for Heartbeat {
+    fn default() -> Self {
+        Heartbeat {
+            interval: Duration::from_secs(5),
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The heartbeat of one connection, kept by its reader.
+struct Watch {
+    outbox: Arc<Outbox>,
+    heartbeat: Heartbeat,
+    /// When to ping, or (once pinged) to give up.
+    deadline: tokio::time::Instant,
+    pinged: bool,
+}
+
+impl Watch {
+    fn heard(&mut self) {
+        self.pinged = false;
+        self.deadline = tokio::time::Instant::now() + self.heartbeat.interval;
+    }
+
+    /// The deadline passed: ping, or give up if a ping went unanswered.
+    fn expired(&mut self) -> Result<(), CloseReason> {
+        if self.pinged {
+            return Err(CloseReason::PeerSilent(
+                self.heartbeat.interval + self.heartbeat.timeout,
+            ));
+        }
+        let ping = Frame::Ping(HEARTBEAT_TOKEN);
+        if self.outbox.push_now(protocol::HEADER_LEN + 8, |b| ping.encode(b)) == Pushed::Closed {
+            return Err(self
+                .outbox
+                .close_reason()
+                .unwrap_or(CloseReason::PeerClosed));
+        }
+        self.pinged = true;
+        self.deadline = tokio::time::Instant::now() + self.heartbeat.timeout;
+        Ok(())
+    }
+}
+
+/// The token of heartbeat pings (clients number their own from 1).
+pub const HEARTBEAT_TOKEN: u64 = 0;
 
 impl Default for ClientOptions {
     fn default() -> Self {
@@ -103,6 +168,7 @@ impl Default for ClientOptions {
             read_buffer_bytes: 64 * 1024,
             tls: None,
             credentials: None,
+            heartbeat: Heartbeat::default(),
         }
     }
 }
@@ -129,6 +195,7 @@ pub struct FrameReader {
     buf: BytesMut,
     read_size: usize,
     max_frame_bytes: usize,
+    watch: Option<Watch>,
 }
 
 impl fmt::Debug for FrameReader {
@@ -147,10 +214,36 @@ impl FrameReader {
         if self.buf.capacity() - self.buf.len() < self.read_size / 2 {
             self.buf.reserve(self.read_size);
         }
-        match self.rd.read_buf(&mut self.buf).await {
-            Ok(0) => Err(CloseReason::PeerClosed),
-            Ok(_) => Ok(()),
-            Err(err) => Err(CloseReason::Io(err.to_string())),
+        self.read_more().await
+    }
+
+    /// One read into the buffer, keeping the heartbeat: a quiet connection
+    /// is pinged, and one that stays quiet is given up on.
+    async fn read_more(&mut self) -> Result<(), CloseReason> {
+        let FrameReader { rd, buf, watch, .. } = self;
+        loop {
+            let read = match watch {
+                None => rd.read_buf(buf).await,
+                // Reading into a buffer is cancel-safe: a timed-out read
+                // loses nothing.
+                Some(w) => match tokio::time::timeout_at(w.deadline, rd.read_buf(buf)).await {
+                    Ok(read) => read,
+                    Err(_) => {
+                        w.expired()?;
+                        continue;
+                    }
+                },
+            };
+            return match read {
+                Ok(0) => Err(CloseReason::PeerClosed),
+                Ok(_) => {
+                    if let Some(w) = watch {
+                        w.heard();
+                    }
+                    Ok(())
+                }
+                Err(err) => Err(CloseReason::Io(err.to_string())),
+            };
         }
     }
 
@@ -180,11 +273,7 @@ impl FrameReader {
                 return Ok(());
             }
             self.buf.reserve(self.read_size);
-            match self.rd.read_buf(&mut self.buf).await {
-                Ok(0) => return Err(CloseReason::PeerClosed),
-                Ok(_) => {}
-                Err(err) => return Err(CloseReason::Io(err.to_string())),
-            }
+            self.read_more().await?;
         }
     }
 }
@@ -251,6 +340,7 @@ where
         read_size: options.read_buffer_bytes,
         // Until the broker states its limit, accept what any broker may send.
         max_frame_bytes: 64 * 1024 * 1024,
+        watch: None,
     };
     let mut frames = Vec::with_capacity(1);
     let first = reader.read_batch(&mut frames).await;
@@ -274,6 +364,14 @@ where
             return Err(Error::Closed(reason));
         }
     };
+    if !options.heartbeat.interval.is_zero() {
+        reader.watch = Some(Watch {
+            outbox: outbox.clone(),
+            heartbeat: options.heartbeat,
+            deadline: tokio::time::Instant::now() + options.heartbeat.interval,
+            pinged: false,
+        });
+    }
     Ok(ClientConn {
         outbox,
         reader,

@@ -1,0 +1,92 @@
+//! Clients against faults between them and the broker, injected by a TCP
+//! proxy: a broker that goes silent is noticed within the heartbeat's time.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::proxy::FaultProxy;
+use kaelix_broker::{MessageBroker, Server};
+use kaelix_consumer::{Consumer, ConsumerOptions};
+use kaelix_core::client::{ClientOptions, Heartbeat};
+use kaelix_core::{CloseReason, Error};
+use kaelix_publisher::Publisher;
+
+const HEARTBEAT: Heartbeat = Heartbeat {
+    interval: Duration::from_millis(200),
+    timeout: Duration::from_millis(300),
+};
+
+async fn broker() -> (MessageBroker, std::net::SocketAddr) {
+    let broker = MessageBroker::new();
+    broker.start().await.unwrap();
+    let addr = Server::spawn(&broker, "127.0.0.1:0").await.unwrap();
+    (broker, addr)
+}
+
+fn options(name: &str) -> ClientOptions {
+    ClientOptions {
+        name: name.into(),
+        heartbeat: HEARTBEAT,
+        ..ClientOptions::default()
+    }
+}
+
+#[tokio::test]
+async fn a_silent_broker_is_noticed_within_the_heartbeat() {
+    let (broker, addr) = broker().await;
+    let proxy = FaultProxy::start(addr).await;
+    let consumer = Consumer::connect_with(
+        proxy.addr(),
+        ConsumerOptions {
+            client: options("watcher"),
+            ..ConsumerOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let mut sub = consumer.subscribe("beat.>").await.unwrap();
+    let publisher = Publisher::connect_with(proxy.addr(), options("pinger"))
+        .await
+        .unwrap();
+
+    // Quiet but alive: pings are answered, nothing is closed.
+    tokio::time::sleep(HEARTBEAT.interval * 4).await;
+    publisher.publish("beat.one", "alive").await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), sub.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.payload, "alive");
+
+    // The broker goes silent without closing anything.
+    proxy.blackhole(true);
+    let since = Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(10), sub.recv())
+        .await
+        .expect("the consumer notices");
+    let noticed = since.elapsed();
+    let limit = HEARTBEAT.interval + HEARTBEAT.timeout;
+    let err = ended.unwrap_err();
+    assert!(
+        matches!(err, Error::Closed(CloseReason::PeerSilent(t)) if t == limit),
+        "{err}"
+    );
+    // Noticed after a ping went unanswered, well before a TCP timeout.
+    assert!(noticed >= HEARTBEAT.timeout, "{noticed:?}");
+    assert!(noticed < limit * 4, "{noticed:?}");
+
+    // A publisher waiting for an acknowledgement is told too.
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(10),
+        publisher.publish("beat.one", "lost"),
+    )
+    .await
+    .expect("the publisher notices");
+    let err = outcome.unwrap_err();
+    assert!(
+        matches!(err, Error::Closed(CloseReason::PeerSilent(t)) if t == limit),
+        "{err}"
+    );
+    broker.shutdown().await.unwrap();
+}
