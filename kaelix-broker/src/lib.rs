@@ -65,3 +65,8 @@ struct SecurityDoc;
 #[cfg(doctest)]
 #[doc = include_str!("../../docs/plugins.md")]
 struct PluginsDoc;
+
+/// The Rust snippets of docs/clients.md.
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/clients.md")]
+struct ClientsDoc;

@@ -90,3 +90,62 @@ async fn a_silent_broker_is_noticed_within_the_heartbeat() {
     );
     broker.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn clients_given_several_addresses_reach_a_live_one_and_spread_over_them() {
+    let (broker, addr) = broker().await;
+    // Two proxies to the same broker stand for two brokers; a third
+    // address refuses connections.
+    let (a, b) = (FaultProxy::start(addr).await, FaultProxy::start(addr).await);
+    let dead = FaultProxy::start(addr).await;
+    dead.refuse(true);
+    let addresses: Vec<String> = [&a, &b, &dead]
+        .iter()
+        .map(|p| p.addr().to_string())
+        .collect();
+
+    let mut consumers = Vec::new();
+    for _ in 0..20 {
+        let options = ConsumerOptions {
+            client: options("spread"),
+            ..ConsumerOptions::default()
+        };
+        consumers.push(Consumer::connect_any(&addresses, options).await.unwrap());
+    }
+    // Every client got through; both live addresses were chosen first by
+    // some of them (random order), and the dead one was tried by some.
+    assert!(
+        a.accepted() >= 1 && b.accepted() >= 1,
+        "{} {}",
+        a.accepted(),
+        b.accepted()
+    );
+    assert_eq!(a.accepted() + b.accepted(), 20);
+    assert!(dead.accepted() >= 1);
+
+    let publisher = Publisher::connect_any(&addresses, options("spread-pub"))
+        .await
+        .unwrap();
+    let mut sub = consumers[0].subscribe("spread.t").await.unwrap();
+    publisher.publish("spread.t", "here").await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), sub.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.payload, "here");
+
+    // None answering: the error names each address.
+    dead.refuse(true);
+    let nowhere = vec![dead.addr().to_string(), "127.0.0.1:1".to_string()];
+    let err = Publisher::connect_any(&nowhere, options("lost"))
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(text.starts_with("no broker could be reached"), "{text}");
+    assert!(
+        text.contains("127.0.0.1:1") && text.contains(&dead.addr().to_string()),
+        "{text}"
+    );
+    assert!(Publisher::connect_any(&[], options("none")).await.is_err());
+    broker.shutdown().await.unwrap();
+}

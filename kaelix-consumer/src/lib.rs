@@ -108,6 +108,18 @@ impl Consumer {
         options: ConsumerOptions,
     ) -> Result<Consumer> {
         let conn = client::connect(addr, &options.client).await?;
+        Ok(Self::start(conn, options))
+    }
+
+    /// Connects to the first of several brokers (`"host:port"` each, tried
+    /// in a random order, so that clients sharing a list spread over it)
+    /// that answers.
+    pub async fn connect_any(addresses: &[String], options: ConsumerOptions) -> Result<Consumer> {
+        let (conn, _) = client::connect_any(addresses, &options.client).await?;
+        Ok(Self::start(conn, options))
+    }
+
+    fn start(conn: client::ClientConn, options: ConsumerOptions) -> Consumer {
         let inner = Arc::new(Inner {
             outbox: conn.outbox,
             next_sid: AtomicU32::new(1),
@@ -115,10 +127,10 @@ impl Consumer {
             state: Mutex::new(State::default()),
         });
         tokio::spawn(read_loop(conn.reader, inner.clone()));
-        Ok(Consumer {
+        Consumer {
             guard: Arc::new(CloseOnDrop(inner.outbox.clone())),
             inner,
-        })
+        }
     }
 
     /// Subscribes to `pattern` (`*` matches one token, a final `>` one or

@@ -66,6 +66,10 @@ pub enum Error {
     #[error("connection error: {0}")]
     Io(#[from] std::io::Error),
 
+    /// None of the broker addresses given answered; each address and why.
+    #[error("no broker could be reached: {0}")]
+    NoBroker(String),
+
     /// A wait that has a deadline ran past it.
     #[error("timed out after {0:?} waiting for {1}")]
     Timeout(std::time::Duration, &'static str),

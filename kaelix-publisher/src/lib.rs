@@ -84,17 +84,30 @@ impl Publisher {
         options: ClientOptions,
     ) -> Result<Publisher> {
         let conn = client::connect(addr, &options).await?;
+        Ok(Self::start(conn))
+    }
+
+    fn start(conn: client::ClientConn) -> Publisher {
         let inner = Arc::new(Inner {
             outbox: conn.outbox,
-            next_seq: AtomicU64::new(1),
+            // Heartbeat pings use token 0.
+            next_seq: AtomicU64::new(client::HEARTBEAT_TOKEN + 1),
             max_frame_bytes: conn.welcome.max_frame_bytes as usize,
             state: Mutex::new(State::default()),
         });
         tokio::spawn(read_loop(conn.reader, inner.clone()));
-        Ok(Publisher {
+        Publisher {
             _guard: Arc::new(CloseOnDrop(inner.outbox.clone())),
             inner,
-        })
+        }
+    }
+
+    /// Connects to the first of several brokers (`"host:port"` each, tried
+    /// in a random order, so that clients sharing a list spread over it)
+    /// that answers.
+    pub async fn connect_any(addresses: &[String], options: ClientOptions) -> Result<Publisher> {
+        let (conn, _) = client::connect_any(addresses, &options).await?;
+        Ok(Self::start(conn))
     }
 
     /// Publishes `payload` on `topic` and waits for the broker's

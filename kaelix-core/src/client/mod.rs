@@ -144,7 +144,11 @@ impl Watch {
             ));
         }
         let ping = Frame::Ping(HEARTBEAT_TOKEN);
-        if self.outbox.push_now(protocol::HEADER_LEN + 8, |b| ping.encode(b)) == Pushed::Closed {
+        if self
+            .outbox
+            .push_now(protocol::HEADER_LEN + 8, |b| ping.encode(b))
+            == Pushed::Closed
+        {
             return Err(self
                 .outbox
                 .close_reason()
@@ -276,6 +280,29 @@ impl FrameReader {
             self.read_more().await?;
         }
     }
+}
+
+/// Connects to the first of `addresses` (`"host:port"`, tried in a random
+/// order) that answers, and says HELLO; returns the connection and the
+/// address it reached. When none answers, the error names each address
+/// and why. A refusal by a broker (bad credentials, say) is returned at
+/// once: another broker of the same cluster would refuse as well.
+pub async fn connect_any(
+    addresses: &[String],
+    options: &ClientOptions,
+) -> Result<(ClientConn, String)> {
+    if addresses.is_empty() {
+        return Err(Error::NoBroker("no address given".into()));
+    }
+    let mut failures = Vec::new();
+    for addr in reconnect::shuffled(addresses) {
+        match connect(addr.as_str(), options).await {
+            Ok(conn) => return Ok((conn, addr)),
+            Err(err @ Error::Refused { .. }) => return Err(err),
+            Err(err) => failures.push(format!("{addr}: {err}")),
+        }
+    }
+    Err(Error::NoBroker(failures.join("; ")))
 }
 
 /// Connects to `addr` and says HELLO.

@@ -160,7 +160,10 @@ impl fmt::Display for ConnectionEvent {
                 write!(f, "reconnected to {addr} after {attempts} attempt(s)")
             }
             ConnectionEvent::AttemptFailed { addr, error, wait } => {
-                write!(f, "reconnecting to {addr} failed ({error}); next try in {wait:?}")
+                write!(
+                    f,
+                    "reconnecting to {addr} failed ({error}); next try in {wait:?}"
+                )
             }
             ConnectionEvent::GaveUp {
                 attempts,
