@@ -7,8 +7,9 @@
 #
 # Each argument is LABEL=BINARY followed by optional KAELIX_* settings (and
 # BENCH_TLS_CA=FILE, which makes the load tool connect over TLS trusting
-# FILE; the broker then needs KAELIX_SECURITY_TLS_* settings; and
-# CONFIG=FILE, the broker's configuration file). For
+# FILE; the broker then needs KAELIX_SECURITY_TLS_* settings;
+# CONFIG=FILE, the broker's configuration file; and BENCH=FILE, a load tool
+# of the variant's own build, to compare client crates too). For
 # each placement (default, and everything pinned to CPU 0) and each of RUNS
 # runs, every scenario runs once against each variant in turn; the table
 # gives medians and each variant's ratio to the first. Raw results go to
@@ -39,22 +40,23 @@ RUNDIR=$(realpath "$OUT/run")
 # shellcheck source=benches/common.sh
 source benches/common.sh
 
-LABELS=(); PORTS=(); BROKER_PIDS=(); BENCH_EXTRA=()
+LABELS=(); PORTS=(); BROKER_PIDS=(); BENCH_EXTRA=(); BENCHES=()
 start_all() {
     local placement=$1 i=0 spec label bin word
-    LABELS=(); PORTS=(); BROKER_PIDS=(); BENCH_EXTRA=()
+    LABELS=(); PORTS=(); BROKER_PIDS=(); BENCH_EXTRA=(); BENCHES=()
     for spec in "${VARIANTS[@]}"; do
         read -r -a words <<<"$spec"
         label=${words[0]%%=*}; bin=$(realpath "${words[0]#*=}")
-        local port=$((PORT + i)) settings=() extra="" args=()
+        local port=$((PORT + i)) settings=() extra="" args=() bench=$BENCH
         for word in "${words[@]:1}"; do
             case $word in
                 BENCH_TLS_CA=*) extra="--tls-ca $(realpath "${word#*=}")" ;;
+                BENCH=*) bench=$(realpath "${word#*=}") ;;
                 CONFIG=*) args=(--config "$(realpath "${word#*=}")") ;;
                 *) settings+=("$word") ;;
             esac
         done
-        BENCH_EXTRA+=("$extra")
+        BENCH_EXTRA+=("$extra"); BENCHES+=("$bench")
         # From an empty directory: a kaelix.toml here is not the variant's.
         (cd "$RUNDIR" && exec env KAELIX_TELEMETRY_METRICS_PROMETHEUS_PORT=0 "${settings[@]}" KAELIX_NETWORK_HOST=127.0.0.1 \
             KAELIX_NETWORK_PORT=$port RUST_LOG=warn $(prefix "$placement") "$bin" "${args[@]}") \
@@ -71,7 +73,7 @@ run_all() { # placement name scenario args...
     local placement=$1 name=$2 scenario=$3; shift 3
     local i
     for i in "${!LABELS[@]}"; do
-        $(prefix "$placement") "$BENCH" "$scenario" --target "kaelix://127.0.0.1:${PORTS[$i]}" \
+        $(prefix "$placement") "${BENCHES[$i]}" "$scenario" --target "kaelix://127.0.0.1:${PORTS[$i]}" \
             --pid "${BROKER_PIDS[$i]}" --label "${LABELS[$i]}|$placement|$name" --json ${BENCH_EXTRA[$i]} "$@" >>"$RESULTS"
     done
 }

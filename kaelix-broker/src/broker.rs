@@ -77,6 +77,8 @@ pub(crate) struct Inner {
     pub(crate) auth: crate::auth::Auth,
     /// The plugin registry and the `[[plugins]]` entries in force.
     pub(crate) plugins: crate::plugins::Plugins,
+    /// What each publisher had routed, to recognise its retries.
+    pub(crate) dedupe: crate::dedupe::Dedupe,
 }
 
 impl Default for MessageBroker {
@@ -132,6 +134,7 @@ impl MessageBroker {
                 tls: crate::tls::TlsState::default(),
                 auth: crate::auth::Auth::new(&config.security.auth),
                 plugins: crate::plugins::Plugins::new(),
+                dedupe: crate::dedupe::Dedupe::new(),
             }),
         };
         let inner = Arc::downgrade(&broker.inner);
@@ -402,7 +405,10 @@ impl MessageBroker {
         };
         let (sub, missed) = match options.start {
             StartPosition::Latest => (self.inner.router.subscribe(new), 0),
-            start => self.inner.router.subscribe_from(new, start, None),
+            start => {
+                let starts = crate::router::Starts::all(start);
+                self.inner.router.subscribe_from(new, &starts, None)
+            }
         };
         Ok(Receiver {
             rx: QueueReceiver::new(queue),

@@ -33,11 +33,12 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::auth::{AuthFailure, Identity, Login};
 use crate::broker::Inner;
+use crate::dedupe::{self, Window};
 use crate::exec;
 use crate::live::LiveLimits;
 use crate::plugins::{Chain, Fate, Run};
 use crate::router::{
-    Batch, NewSub, Owner, PartitionSet, Publication, RouteCache, Sink, Subscriber,
+    Batch, NewSub, Owner, PartitionSet, Publication, RouteCache, Sink, Starts, Subscriber,
 };
 use crate::server::HandshakeSlot;
 use crate::stats::{Disconnect, Rejection};
@@ -301,6 +302,7 @@ where
         refusals_logged: 0,
         run: Run::default(),
         held: Vec::new(),
+        dedupe: None,
     };
     let exit = conn.run(&mut rd, deadline).await;
     conn.unsubscribe_all();
@@ -367,6 +369,9 @@ struct Connection {
     run: Run,
     /// What answering each publish in `run` needs.
     held: Vec<Held>,
+    /// The acknowledged publishes this publisher (by the id in its HELLO)
+    /// had routed, so that its retries are not routed twice.
+    dedupe: Option<Arc<parking_lot::Mutex<Window>>>,
 }
 
 /// A publish waiting in the plugin run.
@@ -634,6 +639,15 @@ impl Connection {
             return Err(Exit::Protocol(ProtocolError::HelloRequired(hello.name())));
         };
         let login = Login::from_hello(&hello.properties);
+        let publisher_id = hello
+            .properties
+            .iter()
+            .find(|(key, _)| key == dedupe::PUBLISHER_ID)
+            .map(|(_, id)| id.as_str());
+        self.dedupe = publisher_id.and_then(|id| {
+            let now = Timestamp::now().as_nanos();
+            self.broker.dedupe.window(id, now, &self.config.dedupe)
+        });
         let detail = match &login {
             Login::Incomplete(what) => Some(*what),
             _ => None,
@@ -792,6 +806,11 @@ impl Connection {
         self.batch.add_bytes_in(publish.body.len());
         self.published.0 += 1;
         self.published.1 += publish.body.len() as u64;
+        if publish.ack && self.is_retry(publish.seq, now) {
+            self.broker.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+            self.acks += 1;
+            return self.reply(&Frame::PubAck(publish.seq));
+        }
         // The body bounds the payload, so the exact size is only worked
         // out for bodies above the limit.
         if publish.body.len() > max_payload {
@@ -942,9 +961,24 @@ impl Connection {
         }
     }
 
+    /// Whether acknowledged publish `seq` was routed before (a retry of a
+    /// publisher that reconnected); if not, it is remembered as routed.
+    fn is_retry(&self, seq: u64, now: Timestamp) -> bool {
+        match &self.dedupe {
+            Some(window) => !window
+                .lock()
+                .claim(seq, now.as_nanos(), &self.config.dedupe),
+            None => false,
+        }
+    }
+
     /// Answers publish `seq` with a refusal, counted by its code.
     #[cold]
     fn refuse(&mut self, seq: u64, code: ErrorCode, reason: String) -> bool {
+        if let Some(window) = &self.dedupe {
+            // Claimed, but not routed: a retry gets the refusal again.
+            window.lock().release(seq);
+        }
         self.broker.stats.publish_refused(code);
         self.log_refusal("publish", code, &reason);
         self.reply(&Frame::PubNack(Nack {
@@ -1007,6 +1041,7 @@ impl Connection {
             partitions,
             sticky,
             credit,
+            resume,
         } = subscribe;
         let stats = &self.broker.stats;
         let refuse = |code, reason: String| {
@@ -1046,7 +1081,7 @@ impl Connection {
                         ),
                     )
                 }
-                Ok((_, Some(_))) if start != StartPosition::Latest => refuse(
+                Ok((_, Some(_))) if start != StartPosition::Latest || !resume.is_empty() => refuse(
                     ErrorCode::InvalidGroup,
                     "a queue group subscription starts at the latest message: replaying \
                      to one member of a group is not defined"
@@ -1092,19 +1127,23 @@ impl Connection {
                             credit: credit.map(|c| (c.messages, c.bytes)),
                         };
                         let router = &self.broker.router;
-                        match start {
-                            StartPosition::Latest => {
-                                self.subs.insert(sid, router.subscribe(new));
-                                Frame::SubAck(sid)
-                            }
-                            start => {
-                                // The SUB_ACK goes out with the replay, in front
-                                // of its messages (and the outbox is woken).
-                                let ack = Frame::SubAck(sid);
-                                let (sub, _) = router.subscribe_from(new, start, Some(&ack));
-                                self.subs.insert(sid, sub);
-                                return false;
-                            }
+                        if start == StartPosition::Latest && resume.is_empty() {
+                            self.subs.insert(sid, router.subscribe(new));
+                            Frame::SubAck(sid)
+                        } else {
+                            let starts = Starts {
+                                default: start,
+                                resume: resume
+                                    .into_iter()
+                                    .map(|at| ((at.topic, at.partition), at.next))
+                                    .collect(),
+                            };
+                            // The SUB_ACK goes out with the replay, in front
+                            // of its messages (and the outbox is woken).
+                            let ack = Frame::SubAck(sid);
+                            let (sub, _) = router.subscribe_from(new, &starts, Some(&ack));
+                            self.subs.insert(sid, sub);
+                            return false;
                         }
                     }
                 },

@@ -8,6 +8,8 @@
 //!   routing, replies, and the named reason it ended.
 //! - `auth`: identities (tokens, passwords, certificates) and their
 //!   publish and subscribe permissions.
+//! - `dedupe`: the acknowledged publishes each publisher had routed, so
+//!   that its retries after a reconnect are not routed twice.
 //! - `tls`: the TLS acceptor, swapped when certificate files change.
 //! - `router`: subscription state (exact topics in a map, wildcards in a
 //!   trie), per-publisher route caches, delivery into subscriber buffers.
@@ -25,6 +27,7 @@
 mod auth;
 pub mod broker;
 mod connection;
+mod dedupe;
 mod exec;
 pub mod live;
 pub mod plugins;

@@ -169,6 +169,8 @@ pub(crate) struct Stats {
     pub(crate) bytes_in: AtomicU64,
     pub(crate) bytes_out: AtomicU64,
     pub(crate) acked: AtomicU64,
+    /// Retried publishes dropped as already routed (see `dedupe`).
+    pub(crate) duplicates: AtomicU64,
     pub(crate) slow_consumers: AtomicU64,
     /// Messages dropped from slow subscribers' buffers (drop_oldest), or
     /// gone from the retained window before a paced subscriber had credit.
@@ -196,6 +198,7 @@ impl Default for Stats {
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
             acked: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
             slow_consumers: AtomicU64::new(0),
             slow_dropped: AtomicU64::new(0),
             slow_blocked: AtomicU64::new(0),
@@ -253,6 +256,7 @@ impl Stats {
             bytes_received: get(&self.bytes_in),
             bytes_delivered: get(&self.bytes_out),
             publishes_acknowledged: get(&self.acked),
+            publish_duplicates: get(&self.duplicates),
             publishes_refused: publish_refusals.iter().map(|(_, n)| n).sum(),
             publish_refusals,
             subscribe_refusals: self.subscribe_refused.snapshot(),
@@ -298,6 +302,9 @@ pub struct BrokerStats {
     pub bytes_delivered: u64,
     /// Publishes acknowledged (PUB_ACK sent).
     pub publishes_acknowledged: u64,
+    /// Retried publishes acknowledged without routing them again, because
+    /// the broker had routed them before (`[dedupe]`).
+    pub publish_duplicates: u64,
     /// Publishes refused, each answered with its reason.
     pub publishes_refused: u64,
     /// Publish refusals by reason (error code name), every reason listed.
@@ -389,6 +396,7 @@ impl BrokerStats {
             "bytes": { "received": self.bytes_received, "delivered": self.bytes_delivered },
             "publishes": {
                 "acknowledged": self.publishes_acknowledged,
+                "duplicates": self.publish_duplicates,
                 "refused": map(&self.publish_refusals),
             },
             "subscribe_refusals": map(&self.subscribe_refusals),

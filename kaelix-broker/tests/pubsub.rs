@@ -5,7 +5,8 @@ mod common;
 use std::time::Duration;
 
 use common::BrokerProcess;
-use kaelix_consumer::{Consumer, Subscription};
+use kaelix_consumer::{Consumer, ConsumerOptions, Subscription};
+use kaelix_core::client::{ClientOptions, ReconnectPolicy};
 use kaelix_core::{CloseReason, Error};
 use kaelix_publisher::Publisher;
 
@@ -157,9 +158,25 @@ async fn a_queue_group_delivers_each_message_to_exactly_one_member() {
 #[tokio::test]
 async fn sigterm_delivers_what_is_queued_then_exits_zero_within_5s() {
     let mut broker = BrokerProcess::start(&[]);
-    let consumer = Consumer::connect(broker.addr()).await.unwrap();
+    // Clients that do not reconnect, so that the shutdown ends them (by
+    // default they wait for the broker to come back).
+    let client = ClientOptions {
+        reconnect: ReconnectPolicy::never(),
+        ..ClientOptions::default()
+    };
+    let consumer = Consumer::connect_with(
+        broker.addr(),
+        ConsumerOptions {
+            client: client.clone(),
+            ..ConsumerOptions::default()
+        },
+    )
+    .await
+    .unwrap();
     let mut sub = consumer.subscribe("t").await.unwrap();
-    let publisher = Publisher::connect(broker.addr()).await.unwrap();
+    let publisher = Publisher::connect_with(broker.addr(), client)
+        .await
+        .unwrap();
     for i in 0u64..1000 {
         publisher.send("t", i.to_be_bytes().to_vec()).await.unwrap();
     }

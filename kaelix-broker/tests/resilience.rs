@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use common::proxy::FaultProxy;
 use kaelix_broker::{MessageBroker, Server};
 use kaelix_consumer::{Consumer, ConsumerOptions};
-use kaelix_core::client::{ClientOptions, Heartbeat};
+use kaelix_core::client::{ClientOptions, Heartbeat, ReconnectPolicy};
 use kaelix_core::{CloseReason, Error};
 use kaelix_publisher::Publisher;
 
@@ -24,10 +24,13 @@ async fn broker() -> (MessageBroker, std::net::SocketAddr) {
     (broker, addr)
 }
 
+/// Without reconnecting, so that what the heartbeat noticed ends the
+/// client (tests/reconnect.rs has clients that come back).
 fn options(name: &str) -> ClientOptions {
     ClientOptions {
         name: name.into(),
         heartbeat: HEARTBEAT,
+        reconnect: ReconnectPolicy::never(),
         ..ClientOptions::default()
     }
 }

@@ -22,6 +22,12 @@
 //! # Ok(()) }
 //! ```
 //!
+//! A consumer rides through a lost connection: it reconnects (to any of
+//! its brokers, with backoff) and subscribes again, each subscription
+//! carrying on from the offset after the last message it received, so a
+//! retained topic shows no gap and no duplicate across the outage (see
+//! `docs/clients.md`).
+//!
 //! Each subscription buffers at most [`ConsumerOptions::max_pending_messages`]
 //! messages; when an application reads more slowly than messages arrive, the
 //! consumer stops reading from the socket, so the broker's own limit for the
@@ -34,21 +40,23 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
-use kaelix_core::client::{self, ClientOptions, CloseOnDrop, FrameReader};
-use kaelix_core::outbox::{Outbox, Pushed};
+use kaelix_core::client::{self, ClientOptions, CloseOnDrop, ConnectionEvent, FrameReader, Link};
+use kaelix_core::outbox::Pushed;
 use kaelix_core::protocol::{self, Credit, Frame, Peek, Subscribe, HEADER_LEN};
 use kaelix_core::topic::check_group;
 use kaelix_core::{
     CloseReason, CreditWindow, Error, Gap, Message, Result, StartPosition, SubscribeOptions,
-    TopicPattern,
+    Timestamp, TopicPattern,
 };
 
 mod inbox;
+mod positions;
 use inbox::Inbox;
 pub use inbox::MessageView;
 use parking_lot::Mutex;
+use positions::Positions;
 use tokio::net::ToSocketAddrs;
-use tokio::sync::oneshot;
+use tokio::sync::{broadcast, oneshot};
 
 /// How a consumer connects and buffers.
 #[derive(Debug, Clone)]
@@ -83,17 +91,32 @@ pub struct Consumer {
 
 #[derive(Debug)]
 struct Inner {
-    outbox: Arc<Outbox>,
+    link: Arc<Link>,
     next_sid: AtomicU32,
     options: ConsumerOptions,
     state: Mutex<State>,
 }
 
+/// Lock order: this, then a slot's outbox. Subscribing and unsubscribing
+/// push their frame under this lock, and a reconnect re-sends every
+/// subscription and puts the new connection in use under it too, so each
+/// subscription reaches the new connection exactly once.
 #[derive(Debug, Default)]
 struct State {
-    subs: HashMap<u32, Arc<Inbox>>,
+    subs: HashMap<u32, Sub>,
     pending: HashMap<u32, oneshot::Sender<Result<()>>>,
     closed: Option<CloseReason>,
+}
+
+/// A live subscription: its inbox, and what it asked for, to ask again
+/// after a reconnect.
+#[derive(Debug)]
+struct Sub {
+    inbox: Arc<Inbox>,
+    request: Subscribe,
+    /// When it was made (this machine's clock): where it carries on in
+    /// topics it had received nothing from when the connection was lost.
+    since: Timestamp,
 }
 
 impl Consumer {
@@ -107,30 +130,48 @@ impl Consumer {
         addr: impl ToSocketAddrs,
         options: ConsumerOptions,
     ) -> Result<Consumer> {
-        let conn = client::connect(addr, &options.client).await?;
-        Ok(Self::start(conn, options))
+        Self::connect_any(&client::resolve(addr).await?, options).await
     }
 
     /// Connects to the first of several brokers (`"host:port"` each, tried
     /// in a random order, so that clients sharing a list spread over it)
-    /// that answers.
+    /// that answers; reconnects go to any of them.
     pub async fn connect_any(addresses: &[String], options: ConsumerOptions) -> Result<Consumer> {
-        let (conn, _) = client::connect_any(addresses, &options.client).await?;
-        Ok(Self::start(conn, options))
-    }
-
-    fn start(conn: client::ClientConn, options: ConsumerOptions) -> Consumer {
+        let (conn, addr) = client::connect_any(addresses, &options.client).await?;
+        let link = Link::new(
+            &conn,
+            addr,
+            addresses.to_vec(),
+            options.client.clone(),
+            Vec::new(),
+        );
         let inner = Arc::new(Inner {
-            outbox: conn.outbox,
+            link: link.clone(),
             next_sid: AtomicU32::new(1),
             options,
             state: Mutex::new(State::default()),
         });
-        tokio::spawn(read_loop(conn.reader, inner.clone()));
-        Consumer {
-            guard: Arc::new(CloseOnDrop(inner.outbox.clone())),
+        tokio::spawn(run(conn, inner.clone()));
+        Ok(Consumer {
+            guard: Arc::new(CloseOnDrop(link)),
             inner,
-        }
+        })
+    }
+
+    /// What happens to the connection from now on: lost, each reconnect
+    /// attempt, back again (with every subscription made again).
+    pub fn events(&self) -> broadcast::Receiver<ConnectionEvent> {
+        self.inner.link.events()
+    }
+
+    /// Whether a connection to a broker is up now.
+    pub fn is_connected(&self) -> bool {
+        self.inner.link.is_connected()
+    }
+
+    /// The broker connected to (or, while reconnecting, last connected to).
+    pub fn broker_addr(&self) -> String {
+        self.inner.link.addr()
     }
 
     /// Subscribes to `pattern` (`*` matches one token, a final `>` one or
@@ -212,16 +253,7 @@ impl Consumer {
             inner.options.max_pending_bytes,
         ));
         let (tx, rx) = oneshot::channel();
-        {
-            let mut state = inner.state.lock();
-            if let Some(reason) = &state.closed {
-                return Err(Error::Closed(reason.clone()));
-            }
-            // Registered before the request goes out, so no early message is lost.
-            state.subs.insert(sid, inbox.clone());
-            state.pending.insert(sid, tx);
-        }
-        let frame = Frame::Subscribe(Subscribe {
+        let request = Subscribe {
             sid,
             pattern: pattern.to_bytes(),
             group: options
@@ -237,19 +269,43 @@ impl Consumer {
                 messages: w.messages,
                 bytes: w.bytes,
             }),
-        });
+            resume: Vec::new(),
+        };
+        let frame = Frame::Subscribe(request.clone());
         let subscription = Subscription {
             sid,
             pattern,
-            inbox,
+            inbox: inbox.clone(),
             rx: inbox::Receiver::new(),
             inner: inner.clone(),
             _guard: self.guard.clone(),
             ended: false,
             window: options.credit,
         };
-        if inner.outbox.push_now(HEADER_LEN + 520, |b| frame.encode(b)) == Pushed::Closed {
-            return Err(inner.closed_error());
+        {
+            let mut state = inner.state.lock();
+            if let Some(reason) = &state.closed {
+                return Err(Error::Closed(reason.clone()));
+            }
+            // Registered before the request goes out, so no early message
+            // is lost; sent under the lock (see `State`). Into a connection
+            // being lost it is sent again with the others once reconnected.
+            state.subs.insert(
+                sid,
+                Sub {
+                    inbox: inbox.clone(),
+                    request,
+                    since: Timestamp::now(),
+                },
+            );
+            state.pending.insert(sid, tx);
+            let pushed = inner.link.push_now(HEADER_LEN + 520, |b| frame.encode(b));
+            if pushed == Pushed::Closed && inner.link.ended().is_some() {
+                state.subs.remove(&sid);
+                state.pending.remove(&sid);
+                drop(state);
+                return Err(inner.closed_error());
+            }
         }
         match rx.await {
             Ok(Ok(())) => Ok(subscription),
@@ -260,7 +316,7 @@ impl Consumer {
 
     /// Ends every subscription and closes the connection.
     pub async fn close(&self) -> Result<()> {
-        self.inner.outbox.close(CloseReason::Closed, None);
+        self.inner.link.close(CloseReason::Closed);
         Ok(())
     }
 }
@@ -272,17 +328,17 @@ impl Inner {
             .lock()
             .closed
             .clone()
-            .or_else(|| self.outbox.close_reason())
+            .or_else(|| self.link.ended())
             .unwrap_or(CloseReason::PeerClosed);
         Error::Closed(reason)
     }
 
     fn end(&self, sid: u32) {
-        let removed = self.state.lock().subs.remove(&sid);
-        if let Some(inbox) = removed {
-            inbox.close(CloseReason::Closed);
+        let mut state = self.state.lock();
+        if let Some(sub) = state.subs.remove(&sid) {
+            sub.inbox.close(CloseReason::Closed);
             let frame = Frame::Unsubscribe(sid);
-            self.outbox.push_now(HEADER_LEN + 4, |b| frame.encode(b));
+            self.link.push_now(HEADER_LEN + 4, |b| frame.encode(b));
         }
     }
 }
@@ -360,7 +416,7 @@ impl Subscription {
             },
         });
         self.inner
-            .outbox
+            .link
             .push_now(HEADER_LEN + 12, |b| credit.encode(b));
     }
 
@@ -430,33 +486,105 @@ impl futures_core::Stream for Subscription {
     }
 }
 
-async fn read_loop(mut reader: FrameReader, inner: Arc<Inner>) {
+/// The reader task: reads each connection until it ends, then reconnects
+/// (as the link's policy says), subscribes again and carries on, until the
+/// link ends.
+async fn run(mut conn: client::ClientConn, inner: Arc<Inner>) {
     let mut staging = Staging::default();
+    // Where each subscription is, to resume from there; kept only when
+    // there is a reconnect to resume after.
+    let mut positions = inner
+        .options
+        .client
+        .reconnect
+        .enabled
+        .then(Positions::default);
+    loop {
+        let reason = read_loop(&mut conn.reader, &inner, &mut staging, &mut positions).await;
+        let reason = conn
+            .outbox
+            .close_reason()
+            .filter(|r| *r == CloseReason::Closed)
+            .unwrap_or(reason);
+        conn.outbox.close(reason.clone(), None);
+        let mut nothing_parked_waits = |_: &Link| ();
+        let lost = inner
+            .link
+            .reconnect(reason, bytes::BytesMut::new(), &mut nothing_parked_waits);
+        match lost.await {
+            Some(next) => {
+                resubscribe(&inner, &next, positions.as_mut());
+                conn = next;
+            }
+            None => break,
+        }
+    }
+    let reason = inner.link.ended().unwrap_or(CloseReason::Closed);
+    let mut state = inner.state.lock();
+    state.closed = Some(reason.clone());
+    for (_, sub) in state.subs.drain() {
+        sub.inbox.close(reason.clone());
+    }
+    for (_, tx) in state.pending.drain() {
+        let _ = tx.send(Err(Error::Closed(reason.clone())));
+    }
+}
+
+/// Puts a new connection in use with every subscription made again (what
+/// was parked while disconnected is dropped: subscribing and unsubscribing
+/// are in the re-sent set already, credit starts again with a whole
+/// window). A subscription carries on from the offset after the last
+/// message it received in each topic partition; in those it had received
+/// nothing from, at its own start if that was `earliest` or a time, else
+/// from when it was made.
+fn resubscribe(inner: &Inner, next: &client::ClientConn, mut positions: Option<&mut Positions>) {
+    inner.link.install(next.outbox.clone(), |outbox, _parked| {
+        let state = inner.state.lock();
+        let mut frames = bytes::BytesMut::new();
+        for (sid, sub) in &state.subs {
+            let mut request = sub.request.clone();
+            if request.group.is_none() {
+                if let Some(positions) = positions.as_deref_mut() {
+                    request.resume = positions.resume(*sid);
+                }
+                request.start = match request.start {
+                    start @ (StartPosition::Earliest | StartPosition::Time(_)) => start,
+                    _ => StartPosition::Time(sub.since),
+                };
+            }
+            Frame::Subscribe(request).encode(&mut frames);
+        }
+        if let Some(positions) = positions {
+            positions.keep_only(|sid| state.subs.contains_key(&sid));
+        }
+        tracing::debug!(subscriptions = state.subs.len(), "subscribing again");
+        if !frames.is_empty() && outbox.append_over(&mut frames) == Pushed::First {
+            outbox.wake();
+        }
+        // Held until the new connection is in use (see `State`).
+        state
+    });
+}
+
+/// Handles one connection's frames until it ends; returns why. What was
+/// read is handed to the inboxes before it returns.
+async fn read_loop(
+    reader: &mut FrameReader,
+    inner: &Inner,
+    staging: &mut Staging,
+    positions: &mut Option<Positions>,
+) -> CloseReason {
     let reason = loop {
         if let Err(reason) = reader.fill().await {
             break reason;
         }
-        if let Err(reason) = handle_buffer(&mut reader, &inner, &mut staging) {
+        if let Err(reason) = handle_buffer(reader, inner, staging, positions.as_mut()) {
             break reason;
         }
         staging.hand_over().await;
     };
     staging.hand_over().await;
-    let reason = inner
-        .outbox
-        .close_reason()
-        .filter(|r| *r == CloseReason::Closed)
-        .unwrap_or(reason);
-    let mut state = inner.state.lock();
-    state.closed = Some(reason.clone());
-    for (_, inbox) in state.subs.drain() {
-        inbox.close(reason.clone());
-    }
-    for (_, tx) in state.pending.drain() {
-        let _ = tx.send(Err(Error::Closed(reason.clone())));
-    }
-    drop(state);
-    inner.outbox.close(reason, None);
+    reason
 }
 
 /// MESSAGE frames gathered per subscription during one read, handed to
@@ -481,7 +609,7 @@ impl Staging {
         match self.by_sid.entry(sid) {
             std::collections::hash_map::Entry::Occupied(e) => Some(e.into_mut()),
             std::collections::hash_map::Entry::Vacant(e) => {
-                let inbox = inner.state.lock().subs.get(&sid)?.clone();
+                let inbox = inner.state.lock().subs.get(&sid)?.inbox.clone();
                 Some(e.insert(Staged {
                     inbox,
                     chunks: Vec::new(),
@@ -563,6 +691,7 @@ fn handle_buffer(
     reader: &mut FrameReader,
     inner: &Inner,
     staging: &mut Staging,
+    mut positions: Option<&mut Positions>,
 ) -> Result<(), CloseReason> {
     let max_frame = reader.max_frame_bytes();
     let buf = reader.buffer();
@@ -571,6 +700,10 @@ fn handle_buffer(
         match protocol::peek(&buf[run.len..], max_frame) {
             Ok(Peek::Incomplete) => break,
             Ok(Peek::Deliver(delivery, len)) => {
+                if let (Some(positions), Some(offset)) = (positions.as_deref_mut(), delivery.offset)
+                {
+                    positions.saw(delivery.sid, delivery.body, delivery.partition, offset);
+                }
                 match run.sid {
                     None if run.count == 0 => run.sid = Some(delivery.sid),
                     Some(sid) if sid == delivery.sid => {}
@@ -587,7 +720,7 @@ fn handle_buffer(
             Ok(Peek::Other) => {
                 take_run(buf, &mut run, staging, inner, max_frame);
                 match protocol::decode(buf, max_frame) {
-                    Ok(Some(frame)) => handle_control(frame, inner)?,
+                    Ok(Some(frame)) => handle_control(frame, inner, positions.as_deref_mut())?,
                     Ok(None) => break,
                     Err(err) => return Err(CloseReason::Protocol(err.to_string())),
                 }
@@ -599,7 +732,11 @@ fn handle_buffer(
     Ok(())
 }
 
-fn handle_control(frame: Frame, inner: &Inner) -> Result<(), CloseReason> {
+fn handle_control(
+    frame: Frame,
+    inner: &Inner,
+    positions: Option<&mut Positions>,
+) -> Result<(), CloseReason> {
     match frame {
         Frame::SubAck(sid) => {
             if let Some(tx) = inner.state.lock().pending.remove(&sid) {
@@ -609,7 +746,10 @@ fn handle_control(frame: Frame, inner: &Inner) -> Result<(), CloseReason> {
         Frame::SubNack(nack) => {
             let sid = nack.id as u32;
             let mut state = inner.state.lock();
-            let active = state.subs.remove(&sid);
+            let active = state.subs.remove(&sid).map(|sub| sub.inbox);
+            if let Some(positions) = positions {
+                positions.forget(sid);
+            }
             if let Some(tx) = state.pending.remove(&sid) {
                 let _ = tx.send(Err(Error::Refused {
                     code: nack.code,
@@ -627,11 +767,11 @@ fn handle_control(frame: Frame, inner: &Inner) -> Result<(), CloseReason> {
         }
         Frame::Ping(token) => {
             let pong = Frame::Pong(token);
-            inner.outbox.push_now(HEADER_LEN + 8, |b| pong.encode(b));
+            inner.link.push_now(HEADER_LEN + 8, |b| pong.encode(b));
         }
         Frame::Pong(_) => {}
         Frame::Missed(missed) => {
-            if let Some(inbox) = inner.state.lock().subs.get(&missed.sid) {
+            if let Some(inbox) = inner.state.lock().subs.get(&missed.sid).map(|s| &s.inbox) {
                 inbox.add_missed(missed.count);
                 let range = missed.range.and_then(|r| {
                     Some(Gap {

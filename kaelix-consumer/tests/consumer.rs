@@ -4,7 +4,8 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use kaelix_broker::{MessageBroker, Server};
-use kaelix_consumer::Consumer;
+use kaelix_consumer::{Consumer, ConsumerOptions};
+use kaelix_core::client::{ClientOptions, ReconnectPolicy};
 use kaelix_core::{CloseReason, Error, Message, Topic};
 
 async fn broker() -> (MessageBroker, String) {
@@ -68,9 +69,16 @@ async fn dropping_a_subscription_unsubscribes() {
 }
 
 #[tokio::test]
-async fn subscriptions_end_with_the_reason_when_the_broker_stops() {
+async fn without_reconnecting_subscriptions_end_with_the_reason_when_the_broker_stops() {
     let (broker, addr) = broker().await;
-    let consumer = Consumer::connect(&addr).await.unwrap();
+    let options = ConsumerOptions {
+        client: ClientOptions {
+            reconnect: ReconnectPolicy::never(),
+            ..ClientOptions::default()
+        },
+        ..ConsumerOptions::default()
+    };
+    let consumer = Consumer::connect_with(&addr, options).await.unwrap();
     let mut sub = consumer.subscribe_queue("jobs", "workers").await.unwrap();
     publish(&broker, "jobs", "j1").await;
     assert_eq!(sub.recv().await.unwrap().payload, "j1");

@@ -66,6 +66,18 @@ pub enum Error {
     #[error("connection error: {0}")]
     Io(#[from] std::io::Error),
 
+    /// The connection was lost (and made again) since the last flush.
+    #[error("the connection to the broker was lost ({0}); messages sent without an acknowledgement since the last flush may not have arrived")]
+    ConnectionLost(CloseReason),
+
+    /// Disconnected, and the buffer for sends meanwhile is full.
+    #[error("the broker is unreachable and the reconnect buffer ({limit} bytes, reconnect_buffer_bytes) is full")]
+    BufferFull { limit: usize },
+
+    /// Reconnecting failed too often: sends fail fast until it succeeds.
+    #[error("the broker is unreachable: {failures} reconnect attempts failed in a row (last: {last_error}); failing fast until one succeeds")]
+    CircuitOpen { failures: u32, last_error: String },
+
     /// None of the broker addresses given answered; each address and why.
     #[error("no broker could be reached: {0}")]
     NoBroker(String),

@@ -234,6 +234,25 @@ impl Outbox {
         self.closing.notify_waiters();
     }
 
+    /// Closes the outbox (if it was not) and takes what it still holds,
+    /// unsent: whole frames, since the writer takes only whole swaps. A
+    /// client moves a connection's unsent frames to the next this way.
+    pub fn close_and_take(&self, reason: CloseReason) -> BytesMut {
+        let taken = {
+            let mut state = self.state.lock();
+            if state.closed.is_none() {
+                state.closed = Some(reason);
+                self.closed_flag.store(true, Ordering::Relaxed);
+            }
+            state.since = None;
+            std::mem::take(&mut state.buf)
+        };
+        self.ready.notify_one();
+        self.space.notify_waiters();
+        self.closing.notify_waiters();
+        taken
+    }
+
     /// Why the outbox closed, once it has.
     pub fn close_reason(&self) -> Option<CloseReason> {
         self.state.lock().closed.clone()

@@ -96,9 +96,10 @@ fn frame() -> impl Strategy<Value = Frame> {
             proptest::collection::vec(any::<u32>(), 0..8),
             any::<bool>(),
             proptest::option::of((1u32.., any::<u32>())),
+            proptest::collection::vec(("[a-z.]{1,30}", any::<u32>(), any::<u64>()), 0..4),
         )
             .prop_map(
-                |(sid, pattern, group, start, policy, partitions, sticky, credit)| {
+                |(sid, pattern, group, start, policy, partitions, sticky, credit, resume)| {
                     Frame::Subscribe(Subscribe {
                         sid,
                         pattern: Bytes::from(pattern),
@@ -113,6 +114,14 @@ fn frame() -> impl Strategy<Value = Frame> {
                             messages,
                             bytes,
                         }),
+                        resume: resume
+                            .into_iter()
+                            .map(|(topic, partition, next)| kaelix_core::protocol::ResumeAt {
+                                topic: Bytes::from(topic),
+                                partition,
+                                next,
+                            })
+                            .collect(),
                     })
                 }
             ),

@@ -6,6 +6,12 @@
 //! in batches; [`Publisher::flush`] waits until the broker has handled all of
 //! them and reports any it refused.
 //!
+//! A publisher rides through a lost connection: it reconnects (to any of
+//! its brokers, with backoff), holds what is sent meanwhile in a bounded
+//! buffer, and sends again the acknowledged publishes it had no answer
+//! for; the broker recognises those by the publisher's id and never routes
+//! one twice. `docs/clients.md` says what is guaranteed in each failure.
+//!
 //! ```
 //! use kaelix_publisher::Publisher;
 //! # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -22,19 +28,21 @@
 //! # Ok(()) }
 //! ```
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use bytes::Bytes;
-use kaelix_core::client::{self, ClientOptions, CloseOnDrop, FrameReader};
-use kaelix_core::outbox::{Outbox, Pushed};
+use bytes::{Bytes, BytesMut};
+use kaelix_core::client::{
+    self, hello_keys, ClientOptions, CloseOnDrop, ConnectionEvent, FrameReader, Link,
+};
+use kaelix_core::outbox::Pushed;
 use kaelix_core::protocol::encode::publish_len;
-use kaelix_core::protocol::{encode_publish, Frame, HEADER_LEN};
+use kaelix_core::protocol::{self, encode_publish, Frame, Peek, HEADER_LEN};
 use kaelix_core::{CloseReason, Error, Headers, Message, PartitionId, Result, Topic};
 use parking_lot::Mutex;
 use tokio::net::ToSocketAddrs;
-use tokio::sync::oneshot;
+use tokio::sync::{broadcast, oneshot};
 
 pub use kaelix_core::client::ClientOptions as PublisherOptions;
 
@@ -48,21 +56,39 @@ pub struct Publisher {
 
 #[derive(Debug)]
 struct Inner {
-    outbox: Arc<Outbox>,
+    link: Arc<Link>,
     next_seq: AtomicU64,
-    max_frame_bytes: usize,
+    /// The largest frame the broker in use takes.
+    max_frame_bytes: AtomicUsize,
     state: Mutex<State>,
 }
 
+/// Lock order: a slot's outbox, then this (an acknowledged publish is
+/// filed under the outbox lock, so that it is filed with the slot it went
+/// into).
 #[derive(Debug, Default)]
 struct State {
-    acks: HashMap<u64, oneshot::Sender<Result<()>>>,
+    /// Acknowledged publishes without an answer yet, by sequence number:
+    /// sent again after a reconnect.
+    acks: BTreeMap<u64, Pending>,
     pongs: HashMap<u64, oneshot::Sender<()>>,
     stats: HashMap<u64, oneshot::Sender<String>>,
     /// The first refusal of a fire-and-forget send since the last flush
     /// (the one `flush` returns; later ones are logged, not kept).
     refused: Vec<Error>,
+    /// A connection lost since the last flush.
+    lost: Option<CloseReason>,
     closed: Option<CloseReason>,
+}
+
+#[derive(Debug)]
+struct Pending {
+    /// The whole frame, to send again.
+    frame: Bytes,
+    /// The slot it went into: one parked while disconnected goes out with
+    /// the parked frames, not again.
+    gen: u64,
+    tx: oneshot::Sender<Result<()>>,
 }
 
 impl Publisher {
@@ -83,36 +109,54 @@ impl Publisher {
         addr: impl ToSocketAddrs,
         options: ClientOptions,
     ) -> Result<Publisher> {
-        let conn = client::connect(addr, &options).await?;
-        Ok(Self::start(conn))
-    }
-
-    fn start(conn: client::ClientConn) -> Publisher {
-        let inner = Arc::new(Inner {
-            outbox: conn.outbox,
-            // Heartbeat pings use token 0.
-            next_seq: AtomicU64::new(client::HEARTBEAT_TOKEN + 1),
-            max_frame_bytes: conn.welcome.max_frame_bytes as usize,
-            state: Mutex::new(State::default()),
-        });
-        tokio::spawn(read_loop(conn.reader, inner.clone()));
-        Publisher {
-            _guard: Arc::new(CloseOnDrop(inner.outbox.clone())),
-            inner,
-        }
+        Self::connect_any(&client::resolve(addr).await?, options).await
     }
 
     /// Connects to the first of several brokers (`"host:port"` each, tried
     /// in a random order, so that clients sharing a list spread over it)
-    /// that answers.
+    /// that answers; reconnects go to any of them.
     pub async fn connect_any(addresses: &[String], options: ClientOptions) -> Result<Publisher> {
-        let (conn, _) = client::connect_any(addresses, &options).await?;
-        Ok(Self::start(conn))
+        // New for each publisher: the broker tells its retries apart from
+        // another's publishes by it, and its sequence numbers start again.
+        let id = format!("{:016x}{:016x}", rand_u64(), rand_u64());
+        let properties = vec![(hello_keys::PUBLISHER_ID.to_string(), id)];
+        let (conn, addr) = client::connect_any_as(addresses, &options, &properties).await?;
+        let max_frame_bytes = conn.welcome.max_frame_bytes as usize;
+        let link = Link::new(&conn, addr, addresses.to_vec(), options, properties);
+        let inner = Arc::new(Inner {
+            link: link.clone(),
+            // Heartbeat pings use token 0.
+            next_seq: AtomicU64::new(client::HEARTBEAT_TOKEN + 1),
+            max_frame_bytes: AtomicUsize::new(max_frame_bytes),
+            state: Mutex::new(State::default()),
+        });
+        tokio::spawn(run(conn, inner.clone()));
+        Ok(Publisher {
+            _guard: Arc::new(CloseOnDrop(link)),
+            inner,
+        })
+    }
+
+    /// What happens to the connection from now on: lost, each reconnect
+    /// attempt, back again.
+    pub fn events(&self) -> broadcast::Receiver<ConnectionEvent> {
+        self.inner.link.events()
+    }
+
+    /// Whether a connection to a broker is up now.
+    pub fn is_connected(&self) -> bool {
+        self.inner.link.is_connected()
+    }
+
+    /// The broker connected to (or, while reconnecting, last connected to).
+    pub fn broker_addr(&self) -> String {
+        self.inner.link.addr()
     }
 
     /// Publishes `payload` on `topic` and waits for the broker's
     /// acknowledgement. A refusal comes back as [`Error::Refused`] with the
-    /// broker's reason.
+    /// broker's reason. Across a lost connection the publish is sent again
+    /// once reconnected, and routed once.
     pub async fn publish(&self, topic: impl AsRef<str>, payload: impl Into<Bytes>) -> Result<()> {
         let topic = Topic::new(topic)?;
         self.publish_parts(&topic, None, &Headers::new(), payload.into())
@@ -138,24 +182,54 @@ impl Publisher {
         headers: &Headers,
         payload: Bytes,
     ) -> Result<()> {
+        headers.validate()?;
+        let len = self.frame_len(topic, partition, headers, &payload)?;
         let seq = self.inner.next_seq.fetch_add(1, Ordering::Relaxed);
+        let mut frame = BytesMut::with_capacity(len);
+        encode_publish(&mut frame, seq, true, topic, partition, headers, &payload);
+        let frame = frame.freeze();
         let (tx, rx) = oneshot::channel();
-        {
-            let mut state = self.inner.state.lock();
-            if let Some(reason) = &state.closed {
-                return Err(Error::Closed(reason.clone()));
-            }
-            state.acks.insert(seq, tx);
+        if let Some(reason) = &self.inner.state.lock().closed {
+            return Err(Error::Closed(reason.clone()));
         }
-        let sent = self
-            .enqueue(seq, true, topic, partition, headers, &payload, true)
-            .await;
-        if let Err(err) = sent {
-            self.inner.state.lock().acks.remove(&seq);
-            return Err(err);
-        }
+        let mut tx = Some(tx);
+        let state = &self.inner.state;
+        self.inner
+            .link
+            .push(
+                len,
+                |b, gen| {
+                    b.extend_from_slice(&frame);
+                    if let Some(tx) = tx.take() {
+                        let frame = frame.clone();
+                        state.lock().acks.insert(seq, Pending { frame, gen, tx });
+                    }
+                },
+                true,
+            )
+            .await?;
         rx.await
-            .unwrap_or(Err(Error::Closed(CloseReason::PeerClosed)))
+            .unwrap_or_else(|_| Err(self.inner.link.closed_error()))
+    }
+
+    /// The length of a PUBLISH frame (prefix included), or the error for
+    /// one larger than the broker takes.
+    fn frame_len(
+        &self,
+        topic: &Topic,
+        partition: Option<PartitionId>,
+        headers: &Headers,
+        payload: &[u8],
+    ) -> Result<usize> {
+        let frame_len = publish_len(topic, partition, headers, payload);
+        let max = self.inner.max_frame_bytes.load(Ordering::Relaxed);
+        if frame_len > max {
+            return Err(Error::PayloadTooLarge {
+                size: payload.len(),
+                max: max.saturating_sub(frame_len - payload.len()),
+            });
+        }
+        Ok(4 + frame_len)
     }
 
     /// Queues `payload` on `topic` without waiting for the broker. Messages
@@ -170,9 +244,7 @@ impl Publisher {
     /// Like [`send`](Self::send) for a topic already validated and a
     /// borrowed payload: the payload is copied once, into the send buffer.
     pub async fn send_slice(&self, topic: &Topic, payload: &[u8]) -> Result<()> {
-        let seq = self.inner.next_seq.fetch_add(1, Ordering::Relaxed);
-        self.enqueue(seq, false, topic, None, &Headers::new(), payload, false)
-            .await
+        self.enqueue(topic, None, &Headers::new(), payload).await
     }
 
     /// Queues many payloads on one topic with a single append to the send
@@ -198,40 +270,25 @@ impl Publisher {
         let headers = Headers::new();
         let mut total = 0;
         for payload in payloads {
-            let frame_len = publish_len(topic, None, &headers, payload.as_ref());
-            if frame_len > self.inner.max_frame_bytes {
-                return Err(Error::PayloadTooLarge {
-                    size: payload.as_ref().len(),
-                    max: self
-                        .inner
-                        .max_frame_bytes
-                        .saturating_sub(frame_len - payload.as_ref().len()),
-                });
-            }
-            total += 4 + frame_len;
+            total += self.frame_len(topic, None, &headers, payload.as_ref())?;
         }
         let first = self
             .inner
             .next_seq
             .fetch_add(payloads.len() as u64, Ordering::Relaxed);
-        let outbox = &self.inner.outbox;
-        loop {
-            let pushed = outbox.push(total, |b| {
-                for (i, payload) in payloads.iter().enumerate() {
-                    let seq = first + i as u64;
-                    encode_publish(b, seq, false, topic, None, &headers, payload.as_ref());
-                }
-            });
-            match pushed {
-                Pushed::First => {
-                    outbox.wake();
-                    return Ok(());
-                }
-                Pushed::More => return Ok(()),
-                Pushed::Full => outbox.wait_for_space(total).await,
-                Pushed::Closed => return Err(self.closed_error()),
-            }
-        }
+        self.inner
+            .link
+            .push(
+                total,
+                |b, _| {
+                    for (i, payload) in payloads.iter().enumerate() {
+                        let seq = first + i as u64;
+                        encode_publish(b, seq, false, topic, None, &headers, payload.as_ref());
+                    }
+                },
+                false,
+            )
+            .await
     }
 
     /// Queues a whole message without waiting for the broker.
@@ -252,60 +309,41 @@ impl Publisher {
         headers: &Headers,
         payload: &Bytes,
     ) -> Result<()> {
-        let seq = self.inner.next_seq.fetch_add(1, Ordering::Relaxed);
-        self.enqueue(seq, false, topic, partition, headers, payload, false)
-            .await
+        self.enqueue(topic, partition, headers, payload).await
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Queues one fire-and-forget publish.
     async fn enqueue(
         &self,
-        seq: u64,
-        ack: bool,
         topic: &Topic,
         partition: Option<PartitionId>,
         headers: &Headers,
         payload: &[u8],
-        wake_now: bool,
     ) -> Result<()> {
         headers.validate()?;
-        let frame_len = publish_len(topic, partition, headers, payload);
-        if frame_len > self.inner.max_frame_bytes {
-            return Err(Error::PayloadTooLarge {
-                size: payload.len(),
-                max: self
-                    .inner
-                    .max_frame_bytes
-                    .saturating_sub(frame_len - payload.len()),
-            });
-        }
-        let len = 4 + frame_len;
-        let outbox = &self.inner.outbox;
-        loop {
-            match outbox.push(len, |b| {
-                encode_publish(b, seq, ack, topic, partition, headers, payload)
-            }) {
-                Pushed::First => {
-                    outbox.wake();
-                    return Ok(());
-                }
-                Pushed::More => {
-                    if wake_now {
-                        outbox.wake();
-                    }
-                    return Ok(());
-                }
-                Pushed::Full => outbox.wait_for_space(len).await,
-                Pushed::Closed => return Err(self.closed_error()),
-            }
-        }
+        let len = self.frame_len(topic, partition, headers, payload)?;
+        let seq = self.inner.next_seq.fetch_add(1, Ordering::Relaxed);
+        self.inner
+            .link
+            .push(
+                len,
+                |b, _| encode_publish(b, seq, false, topic, partition, headers, payload),
+                false,
+            )
+            .await
     }
 
     /// Waits until the broker has handled everything sent so far. Returns the
-    /// first refusal of a [`send`](Self::send) since the last flush, if any.
+    /// first refusal of a [`send`](Self::send) since the last flush, if any,
+    /// or [`Error::ConnectionLost`] if the connection was lost (and made
+    /// again) since: sends of that time may not have arrived.
     pub async fn flush(&self) -> Result<()> {
         self.ask(Frame::Ping, |state| &mut state.pongs).await?;
         let mut state = self.inner.state.lock();
+        if let Some(reason) = state.lost.take() {
+            state.refused.clear();
+            return Err(Error::ConnectionLost(reason));
+        }
         if state.refused.is_empty() {
             Ok(())
         } else {
@@ -322,7 +360,8 @@ impl Publisher {
     }
 
     /// Sends a frame carrying a fresh token and waits for the answer the
-    /// read loop files under that token in `pending`.
+    /// read loop files under that token in `pending` (asked again after a
+    /// reconnect).
     async fn ask<T>(
         &self,
         frame: impl FnOnce(u64) -> Frame,
@@ -338,42 +377,146 @@ impl Publisher {
             pending(&mut state).insert(token, tx);
         }
         let frame = frame(token);
-        if self
+        let pushed = self
             .inner
-            .outbox
-            .push_now(HEADER_LEN + 8, |b| frame.encode(b))
-            == Pushed::Closed
-        {
-            return Err(self.closed_error());
+            .link
+            .push_now(HEADER_LEN + 8, |b| frame.encode(b));
+        if pushed == Pushed::Closed && self.inner.link.ended().is_some() {
+            return Err(self.inner.link.closed_error());
         }
-        rx.await.map_err(|_| self.closed_error())
+        // Otherwise, pushed into a connection just lost: asked again on
+        // the next.
+        rx.await.map_err(|_| self.inner.link.closed_error())
     }
 
     /// Flushes, then closes the connection.
     pub async fn close(&self) -> Result<()> {
         let flushed = self.flush().await;
-        self.inner.outbox.close(CloseReason::Closed, None);
+        self.inner.link.close(CloseReason::Closed);
         flushed
-    }
-
-    fn closed_error(&self) -> Error {
-        let reason = self
-            .inner
-            .state
-            .lock()
-            .closed
-            .clone()
-            .or_else(|| self.inner.outbox.close_reason())
-            .unwrap_or(CloseReason::PeerClosed);
-        Error::Closed(reason)
     }
 }
 
-async fn read_loop(mut reader: FrameReader, inner: Arc<Inner>) {
+fn rand_u64() -> u64 {
+    rand::random()
+}
+
+/// The reader task: reads each connection until it ends, then reconnects
+/// (as the link's policy says) and carries on, until the link ends.
+async fn run(mut conn: client::ClientConn, inner: Arc<Inner>) {
+    loop {
+        let reason = read_loop(&mut conn.reader, &inner).await;
+        let reason = conn
+            .outbox
+            .close_reason()
+            .filter(|r| *r == CloseReason::Closed)
+            .unwrap_or(reason);
+        let unsent = unwritten_sends(conn.outbox.close_and_take(reason.clone()));
+        inner.state.lock().lost = Some(reason.clone());
+        let mut fail_parked = |link: &Link| fail_parked_publishes(&inner, link);
+        match inner.link.reconnect(reason, unsent, &mut fail_parked).await {
+            Some(next) => {
+                resume(&inner, &next);
+                conn = next;
+            }
+            None => break,
+        }
+    }
+    let reason = inner.link.ended().unwrap_or(CloseReason::Closed);
+    let mut state = inner.state.lock();
+    state.closed = Some(reason.clone());
+    for (_, pending) in std::mem::take(&mut state.acks) {
+        let _ = pending.tx.send(Err(Error::Closed(reason.clone())));
+    }
+    state.pongs.clear();
+    state.stats.clear();
+}
+
+/// The circuit is open: acknowledged publishes parked while disconnected
+/// fail now with [`Error::CircuitOpen`], and leave the buffer (so they
+/// are not sent later behind an error); fire-and-forget sends stay parked.
+fn fail_parked_publishes(inner: &Inner, link: &Link) {
+    let parked = link.slot().gen;
+    link.repark(unwritten_sends);
+    let mut state = inner.state.lock();
+    let failed: Vec<u64> = state
+        .acks
+        .iter()
+        .filter(|(_, pending)| pending.gen == parked)
+        .map(|(seq, _)| *seq)
+        .collect();
+    for seq in failed {
+        if let (Some(pending), Some(err)) = (state.acks.remove(&seq), link.circuit_error()) {
+            let _ = pending.tx.send(Err(err));
+        }
+    }
+}
+
+/// What of a lost connection's unwritten frames goes out on the next:
+/// everything but acknowledged publishes, which are sent again from
+/// `State::acks` (the rest are fire-and-forget publishes, never written, so
+/// sending them now cannot duplicate them, and requests a reply answers).
+fn unwritten_sends(mut frames: BytesMut) -> BytesMut {
+    let mut kept = BytesMut::with_capacity(frames.len());
+    loop {
+        match protocol::peek(&frames, usize::MAX) {
+            Ok(Peek::Publish(publish, len)) => {
+                let acked = publish.ack;
+                let frame = frames.split_to(len);
+                if !acked {
+                    kept.extend_from_slice(&frame);
+                }
+            }
+            Ok(Peek::Other) => match protocol::decode::frame_len(&frames, usize::MAX) {
+                Ok(Some(len)) => kept.extend_from_slice(&frames.split_to(4 + len)),
+                _ => break,
+            },
+            _ => break,
+        }
+    }
+    kept
+}
+
+/// Puts a new connection in use: first every acknowledged publish still
+/// unanswered that went out on a lost connection (in sequence order), then
+/// what was parked meanwhile, then the flushes and statistics requests
+/// still waiting, asked again.
+fn resume(inner: &Inner, next: &client::ClientConn) {
+    inner
+        .max_frame_bytes
+        .store(next.welcome.max_frame_bytes as usize, Ordering::Relaxed);
+    let parking = inner.link.slot().gen;
+    inner.link.install(next.outbox.clone(), |outbox, parked| {
+        let state = inner.state.lock();
+        let mut frames = BytesMut::new();
+        let mut retried = 0;
+        for pending in state.acks.values().filter(|p| p.gen != parking) {
+            frames.extend_from_slice(&pending.frame);
+            retried += 1;
+        }
+        frames.extend_from_slice(&parked);
+        for token in state.pongs.keys() {
+            Frame::Ping(*token).encode(&mut frames);
+        }
+        for token in state.stats.keys() {
+            Frame::Stats(*token).encode(&mut frames);
+        }
+        drop(state);
+        if retried > 0 {
+            tracing::info!(retried, "sending unacknowledged publishes again");
+        }
+        if !frames.is_empty() && outbox.append_over(&mut frames) == Pushed::First {
+            outbox.wake();
+        }
+    });
+}
+
+/// Handles one connection's frames until it ends; returns why.
+async fn read_loop(reader: &mut FrameReader, inner: &Inner) -> CloseReason {
     let mut frames = Vec::new();
-    let reason = loop {
+    loop {
         if let Err(reason) = reader.read_batch(&mut frames).await {
-            break reason;
+            return reason;
         }
         let mut pong_needed = Vec::new();
         let mut error = None;
@@ -382,8 +525,8 @@ async fn read_loop(mut reader: FrameReader, inner: Arc<Inner>) {
             for frame in frames.drain(..) {
                 match frame {
                     Frame::PubAck(seq) => {
-                        if let Some(tx) = state.acks.remove(&seq) {
-                            let _ = tx.send(Ok(()));
+                        if let Some(pending) = state.acks.remove(&seq) {
+                            let _ = pending.tx.send(Ok(()));
                         }
                     }
                     Frame::PubNack(nack) => {
@@ -392,8 +535,8 @@ async fn read_loop(mut reader: FrameReader, inner: Arc<Inner>) {
                             reason: nack.reason,
                         };
                         match state.acks.remove(&nack.id) {
-                            Some(tx) => {
-                                let _ = tx.send(Err(err));
+                            Some(pending) => {
+                                let _ = pending.tx.send(Err(err));
                             }
                             None => {
                                 tracing::warn!(error = %err, "a sent message was refused");
@@ -431,24 +574,10 @@ async fn read_loop(mut reader: FrameReader, inner: Arc<Inner>) {
         }
         for token in pong_needed {
             let pong = Frame::Pong(token);
-            inner.outbox.push_now(HEADER_LEN + 8, |b| pong.encode(b));
+            inner.link.push_now(HEADER_LEN + 8, |b| pong.encode(b));
         }
         if let Some(reason) = error {
-            break reason;
+            return reason;
         }
-    };
-    let mut state = inner.state.lock();
-    let reason = inner
-        .outbox
-        .close_reason()
-        .filter(|r| *r == CloseReason::Closed)
-        .unwrap_or(reason);
-    state.closed = Some(reason.clone());
-    for (_, tx) in state.acks.drain() {
-        let _ = tx.send(Err(Error::Closed(reason.clone())));
     }
-    state.pongs.clear();
-    state.stats.clear();
-    drop(state);
-    inner.outbox.close(reason, None);
 }

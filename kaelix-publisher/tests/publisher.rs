@@ -3,9 +3,10 @@
 use std::time::Duration;
 
 use kaelix_broker::{MessageBroker, Server};
+use kaelix_core::client::ReconnectPolicy;
 use kaelix_core::protocol::ErrorCode;
 use kaelix_core::{CloseReason, Error, Message, PartitionId, Topic};
-use kaelix_publisher::Publisher;
+use kaelix_publisher::{Publisher, PublisherOptions};
 
 async fn broker() -> (MessageBroker, String) {
     let mut config = kaelix_core::MemoryStreamerConfig::default();
@@ -87,9 +88,13 @@ async fn sends_are_batched_and_flush_waits_for_the_broker() {
 }
 
 #[tokio::test]
-async fn shutdown_fails_pending_and_later_publishes_with_the_reason() {
+async fn without_reconnecting_shutdown_fails_later_publishes_with_the_reason() {
     let (broker, addr) = broker().await;
-    let publisher = Publisher::connect(&addr).await.unwrap();
+    let options = PublisherOptions {
+        reconnect: ReconnectPolicy::never(),
+        ..PublisherOptions::default()
+    };
+    let publisher = Publisher::connect_with(&addr, options).await.unwrap();
     publisher.publish("a", "1").await.unwrap();
     broker.shutdown().await.unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);

@@ -305,7 +305,7 @@ impl Router {
     pub(crate) fn subscribe_from(
         &self,
         new: NewSub,
-        start: kaelix_core::StartPosition,
+        start: &Starts,
         ack: Option<&Frame>,
     ) -> (Arc<Subscriber>, u64) {
         let registry = self.logs.lock_registry();
@@ -328,10 +328,11 @@ impl Router {
         if let (Some(flow), Sink::Net(outbox)) = (&sub.flow, &sub.sink) {
             // Paced: what credit allows now, the rest from the logs as
             // credit comes.
-            let from: Vec<u64> = locked
-                .iter_mut()
-                .map(|state| {
-                    let (from, gone) = state.position(start);
+            let from: Vec<u64> = parts
+                .iter()
+                .zip(locked.iter_mut())
+                .map(|((topic, p, ..), state)| {
+                    let (from, gone) = state.position(start.at(topic, *p));
                     missed += gone;
                     from
                 })
@@ -356,7 +357,7 @@ impl Router {
         }
         let mut replay = Vec::with_capacity(parts.len());
         for ((topic, p, split, _), state) in parts.iter().zip(locked.iter_mut()) {
-            let (kept, gone) = state.since(start);
+            let (kept, gone) = state.since(start.at(topic, *p));
             missed += gone;
             let policy = sub.policy.unwrap_or(state.slow_consumer);
             replay.push((*topic, split.then_some(*p), kept, policy));
@@ -435,6 +436,36 @@ impl Router {
             outbox.wake();
         }
         self.stats.add_routed(0, sent, 0, len);
+    }
+}
+
+/// Where a subscription starts in each topic partition it matches: at the
+/// offset a resumed subscription names for it, else at one position for
+/// all.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Starts {
+    pub(crate) default: kaelix_core::StartPosition,
+    /// Next offsets by topic and partition (a client that reconnected).
+    pub(crate) resume: HashMap<(Bytes, u32), u64>,
+}
+
+impl Starts {
+    pub(crate) fn all(start: kaelix_core::StartPosition) -> Starts {
+        Starts {
+            default: start,
+            resume: HashMap::default(),
+        }
+    }
+
+    fn at(&self, topic: &Topic, partition: u32) -> kaelix_core::StartPosition {
+        if self.resume.is_empty() {
+            return self.default;
+        }
+        let key = (Bytes::copy_from_slice(topic.as_bytes()), partition);
+        match self.resume.get(&key) {
+            Some(next) => kaelix_core::StartPosition::Offset(*next),
+            None => self.default,
+        }
     }
 }
 

@@ -112,6 +112,7 @@ impl MessageBroker {
         set("kaelix_bytes_received_total", stats.bytes_received);
         set("kaelix_bytes_delivered_total", stats.bytes_delivered);
         set("kaelix_publish_acks_total", stats.publishes_acknowledged);
+        set("kaelix_publish_duplicates_total", stats.publish_duplicates);
         set("kaelix_slow_consumers_total", stats.slow_consumers);
         set(
             "kaelix_slow_consumer_dropped_total",
@@ -290,6 +291,10 @@ fn describe() {
     describe_counter!(
         "kaelix_publish_acks_total",
         "Publishes acknowledged with PUB_ACK."
+    );
+    describe_counter!(
+        "kaelix_publish_duplicates_total",
+        "Retried publishes acknowledged without routing them again: the broker had routed them before."
     );
     describe_counter!(
         "kaelix_publish_refusals_total",

@@ -30,6 +30,8 @@ struct Shared {
     refuse: AtomicBool,
     delay_us: AtomicU64,
     accepted: AtomicU64,
+    /// When each connection was accepted.
+    accept_times: Mutex<Vec<std::time::Instant>>,
 }
 
 impl FaultProxy {
@@ -44,6 +46,7 @@ impl FaultProxy {
             refuse: AtomicBool::new(false),
             delay_us: AtomicU64::new(0),
             accepted: AtomicU64::new(0),
+            accept_times: Mutex::new(Vec::new()),
         });
         let task = tokio::spawn(accept_loop(listener, shared.clone()));
         FaultProxy { addr, shared, task }
@@ -85,6 +88,11 @@ impl FaultProxy {
     pub fn accepted(&self) -> u64 {
         self.shared.accepted.load(Ordering::SeqCst)
     }
+
+    /// When each connection so far was accepted, in order.
+    pub fn accept_times(&self) -> Vec<std::time::Instant> {
+        self.shared.accept_times.lock().clone()
+    }
 }
 
 impl Drop for FaultProxy {
@@ -100,6 +108,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             return;
         };
         shared.accepted.fetch_add(1, Ordering::SeqCst);
+        shared.accept_times.lock().push(std::time::Instant::now());
         if shared.refuse.load(Ordering::SeqCst) {
             drop(client);
             continue;

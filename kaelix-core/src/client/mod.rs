@@ -2,8 +2,10 @@
 //! crates: connect, handshake, read frames in batches, write through an
 //! [`Outbox`].
 
+pub mod link;
 pub mod reconnect;
 
+pub use link::Link;
 pub use reconnect::{Backoff, ConnectionEvent, ReconnectPolicy};
 
 use std::fmt;
@@ -28,6 +30,9 @@ pub mod hello_keys {
     pub const USER: &str = "user";
     /// The user's password.
     pub const PASSWORD: &str = "password";
+    /// A publisher's id, the same across its reconnects: the broker
+    /// recognises the publishes it sends again by it.
+    pub const PUBLISHER_ID: &str = "publisher-id";
 }
 
 /// Who the client says it is. The broker may also take the identity from
@@ -98,6 +103,44 @@ pub struct ClientOptions {
     pub credentials: Option<Credentials>,
     /// How the client notices a dead broker.
     pub heartbeat: Heartbeat,
+    /// Whether and how the client reconnects after losing its broker.
+    pub reconnect: ReconnectPolicy,
+    /// Bytes of frames held while disconnected, sent once reconnected.
+    pub reconnect_buffer_bytes: usize,
+    /// What a send does when that buffer is full.
+    pub when_buffer_full: WhenBufferFull,
+    /// When a publisher stops waiting for a broker that does not come back.
+    pub circuit: CircuitPolicy,
+}
+
+/// What a send does while disconnected when the reconnect buffer is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WhenBufferFull {
+    /// Wait until the client reconnects (or gives up) and there is room.
+    #[default]
+    Wait,
+    /// Fail at once with [`Error::BufferFull`].
+    Fail,
+}
+
+/// The client's circuit breaker: after `failure_threshold` reconnect
+/// attempts in a row failed, sends made while disconnected fail at once
+/// with [`Error::CircuitOpen`] instead of waiting in the buffer, and the
+/// client tries the brokers once per `cooldown` (half-open); the first
+/// connection that succeeds closes it. A zero threshold turns it off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CircuitPolicy {
+    pub failure_threshold: u32,
+    pub cooldown: Duration,
+}
+
+impl Default for CircuitPolicy {
+    fn default() -> Self {
+        CircuitPolicy {
+            failure_threshold: 5,
+            cooldown: Duration::from_secs(5),
+        }
+    }
 }
 
 /// How a client notices a broker that went away without closing the
@@ -173,6 +216,10 @@ impl Default for ClientOptions {
             tls: None,
             credentials: None,
             heartbeat: Heartbeat::default(),
+            reconnect: ReconnectPolicy::default(),
+            reconnect_buffer_bytes: 8 * 1024 * 1024,
+            when_buffer_full: WhenBufferFull::default(),
+            circuit: CircuitPolicy::default(),
         }
     }
 }
@@ -291,12 +338,29 @@ pub async fn connect_any(
     addresses: &[String],
     options: &ClientOptions,
 ) -> Result<(ClientConn, String)> {
+    connect_any_as(addresses, options, &[]).await
+}
+
+/// [`connect_any`], with HELLO properties of the client's own (beyond its
+/// credentials).
+pub async fn connect_any_as(
+    addresses: &[String],
+    options: &ClientOptions,
+    properties: &[(String, String)],
+) -> Result<(ClientConn, String)> {
     if addresses.is_empty() {
         return Err(Error::NoBroker("no address given".into()));
     }
+    if let [addr] = addresses {
+        // One address: its own error says it best.
+        return Ok((
+            connect_as(addr.as_str(), options, properties).await?,
+            addr.clone(),
+        ));
+    }
     let mut failures = Vec::new();
     for addr in reconnect::shuffled(addresses) {
-        match connect(addr.as_str(), options).await {
+        match connect_as(addr.as_str(), options, properties).await {
             Ok(conn) => return Ok((conn, addr)),
             Err(err @ Error::Refused { .. }) => return Err(err),
             Err(err) => failures.push(format!("{addr}: {err}")),
@@ -305,21 +369,47 @@ pub async fn connect_any(
     Err(Error::NoBroker(failures.join("; ")))
 }
 
+/// The addresses `addr` stands for, as `"ip:port"` strings a client can
+/// reconnect to (a host name is resolved now, once).
+pub async fn resolve(addr: impl ToSocketAddrs) -> Result<Vec<String>> {
+    let addresses: Vec<String> = tokio::net::lookup_host(addr)
+        .await?
+        .map(|a| a.to_string())
+        .collect();
+    if addresses.is_empty() {
+        return Err(Error::NoBroker("the address resolves to nothing".into()));
+    }
+    Ok(addresses)
+}
+
 /// Connects to `addr` and says HELLO.
 pub async fn connect(addr: impl ToSocketAddrs, options: &ClientOptions) -> Result<ClientConn> {
+    connect_as(addr, options, &[]).await
+}
+
+/// [`connect`], with HELLO properties of the client's own.
+pub async fn connect_as(
+    addr: impl ToSocketAddrs,
+    options: &ClientOptions,
+    properties: &[(String, String)],
+) -> Result<ClientConn> {
     let timeout = options.connect_timeout;
-    tokio::time::timeout(timeout, connect_inner(addr, options))
+    tokio::time::timeout(timeout, connect_inner(addr, options, properties))
         .await
         .map_err(|_| Error::Timeout(timeout, "the broker to accept the connection"))?
 }
 
-async fn connect_inner(addr: impl ToSocketAddrs, options: &ClientOptions) -> Result<ClientConn> {
+async fn connect_inner(
+    addr: impl ToSocketAddrs,
+    options: &ClientOptions,
+    properties: &[(String, String)],
+) -> Result<ClientConn> {
     let stream = TcpStream::connect(addr).await?;
     stream.set_nodelay(true)?;
     match &options.tls {
         None => {
             let (rd, wr) = stream.into_split();
-            handshake(Box::new(rd), wr, options).await
+            handshake(Box::new(rd), wr, options, properties).await
         }
         Some(tls) => {
             let name = tls.server_name_for(stream.peer_addr()?.ip());
@@ -329,22 +419,28 @@ async fn connect_inner(addr: impl ToSocketAddrs, options: &ClientOptions) -> Res
                 .await
                 .map_err(|e| Error::Tls(format!("handshake with the broker failed: {e}")))?;
             let (rd, wr) = tokio::io::split(stream);
-            handshake(Box::new(rd), wr, options).await
+            handshake(Box::new(rd), wr, options, properties).await
         }
     }
 }
 
 /// Says HELLO over an open transport and waits for WELCOME.
-async fn handshake<W>(rd: ReadHalf, mut wr: W, options: &ClientOptions) -> Result<ClientConn>
+async fn handshake<W>(
+    rd: ReadHalf,
+    mut wr: W,
+    options: &ClientOptions,
+    extra: &[(String, String)],
+) -> Result<ClientConn>
 where
     W: AsyncWrite + Send + Unpin + 'static,
 {
     let outbox = Arc::new(Outbox::new(options.max_pending_bytes));
-    let properties = options
+    let mut properties = options
         .credentials
         .as_ref()
         .map(Credentials::hello_properties)
         .unwrap_or_default();
+    properties.extend_from_slice(extra);
     let hello = Frame::Hello(Hello {
         min_version: protocol::MIN_PROTOCOL_VERSION,
         max_version: protocol::PROTOCOL_VERSION,
@@ -407,14 +503,15 @@ where
     })
 }
 
-/// Closes a client connection when the last handle to it is dropped. The
+/// Closes a client's link when the last handle to it is dropped. The
 /// client's reader task holds the shared state but not this guard, so an
-/// application that drops its handles does not leak the connection.
+/// application that drops its handles does not leak the connection (nor
+/// a reconnect loop).
 #[derive(Debug)]
-pub struct CloseOnDrop(pub Arc<Outbox>);
+pub struct CloseOnDrop(pub Arc<Link>);
 
 impl Drop for CloseOnDrop {
     fn drop(&mut self) {
-        self.0.close(CloseReason::Closed, None);
+        self.0.close(CloseReason::Closed);
     }
 }

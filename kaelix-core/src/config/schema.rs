@@ -15,6 +15,9 @@ pub struct MemoryStreamerConfig {
     pub telemetry: TelemetryConfig,
     pub security: SecurityConfig,
     pub retention: RetentionConfig,
+    /// How the broker recognises publishes a reconnecting publisher sent
+    /// again.
+    pub dedupe: DedupeConfig,
     /// Per-topic settings, matched by pattern (the most specific wins).
     pub topics: Vec<TopicConfig>,
     /// Plugins in the publish path, each on the topics its pattern matches.
@@ -326,6 +329,37 @@ impl Default for RetentionConfig {
         RetentionConfig {
             enabled: true,
             max_bytes: 256 * 1024 * 1024,
+        }
+    }
+}
+
+/// `[dedupe]`: duplicate-free retries. A publisher that reconnects sends
+/// again the acknowledged publishes it had no answer for; the broker
+/// remembers, per publisher, the ids of the acknowledged publishes it
+/// routed and answers a retry of one of them without routing it twice.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DedupeConfig {
+    /// Recognise retries at all.
+    pub enabled: bool,
+    /// How long a routed publish is remembered (ms): a retry later than
+    /// this is routed again.
+    pub window_ms: u64,
+    /// Routed publishes remembered per publisher, at most (16 bytes
+    /// each); the oldest are forgotten first.
+    pub max_entries: usize,
+    /// Publishers remembered at most; past it, the one unheard from
+    /// longest is forgotten.
+    pub max_publishers: usize,
+}
+
+impl Default for DedupeConfig {
+    fn default() -> Self {
+        DedupeConfig {
+            enabled: true,
+            window_ms: 120_000,
+            max_entries: 100_000,
+            max_publishers: 10_000,
         }
     }
 }

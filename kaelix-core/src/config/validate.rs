@@ -142,6 +142,21 @@ impl ConfigValidator {
         if config.retention.max_bytes == 0 {
             bad("retention.max_bytes", "must be at least 1".into());
         }
+        let d = &config.dedupe;
+        if d.enabled {
+            for (key, value) in [
+                ("dedupe.window_ms", d.window_ms as usize),
+                ("dedupe.max_entries", d.max_entries),
+                ("dedupe.max_publishers", d.max_publishers),
+            ] {
+                if value == 0 {
+                    bad(
+                        key,
+                        "must be at least 1 (or set dedupe.enabled = false)".into(),
+                    );
+                }
+            }
+        }
         for (i, topic) in config.topics.iter().enumerate() {
             if let Err(err) = crate::TopicPattern::new(&topic.pattern) {
                 bad(&format!("topics[{i}].pattern"), err.to_string());

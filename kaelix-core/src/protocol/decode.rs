@@ -185,6 +185,7 @@ fn parse(frame: Bytes) -> Result<Frame, ProtocolError> {
                 | flags::PARTITIONS
                 | flags::STICKY
                 | flags::CREDIT
+                | flags::RESUME
         }
         opcode::MISSED => flags::RANGE | flags::RANGE_PARTITION,
         _ => 0,
@@ -311,6 +312,21 @@ fn parse(frame: Bytes) -> Result<Frame, ProtocolError> {
             } else {
                 None
             };
+            let mut resume = Vec::new();
+            if fl & flags::RESUME != 0 {
+                let n = r.u32("resume")?;
+                // As with partitions: the list grows only as its bytes are there.
+                for _ in 0..n {
+                    let topic = r.range8("resume topic")?;
+                    let partition = r.u32("resume partition")?;
+                    let next = r.u64("resume offset")?;
+                    resume.push(ResumeAt {
+                        topic: body.slice(topic),
+                        partition,
+                        next,
+                    });
+                }
+            }
             let sticky = fl & flags::STICKY != 0;
             if sticky && group.is_none() {
                 return Err(ProtocolError::UnknownFlags {
@@ -327,6 +343,7 @@ fn parse(frame: Bytes) -> Result<Frame, ProtocolError> {
                 partitions,
                 sticky,
                 credit,
+                resume,
             })
         }
         opcode::SUB_ACK => Frame::SubAck(r.u32("sid")?),

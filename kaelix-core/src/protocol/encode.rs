@@ -66,7 +66,12 @@ impl Frame {
                         flags::PARTITIONS
                     }
                     | if s.sticky { flags::STICKY } else { 0 }
-                    | if s.credit.is_some() { flags::CREDIT } else { 0 };
+                    | if s.credit.is_some() { flags::CREDIT } else { 0 }
+                    | if s.resume.is_empty() {
+                        0
+                    } else {
+                        flags::RESUME
+                    };
                 with_header(buf, opcode::SUBSCRIBE, fl, |b| {
                     b.put_u32(s.sid);
                     put_bytes8(b, &s.pattern);
@@ -92,6 +97,14 @@ impl Frame {
                     if let Some(credit) = s.credit {
                         b.put_u32(credit.messages);
                         b.put_u32(credit.bytes);
+                    }
+                    if !s.resume.is_empty() {
+                        b.put_u32(s.resume.len() as u32);
+                        for at in &s.resume {
+                            put_bytes8(b, &at.topic);
+                            b.put_u32(at.partition);
+                            b.put_u64(at.next);
+                        }
                     }
                 })
             }

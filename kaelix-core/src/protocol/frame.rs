@@ -156,6 +156,22 @@ pub struct Subscribe {
     /// The initial credit of a subscription that paces the broker; `None`
     /// for one without a window.
     pub credit: Option<Credit>,
+    /// Where a resumed subscription carries on, per topic partition it had
+    /// received from before (a client that reconnected); every other
+    /// matching partition starts at `start`.
+    pub resume: Vec<ResumeAt>,
+}
+
+/// One entry of a resumed SUBSCRIBE: the next offset the subscription wants
+/// of one topic partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResumeAt {
+    /// The topic, not validated by the decoder.
+    pub topic: Bytes,
+    /// The partition (0 for a topic with one).
+    pub partition: u32,
+    /// The first offset to send.
+    pub next: u64,
 }
 
 /// Credit of a subscription: how many more messages, and message body

@@ -23,7 +23,7 @@ pub use encode::{encode_deliver, encode_deliver_raw, encode_publish};
 pub use error::{ErrorCode, ProtocolError};
 pub use frame::{
     Credit, Deliver, ErrorFrame, Frame, Hello, MessageBody, Missed, MissedRange, Nack, Publish,
-    StatsReply, Subscribe, Welcome,
+    ResumeAt, StatsReply, Subscribe, Welcome,
 };
 
 /// The protocol version this build speaks.
@@ -84,6 +84,8 @@ pub mod flags {
     pub const STICKY: u8 = 0x10;
     /// SUBSCRIBE: an initial credit follows (after the partitions).
     pub const CREDIT: u8 = 0x20;
+    /// SUBSCRIBE: resume positions follow (after the credit).
+    pub const RESUME: u8 = 0x40;
     /// MISSED, with RANGE: the partition follows the last offset.
     pub const RANGE_PARTITION: u8 = 0x02;
     /// MESSAGE: the message's offset in its topic partition follows the sid.

@@ -1,0 +1,543 @@
+//! Clients that lose their broker and come back on their own: through a
+//! fault-injecting proxy that cuts connections or refuses new ones, and
+//! through a broker process killed and started again.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::proxy::FaultProxy;
+use common::BrokerProcess;
+use kaelix_broker::{MessageBroker, Server};
+use kaelix_consumer::{Consumer, ConsumerOptions, Subscription};
+use kaelix_core::client::{
+    CircuitPolicy, ClientOptions, ConnectionEvent, Heartbeat, ReconnectPolicy, WhenBufferFull,
+};
+use kaelix_core::config::{MemoryStreamerConfig, TopicConfig};
+use kaelix_core::{Error, Message, Topic};
+use kaelix_publisher::Publisher;
+use tokio::sync::broadcast;
+
+/// Quick to notice a dead peer and quick to come back, so the tests are
+/// short; the defaults are seconds.
+fn quick(name: &str) -> ClientOptions {
+    ClientOptions {
+        name: name.into(),
+        heartbeat: Heartbeat {
+            interval: Duration::from_millis(200),
+            timeout: Duration::from_millis(300),
+        },
+        reconnect: ReconnectPolicy {
+            enabled: true,
+            initial_backoff: Duration::from_millis(20),
+            max_backoff: Duration::from_millis(200),
+            max_attempts: 0,
+        },
+        ..ClientOptions::default()
+    }
+}
+
+fn consumer_options(name: &str) -> ConsumerOptions {
+    ConsumerOptions {
+        client: quick(name),
+        ..ConsumerOptions::default()
+    }
+}
+
+/// An in-process broker whose `seq.>` and `orders.>` topics keep enough
+/// to resume from (`orders.keyed` in three partitions).
+async fn retaining_broker() -> (MessageBroker, std::net::SocketAddr) {
+    let mut config = MemoryStreamerConfig::default();
+    for (pattern, partitions) in [("seq.>", 1), ("orders.>", 1), ("orders.keyed", 3)] {
+        config.topics.push(TopicConfig {
+            pattern: pattern.into(),
+            partitions,
+            retain_messages: 100_000,
+            ..TopicConfig::default()
+        });
+    }
+    let broker = MessageBroker::with_config(config);
+    broker.start().await.unwrap();
+    let addr = Server::spawn(&broker, "127.0.0.1:0").await.unwrap();
+    (broker, addr)
+}
+
+/// A topic and, for one with several, a partition.
+type TopicPartition = (String, Option<u32>);
+
+async fn next(sub: &mut Subscription) -> Message {
+    tokio::time::timeout(Duration::from_secs(20), sub.recv())
+        .await
+        .expect("a message within 20 s")
+        .expect("the subscription is open")
+}
+
+fn number(message: &Message) -> u32 {
+    std::str::from_utf8(&message.payload)
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// Every event received so far.
+fn drain(events: &mut broadcast::Receiver<ConnectionEvent>) -> Vec<ConnectionEvent> {
+    let mut seen = Vec::new();
+    while let Ok(event) = events.try_recv() {
+        seen.push(event);
+    }
+    seen
+}
+
+fn count(events: &[ConnectionEvent], pick: impl Fn(&ConnectionEvent) -> bool) -> usize {
+    events.iter().filter(|e| pick(e)).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_publishes_arrive_exactly_once_and_in_order_across_cuts() {
+    let (broker, addr) = retaining_broker().await;
+    let (to_publisher, to_consumer) =
+        (FaultProxy::start(addr).await, FaultProxy::start(addr).await);
+    let consumer = Consumer::connect_with(to_consumer.addr(), consumer_options("reader"))
+        .await
+        .unwrap();
+    let mut consumer_events = consumer.events();
+    let mut sub = consumer.subscribe("seq.>").await.unwrap();
+    let publisher = Publisher::connect_with(to_publisher.addr(), quick("writer"))
+        .await
+        .unwrap();
+    let mut publisher_events = publisher.events();
+
+    // Four tasks share the publisher, so several publishes are in flight
+    // when a connection is cut; each keeps its own topic in order.
+    const TASKS: u32 = 4;
+    const EACH: u32 = 600;
+    let mut senders = Vec::new();
+    for task in 0..TASKS {
+        let publisher = publisher.clone();
+        senders.push(tokio::spawn(async move {
+            let topic = format!("seq.t{task}");
+            for i in 0..EACH {
+                publisher.publish(&topic, i.to_string()).await.unwrap();
+            }
+        }));
+    }
+    let cutter = tokio::spawn(async move {
+        for k in 0..12 {
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            if k % 2 == 0 {
+                to_publisher.cut();
+            } else {
+                to_consumer.cut();
+            }
+        }
+        (to_publisher, to_consumer)
+    });
+
+    let mut got: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+    for _ in 0..TASKS * EACH {
+        let message = next(&mut sub).await;
+        got.entry(message.topic.to_string())
+            .or_default()
+            .push(number(&message));
+    }
+    for sender in senders {
+        sender.await.unwrap();
+    }
+    let _proxies = cutter.await.unwrap();
+    for task in 0..TASKS {
+        assert_eq!(
+            got[&format!("seq.t{task}")],
+            (0..EACH).collect::<Vec<_>>(),
+            "seq.t{task}: each number once, in order"
+        );
+    }
+    // Nothing comes after the last one: no late duplicate.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), sub.recv())
+            .await
+            .is_err(),
+        "a duplicate arrived"
+    );
+    // Retries were routed once: the broker routed exactly what was sent.
+    let stats = broker.stats();
+    assert_eq!(stats.messages_published, u64::from(TASKS * EACH));
+
+    let publisher_seen = drain(&mut publisher_events);
+    let consumer_seen = drain(&mut consumer_events);
+    for seen in [&publisher_seen, &consumer_seen] {
+        let lost = count(seen, |e| matches!(e, ConnectionEvent::Disconnected { .. }));
+        let back = count(seen, |e| matches!(e, ConnectionEvent::Reconnected { .. }));
+        assert!(lost >= 1, "{seen:?}");
+        assert_eq!(lost, back, "each outage ends in a reconnect: {seen:?}");
+    }
+    eprintln!(
+        "publisher reconnects: {}, consumer reconnects: {}, duplicates dropped by the broker: {}",
+        count(&publisher_seen, |e| matches!(
+            e,
+            ConnectionEvent::Reconnected { .. }
+        )),
+        count(&consumer_seen, |e| matches!(
+            e,
+            ConnectionEvent::Reconnected { .. }
+        )),
+        stats.publish_duplicates
+    );
+    broker.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wildcard_subscription_resumes_every_topic_without_gap_or_duplicate() {
+    let (broker, addr) = retaining_broker().await;
+    let proxy = FaultProxy::start(addr).await;
+    let consumer = Consumer::connect_with(proxy.addr(), consumer_options("resumer"))
+        .await
+        .unwrap();
+    let mut sub = consumer.subscribe("orders.>").await.unwrap();
+    let publisher = Publisher::connect(addr).await.unwrap();
+    let eu = Topic::new("orders.eu").unwrap();
+    let keyed = |i: u32| {
+        Message::builder()
+            .topic("orders.keyed")
+            .key(format!("customer-{}", i % 7))
+            .payload(i.to_string())
+            .build()
+            .unwrap()
+    };
+
+    let mut got: BTreeMap<TopicPartition, Vec<(u64, u32)>> = BTreeMap::new();
+    let mut take = |message: Message| {
+        got.entry((
+            message.topic.to_string(),
+            message.partition.map(|p| p.get()),
+        ))
+        .or_default()
+        .push((message.offset.unwrap().get(), number(&message)));
+    };
+
+    let numbers = |range: std::ops::Range<u32>| range.map(|i| i.to_string()).collect::<Vec<_>>();
+    publisher.send_batch(&eu, &numbers(0..100)).await.unwrap();
+    for i in 0..30 {
+        publisher.send_message(&keyed(i)).await.unwrap();
+    }
+    publisher.flush().await.unwrap();
+    for _ in 0..130 {
+        take(next(&mut sub).await);
+    }
+
+    // The consumer's connection goes, and it cannot come back for a while.
+    proxy.refuse(true);
+    proxy.cut();
+    publisher.send_batch(&eu, &numbers(100..200)).await.unwrap();
+    for i in 30..60 {
+        publisher.send_message(&keyed(i)).await.unwrap();
+    }
+    // A topic the subscription had never received from.
+    let us = Topic::new("orders.us").unwrap();
+    publisher.send_batch(&us, &numbers(0..50)).await.unwrap();
+    publisher.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!consumer.is_connected());
+    proxy.refuse(false);
+
+    // Back: what it missed comes first, then live messages.
+    for _ in 0..180 {
+        take(next(&mut sub).await);
+    }
+    publisher.send_batch(&eu, &numbers(200..250)).await.unwrap();
+    for i in 60..90 {
+        publisher.send_message(&keyed(i)).await.unwrap();
+    }
+    publisher.flush().await.unwrap();
+    for _ in 0..80 {
+        take(next(&mut sub).await);
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), sub.recv())
+            .await
+            .is_err(),
+        "a duplicate arrived"
+    );
+
+    let numbers_of = |key: &TopicPartition| got[key].iter().map(|(_, n)| *n).collect::<Vec<_>>();
+    assert_eq!(
+        numbers_of(&("orders.eu".into(), None)),
+        (0..250).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        numbers_of(&("orders.us".into(), None)),
+        (0..50).collect::<Vec<_>>()
+    );
+    let mut keyed_numbers = Vec::new();
+    for ((topic, partition), messages) in &got {
+        // Offsets of each topic partition run from 0 without a hole.
+        let offsets: Vec<u64> = messages.iter().map(|(o, _)| *o).collect();
+        assert_eq!(
+            offsets,
+            (0..offsets.len() as u64).collect::<Vec<_>>(),
+            "{topic} {partition:?}"
+        );
+        if topic == "orders.keyed" {
+            assert!(partition.is_some());
+            keyed_numbers.extend(messages.iter().map(|(_, n)| *n));
+        }
+    }
+    keyed_numbers.sort();
+    assert_eq!(keyed_numbers, (0..90).collect::<Vec<_>>());
+    broker.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_broker_restart_clients_reconnect_resubscribe_and_traffic_resumes() {
+    let mut first = BrokerProcess::start(&[]);
+    let addr = first.addr.to_string();
+    let consumer = Consumer::connect_with(&addr, consumer_options("survivor"))
+        .await
+        .unwrap();
+    let mut events = consumer.events();
+    let mut sub = consumer.subscribe("restart.>").await.unwrap();
+    let mut queue = consumer
+        .subscribe_queue("restart.jobs", "workers")
+        .await
+        .unwrap();
+    let publisher = Publisher::connect_with(&addr, quick("survivor-pub"))
+        .await
+        .unwrap();
+    publisher.publish("restart.a", "before").await.unwrap();
+    assert_eq!(next(&mut sub).await.payload, "before");
+
+    first.child.kill().unwrap();
+    first.child.wait().unwrap();
+    // Published while the broker is down: held, sent once it is back.
+    let waiting = {
+        let publisher = publisher.clone();
+        tokio::spawn(async move { publisher.publish("restart.a", "during").await })
+    };
+    common::eventually(Duration::from_secs(5), "the consumer notices", || {
+        !consumer.is_connected()
+    })
+    .await;
+
+    let port = first.addr.port().to_string();
+    let _second = BrokerProcess::start(&[("KAELIX_NETWORK_PORT", &port)]);
+    tokio::time::timeout(Duration::from_secs(20), waiting)
+        .await
+        .expect("the held publish goes out")
+        .unwrap()
+        .unwrap();
+    common::eventually(Duration::from_secs(10), "the consumer is back", || {
+        consumer.is_connected()
+    })
+    .await;
+    // The held publish may have come before the consumer subscribed again;
+    // what is published now reaches both subscriptions, made again on
+    // their own.
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !got.iter().any(|p| p == "after") {
+        assert!(Instant::now() < deadline, "traffic did not resume: {got:?}");
+        publisher.publish("restart.a", "after").await.unwrap();
+        if let Ok(Ok(m)) = tokio::time::timeout(Duration::from_millis(200), sub.recv()).await {
+            got.push(String::from_utf8(m.payload.to_vec()).unwrap());
+        }
+    }
+    publisher.publish("restart.jobs", "job").await.unwrap();
+    let job = tokio::time::timeout(Duration::from_secs(5), queue.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(job.payload, "job");
+    let seen = drain(&mut events);
+    assert!(
+        seen.iter()
+            .any(|e| matches!(e, ConnectionEvent::Disconnected { .. })),
+        "{seen:?}"
+    );
+    assert!(
+        seen.iter()
+            .any(|e| matches!(e, ConnectionEvent::Reconnected { .. })),
+        "{seen:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_facing_a_dead_broker_fails_fast_once_its_buffer_or_circuit_says_so() {
+    let (broker, addr) = retaining_broker().await;
+    let proxy = FaultProxy::start(addr).await;
+    let options = ClientOptions {
+        reconnect_buffer_bytes: 4096,
+        when_buffer_full: WhenBufferFull::Fail,
+        circuit: CircuitPolicy {
+            failure_threshold: 3,
+            cooldown: Duration::from_millis(300),
+        },
+        ..quick("doomed")
+    };
+    let publisher = Publisher::connect_with(proxy.addr(), options)
+        .await
+        .unwrap();
+    let mut events = publisher.events();
+    publisher.publish("seq.dead", "first").await.unwrap();
+    proxy.refuse(true);
+    proxy.cut();
+    common::eventually(Duration::from_secs(5), "the publisher notices", || {
+        !publisher.is_connected()
+    })
+    .await;
+
+    // The buffer holds sends while it is down, up to its size.
+    let payload = vec![b'x'; 100];
+    let mut held = 0;
+    let err = loop {
+        match publisher.send("seq.dead", payload.clone()).await {
+            Ok(()) => held += 1,
+            Err(err) => break err,
+        }
+        assert!(held < 100, "the buffer is bounded");
+    };
+    assert!(held >= 20, "held {held}");
+    assert!(
+        matches!(err, Error::BufferFull { limit: 4096 })
+            || matches!(err, Error::CircuitOpen { .. }),
+        "{err}"
+    );
+
+    // After three failed attempts the circuit opens: publishing fails at
+    // once, naming the failures, rather than waiting.
+    // An acknowledged publish parked before the circuit opened fails
+    // when it opens (and is not sent later).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let open = loop {
+        match publisher.publish("seq.dead", "lost").await {
+            Err(err @ Error::CircuitOpen { .. }) => break err,
+            Err(Error::BufferFull { .. }) => {}
+            other => panic!("expected a fast failure, got {other:?}"),
+        }
+        assert!(Instant::now() < deadline, "the circuit never opened");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        open.to_string().contains("reconnect attempts failed"),
+        "{open}"
+    );
+    let started = Instant::now();
+    let again = publisher.publish("seq.dead", "lost").await;
+    assert!(matches!(again, Err(Error::CircuitOpen { .. })), "{again:?}");
+    assert!(
+        started.elapsed() < Duration::from_millis(100),
+        "{:?}",
+        started.elapsed()
+    );
+    // The broker is back: the next probe gets through, the circuit closes,
+    // and what the buffer held goes out.
+    let check = Consumer::connect(addr).await.unwrap();
+    let mut sub = check.subscribe("seq.dead").await.unwrap();
+    proxy.refuse(false);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match publisher.publish("seq.dead", "back").await {
+            Ok(()) => break,
+            Err(Error::CircuitOpen { .. }) | Err(Error::BufferFull { .. }) => {
+                assert!(Instant::now() < deadline, "the circuit never closed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(other) => panic!("{other}"),
+        }
+    }
+    let mut held_got = 0;
+    loop {
+        let message = next(&mut sub).await;
+        if message.payload == "back" {
+            break;
+        }
+        assert_eq!(message.payload.len(), 100);
+        held_got += 1;
+    }
+    assert_eq!(held_got, held, "every held send went out once");
+    // Sends of the outage may be lost in general; flush says so once.
+    assert!(matches!(
+        publisher.flush().await,
+        Err(Error::ConnectionLost(_))
+    ));
+    publisher.flush().await.unwrap();
+    let seen = drain(&mut events);
+    assert!(
+        count(&seen, |e| matches!(
+            e,
+            ConnectionEvent::AttemptFailed { .. }
+        )) >= 3,
+        "{seen:?}"
+    );
+    broker.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_clients_come_back_spread_over_the_backoff_window() {
+    let (broker, addr) = retaining_broker().await;
+    let proxy = FaultProxy::start(addr).await;
+    const CLIENTS: usize = 1000;
+    let window = Duration::from_millis(1000);
+    let options = ConsumerOptions {
+        client: ClientOptions {
+            name: "herd".into(),
+            reconnect: ReconnectPolicy {
+                enabled: true,
+                initial_backoff: window,
+                max_backoff: window * 2,
+                max_attempts: 0,
+            },
+            ..ClientOptions::default()
+        },
+        ..ConsumerOptions::default()
+    };
+    let mut clients = Vec::with_capacity(CLIENTS);
+    for _ in 0..CLIENTS {
+        clients.push(
+            Consumer::connect_with(proxy.addr(), options.clone())
+                .await
+                .unwrap(),
+        );
+    }
+    let before = proxy.accept_times().len();
+    let cut_at = Instant::now();
+    proxy.cut();
+    common::eventually(Duration::from_secs(20), "every client came back", || {
+        proxy.accepted() as usize >= before + CLIENTS
+    })
+    .await;
+    common::eventually(Duration::from_secs(20), "every client is connected", || {
+        clients.iter().all(Consumer::is_connected)
+    })
+    .await;
+    let times = proxy.accept_times();
+    let back: Vec<Duration> = times[before..]
+        .iter()
+        .map(|t| t.duration_since(cut_at))
+        .collect();
+    assert_eq!(back.len(), CLIENTS, "one reconnect each");
+
+    // Full jitter: the first waits are uniform over the window, so each
+    // tenth of it sees about a tenth of the reconnects, not a wave (the
+    // clients notice the cut a little after it, so some come after it).
+    let mut tenths = [0usize; 20];
+    for t in &back {
+        let i = (t.as_micros() * 10 / window.as_micros()).min(19) as usize;
+        tenths[i] += 1;
+    }
+    let mut sorted = back.clone();
+    sorted.sort();
+    let (p10, p50, p90) = (
+        sorted[CLIENTS / 10],
+        sorted[CLIENTS / 2],
+        sorted[CLIENTS * 9 / 10],
+    );
+    eprintln!(
+        "reconnects per tenth of the {window:?} window after the cut: {tenths:?}; \
+         p10 {p10:?}, p50 {p50:?}, p90 {p90:?}"
+    );
+    let busiest = tenths.iter().max().unwrap();
+    assert!(*busiest <= CLIENTS / 4, "a wave of {busiest}: {tenths:?}");
+    assert!(p90 - p10 >= window / 2, "p10 {p10:?} p90 {p90:?}");
+    drop(clients);
+    broker.shutdown().await.unwrap();
+}
