@@ -106,7 +106,11 @@ impl Exit {
             ),
             Exit::ClientClosed | Exit::ReadError(_) | Exit::Outbox(_) => return None,
         };
-        Some(ErrorFrame { code, reason })
+        Some(ErrorFrame {
+            code,
+            reason,
+            retry_after_ms: None,
+        })
     }
 
     /// The reason as counted.
@@ -1166,6 +1170,7 @@ impl Connection {
                 let last = Frame::Error(ErrorFrame {
                     code: ErrorCode::SlowConsumer,
                     reason: "slow consumer: replies were not read".into(),
+                    retry_after_ms: None,
                 })
                 .to_bytes();
                 self.outbox.close(CloseReason::SlowConsumer, Some(&last));

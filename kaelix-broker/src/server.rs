@@ -109,7 +109,8 @@ impl Server {
                     refusals.warn(|suppressed| {
                         tracing::warn!(%peer, suppressed, "connection refused: {reason}")
                     });
-                    refuse_inline(stream, &reason, tls.is_none());
+                    let retry_after = inner.live.running().network.retry_after_ms;
+                    refuse_inline(stream, &reason, retry_after, tls.is_none());
                     continue;
                 }
             };
@@ -159,7 +160,8 @@ impl Server {
                         inner.stats.rejected(Rejection::RuntimeBusy);
                         tracing::warn!(%peer, error = %err, "connection refused");
                         if let Some(stream) = slot.lock().take() {
-                            refuse_now(stream, RUNTIME_BUSY);
+                            let retry_after = inner.live.running().network.retry_after_ms;
+                            refuse_now(stream, RUNTIME_BUSY, retry_after);
                         }
                     }
                 }
@@ -295,17 +297,19 @@ const RUNTIME_BUSY: &str =
 /// Refuses a connection without a task: one non-blocking write of the
 /// error frame (in plain TCP; a TLS client could not read it), then close.
 /// A fresh socket's buffer has room for the frame.
-fn refuse_inline(stream: TcpStream, reason: &str, plain: bool) {
+fn refuse_inline(stream: TcpStream, reason: &str, retry_after_ms: u32, plain: bool) {
     if plain {
-        let _ = stream.try_write(&error_frame(reason));
+        let _ = stream.try_write(&error_frame(reason, retry_after_ms));
     }
     drop(stream);
 }
 
-fn error_frame(reason: &str) -> Vec<u8> {
+/// A refusal for load, with the wait the client is asked to keep.
+fn error_frame(reason: &str, retry_after_ms: u32) -> Vec<u8> {
     Frame::Error(ErrorFrame {
         code: ErrorCode::ConnectionLimit,
         reason: reason.into(),
+        retry_after_ms: (retry_after_ms > 0).then_some(retry_after_ms),
     })
     .to_bytes()
     .to_vec()
@@ -313,8 +317,8 @@ fn error_frame(reason: &str) -> Vec<u8> {
 
 /// Refuses without a task: one non-blocking write of the error frame (a
 /// fresh socket's buffer has room for it), then close.
-fn refuse_now(mut stream: std::net::TcpStream, reason: &str) {
+fn refuse_now(mut stream: std::net::TcpStream, reason: &str, retry_after_ms: u32) {
     use std::io::Write;
-    let _ = stream.write(&error_frame(reason));
+    let _ = stream.write(&error_frame(reason, retry_after_ms));
     let _ = stream.shutdown(std::net::Shutdown::Both);
 }

@@ -541,3 +541,88 @@ async fn a_thousand_clients_come_back_spread_over_the_backoff_window() {
     drop(clients);
     broker.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_shedding_load_is_obeyed_and_another_address_is_tried() {
+    let mut config = MemoryStreamerConfig::default();
+    config.network.max_connections = 1;
+    config.network.retry_after_ms = 700;
+    let full = MessageBroker::with_config(config);
+    full.start().await.unwrap();
+    let full_addr = Server::spawn(&full, "127.0.0.1:0").await.unwrap();
+    let proxy = FaultProxy::start(full_addr).await;
+    let options = ConsumerOptions {
+        client: ClientOptions {
+            reconnect: ReconnectPolicy {
+                initial_backoff: Duration::from_millis(300),
+                ..quick("patient").reconnect
+            },
+            ..quick("patient")
+        },
+        ..ConsumerOptions::default()
+    };
+    let consumer = Consumer::connect_with(proxy.addr(), options).await.unwrap();
+    let mut events = consumer.events();
+    let mut sub = consumer.subscribe("load.t").await.unwrap();
+
+    // The consumer loses its connection, and another client takes the
+    // broker's only place before it is back.
+    proxy.cut();
+    let never = ClientOptions {
+        reconnect: ReconnectPolicy::never(),
+        ..ClientOptions::default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let squatter = loop {
+        match Publisher::connect_with(full_addr, never.clone()).await {
+            Ok(publisher) => break publisher,
+            Err(Error::Refused { .. }) => {
+                assert!(Instant::now() < deadline, "the place never freed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(other) => panic!("{other}"),
+        }
+    };
+    // Refused with a retry-after hint: the next wait is at least the hint.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let hinted = loop {
+        match tokio::time::timeout(Duration::from_secs(10), events.recv()).await {
+            Ok(Ok(ConnectionEvent::AttemptFailed { error, wait, .. })) => break (error, wait),
+            Ok(Ok(_)) => {}
+            other => panic!("expected a failed attempt, got {other:?}"),
+        }
+        assert!(Instant::now() < deadline);
+    };
+    assert!(hinted.0.contains("connection-limit"), "{}", hinted.0);
+    assert!(
+        (Duration::from_millis(700)..=Duration::from_millis(1400)).contains(&hinted.1),
+        "{hinted:?}"
+    );
+    // The place frees: the consumer gets in and its subscription works.
+    drop(squatter);
+    common::eventually(Duration::from_secs(10), "the consumer is back", || {
+        consumer.is_connected()
+    })
+    .await;
+    // Its one place is the consumer's: publish in process.
+    let topic = Topic::new("load.t").unwrap();
+    let message = Message::builder()
+        .topic("load.t")
+        .payload("in")
+        .build()
+        .unwrap();
+    full.publish(&topic, message).await.unwrap();
+    assert_eq!(next(&mut sub).await.payload, "in");
+
+    // Given a full broker and a free one, a new client lands on the free one.
+    let (free, free_addr) = retaining_broker().await;
+    let addresses = vec![full_addr.to_string(), free_addr.to_string()];
+    for _ in 0..5 {
+        let publisher = Publisher::connect_any(&addresses, never.clone())
+            .await
+            .unwrap();
+        assert_eq!(publisher.broker_addr(), free_addr.to_string());
+    }
+    free.shutdown().await.unwrap();
+    full.shutdown().await.unwrap();
+}

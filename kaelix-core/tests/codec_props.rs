@@ -78,7 +78,13 @@ fn frame() -> impl Strategy<Value = Frame> {
         (any::<u64>(), ".{0,200}").prop_map(|(token, json)| Frame::StatsReply(
             kaelix_core::protocol::StatsReply { token, json }
         )),
-        (code(), text(200)).prop_map(|(code, reason)| Frame::Error(ErrorFrame { code, reason })),
+        (code(), text(200), proptest::option::of(any::<u32>())).prop_map(
+            |(code, reason, retry_after_ms)| Frame::Error(ErrorFrame {
+                code,
+                reason,
+                retry_after_ms
+            })
+        ),
         (any::<u64>(), any::<bool>(), body())
             .prop_map(|(seq, ack, body)| Frame::Publish(Publish { seq, ack, body })),
         any::<u64>().prop_map(Frame::PubAck),

@@ -1270,6 +1270,7 @@ fn slow_consumer_net(outbox: &Outbox, stats: &Stats) {
     let frame = Frame::Error(ErrorFrame {
         code: ErrorCode::SlowConsumer,
         reason: "slow consumer: more data was pending for this connection than limits.max_pending_bytes allows".into(),
+        retry_after_ms: None,
     })
     .to_bytes();
     outbox.close(CloseReason::SlowConsumer, Some(&frame));

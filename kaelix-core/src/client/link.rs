@@ -23,7 +23,7 @@ use parking_lot::Mutex;
 use tokio::sync::{broadcast, Notify};
 
 use super::reconnect::{Backoff, ConnectionEvent};
-use super::{connect_any_as, ClientConn, ClientOptions, WhenBufferFull};
+use super::{attempt_any, ClientConn, ClientOptions, Failed, WhenBufferFull};
 use crate::error::{CloseReason, Error, Result};
 use crate::outbox::{Outbox, Pushed};
 use crate::protocol::ErrorCode;
@@ -293,7 +293,7 @@ impl Link {
             if !self.sleep_unless_ended(wait).await {
                 return None;
             }
-            let attempt = connect_any_as(&self.addresses, &self.options, &self.properties);
+            let attempt = attempt_any(&self.addresses, &self.options, &self.properties);
             let result = tokio::select! {
                 result = attempt => result,
                 _ = self.until_ended() => return None,
@@ -310,7 +310,14 @@ impl Link {
                     self.emit(ConnectionEvent::Reconnected { addr, attempts });
                     return Some(conn);
                 }
-                Err(Error::Refused { code, reason }) => {
+                Err(Failed {
+                    error: Error::Refused { code, reason },
+                    ..
+                }) if !worth_reconnecting(&CloseReason::Server {
+                    code,
+                    reason: reason.clone(),
+                }) =>
+                {
                     let reason = CloseReason::Server { code, reason };
                     tracing::error!(%reason, "a broker refused the client; not reconnecting");
                     self.emit(ConnectionEvent::GaveUp {
@@ -320,8 +327,11 @@ impl Link {
                     self.end(reason);
                     return None;
                 }
-                Err(err) => {
-                    last_error = err.to_string();
+                Err(Failed { error, retry_after }) => {
+                    last_error = error.to_string();
+                    if let Some(after) = retry_after {
+                        backoff.retry_after(after);
+                    }
                     let failures = {
                         let mut state = self.state.lock();
                         state.failures += 1;
@@ -332,7 +342,10 @@ impl Link {
                     wait = if threshold > 0 && failures >= threshold {
                         // Open: probe once per cool-down, senders fail fast.
                         on_open(self);
-                        self.options.circuit.cooldown
+                        self.options
+                            .circuit
+                            .cooldown
+                            .max(retry_after.unwrap_or_default())
                     } else {
                         match backoff.next_wait() {
                             Some(wait) => wait,

@@ -348,25 +348,76 @@ pub async fn connect_any_as(
     options: &ClientOptions,
     properties: &[(String, String)],
 ) -> Result<(ClientConn, String)> {
+    attempt_any(addresses, options, properties)
+        .await
+        .map_err(|failed| failed.error)
+}
+
+/// Why a connection attempt failed, and how long the broker asked the
+/// client to wait before the next (a broker shedding load says so).
+#[derive(Debug)]
+pub struct Failed {
+    pub error: Error,
+    pub retry_after: Option<Duration>,
+}
+
+impl From<Error> for Failed {
+    fn from(error: Error) -> Failed {
+        Failed {
+            error,
+            retry_after: None,
+        }
+    }
+}
+
+impl Failed {
+    /// A refusal that another attempt, or another broker of the same
+    /// cluster, would get too (the client's credentials, say); a broker
+    /// refusing for load or shutting down is worth another try.
+    pub fn is_final(&self) -> bool {
+        match &self.error {
+            Error::Refused { code, reason } => !link::worth_reconnecting(&CloseReason::Server {
+                code: *code,
+                reason: reason.clone(),
+            }),
+            _ => false,
+        }
+    }
+}
+
+/// One attempt over `addresses` (in a random order): the first that
+/// answers, or why none did, with the longest wait a broker asked for.
+pub async fn attempt_any(
+    addresses: &[String],
+    options: &ClientOptions,
+    properties: &[(String, String)],
+) -> Result<(ClientConn, String), Failed> {
     if addresses.is_empty() {
-        return Err(Error::NoBroker("no address given".into()));
+        return Err(Error::NoBroker("no address given".into()).into());
     }
     if let [addr] = addresses {
         // One address: its own error says it best.
         return Ok((
-            connect_as(addr.as_str(), options, properties).await?,
+            attempt(addr.as_str(), options, properties).await?,
             addr.clone(),
         ));
     }
     let mut failures = Vec::new();
+    let mut retry_after = None;
     for addr in reconnect::shuffled(addresses) {
-        match connect_as(addr.as_str(), options, properties).await {
+        match attempt(addr.as_str(), options, properties).await {
             Ok(conn) => return Ok((conn, addr)),
-            Err(err @ Error::Refused { .. }) => return Err(err),
-            Err(err) => failures.push(format!("{addr}: {err}")),
+            Err(failed) if failed.is_final() => return Err(failed),
+            Err(failed) => {
+                retry_after = retry_after.max(failed.retry_after);
+                failures.push(format!("{addr}: {}", failed.error));
+            }
         }
     }
-    Err(Error::NoBroker(failures.join("; ")))
+    Err(Failed {
+        error: Error::NoBroker(failures.join("; ")),
+        retry_after,
+    })
 }
 
 /// The addresses `addr` stands for, as `"ip:port"` strings a client can
@@ -393,6 +444,16 @@ pub async fn connect_as(
     options: &ClientOptions,
     properties: &[(String, String)],
 ) -> Result<ClientConn> {
+    attempt(addr, options, properties)
+        .await
+        .map_err(|failed| failed.error)
+}
+
+async fn attempt(
+    addr: impl ToSocketAddrs,
+    options: &ClientOptions,
+    properties: &[(String, String)],
+) -> Result<ClientConn, Failed> {
     let timeout = options.connect_timeout;
     tokio::time::timeout(timeout, connect_inner(addr, options, properties))
         .await
@@ -403,16 +464,16 @@ async fn connect_inner(
     addr: impl ToSocketAddrs,
     options: &ClientOptions,
     properties: &[(String, String)],
-) -> Result<ClientConn> {
-    let stream = TcpStream::connect(addr).await?;
-    stream.set_nodelay(true)?;
+) -> Result<ClientConn, Failed> {
+    let stream = TcpStream::connect(addr).await.map_err(Error::from)?;
+    stream.set_nodelay(true).map_err(Error::from)?;
     match &options.tls {
         None => {
             let (rd, wr) = stream.into_split();
             handshake(Box::new(rd), wr, options, properties).await
         }
         Some(tls) => {
-            let name = tls.server_name_for(stream.peer_addr()?.ip());
+            let name = tls.server_name_for(stream.peer_addr().map_err(Error::from)?.ip());
             let connector = tokio_rustls::TlsConnector::from(tls.config().clone());
             let stream = connector
                 .connect(name, stream)
@@ -430,7 +491,7 @@ async fn handshake<W>(
     mut wr: W,
     options: &ClientOptions,
     extra: &[(String, String)],
-) -> Result<ClientConn>
+) -> Result<ClientConn, Failed>
 where
     W: AsyncWrite + Send + Unpin + 'static,
 {
@@ -471,20 +532,24 @@ where
         (Ok(()), Some(Frame::Welcome(w))) if frames.len() == 1 => w.clone(),
         (Ok(()), Some(Frame::Error(e))) => {
             writer.abort();
-            return Err(Error::Refused {
-                code: e.code,
-                reason: e.reason.clone(),
+            return Err(Failed {
+                error: Error::Refused {
+                    code: e.code,
+                    reason: e.reason.clone(),
+                },
+                retry_after: e.retry_after_ms.map(|ms| Duration::from_millis(ms.into())),
             });
         }
         (Ok(()), _) => {
             writer.abort();
             return Err(Error::Closed(CloseReason::Protocol(
                 "the broker did not answer HELLO with WELCOME".into(),
-            )));
+            ))
+            .into());
         }
         (Err(reason), _) => {
             writer.abort();
-            return Err(Error::Closed(reason));
+            return Err(Error::Closed(reason).into());
         }
     };
     if !options.heartbeat.interval.is_zero() {

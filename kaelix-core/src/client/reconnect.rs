@@ -55,7 +55,7 @@ pub struct Backoff {
     policy: ReconnectPolicy,
     attempt: u32,
     /// A wait the broker asked for (a retry-after hint): the next wait is
-    /// at least this.
+    /// this plus a random share of it.
     floor: Duration,
 }
 
@@ -75,16 +75,21 @@ impl Backoff {
 
     /// The cap of the next wait.
     pub fn cap(&self) -> Duration {
+        self.cap_before(self.attempt)
+    }
+
+    fn cap_before(&self, attempt: u32) -> Duration {
         let doubled = self
             .policy
             .initial_backoff
-            .saturating_mul(1u32.checked_shl(self.attempt.min(31)).unwrap_or(u32::MAX));
+            .saturating_mul(1u32.checked_shl(attempt.min(31)).unwrap_or(u32::MAX));
         doubled.min(self.policy.max_backoff)
     }
 
-    /// The broker asked clients to wait at least `after` before coming
-    /// back: the next wait honours it (capped at an hour, whatever a
-    /// broker says).
+    /// The broker asked clients to wait `after` before coming back: the
+    /// next wait is drawn uniformly from `after..=2·after` (capped at an
+    /// hour, whatever a broker says), so that the clients it refused at
+    /// once do not all come back at the same instant either.
     pub fn retry_after(&mut self, after: Duration) {
         self.floor = self.floor.max(after.min(Duration::from_secs(3600)));
     }
@@ -102,14 +107,19 @@ impl Backoff {
         {
             return None;
         }
-        let cap = self.cap();
-        let jittered = if cap.is_zero() {
-            Duration::ZERO
-        } else {
-            Duration::from_nanos(rng.random_range(0..=cap.as_nanos() as u64))
+        let full_jitter = |cap: Duration, rng: &mut dyn rand::RngCore| {
+            if cap.is_zero() {
+                Duration::ZERO
+            } else {
+                Duration::from_nanos(rng.random_range(0..=cap.as_nanos() as u64))
+            }
         };
         self.attempt = self.attempt.saturating_add(1);
-        Some(jittered.max(std::mem::take(&mut self.floor)))
+        let floor = std::mem::take(&mut self.floor);
+        if !floor.is_zero() {
+            return Some(floor + full_jitter(floor, rng));
+        }
+        Some(full_jitter(self.cap_before(self.attempt - 1), rng))
     }
 
     /// Connected again: the next outage starts from the first wait.
@@ -233,7 +243,11 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(1);
         let mut backoff = Backoff::new(policy(3));
         backoff.retry_after(Duration::from_secs(30));
-        assert!(backoff.next_wait_with(&mut rng).unwrap() >= Duration::from_secs(30));
+        let hinted = backoff.next_wait_with(&mut rng).unwrap();
+        assert!(
+            (Duration::from_secs(30)..=Duration::from_secs(60)).contains(&hinted),
+            "{hinted:?}"
+        );
         // The hint applies once.
         assert!(backoff.next_wait_with(&mut rng).unwrap() <= Duration::from_millis(200));
         assert!(backoff.next_wait_with(&mut rng).is_some());

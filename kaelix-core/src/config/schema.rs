@@ -42,6 +42,10 @@ pub struct NetworkConfig {
     pub shutdown_grace_ms: u64,
     /// Bytes read from a socket per call.
     pub read_buffer_bytes: usize,
+    /// How long a client refused for load (a connection limit, handshake
+    /// admission, a busy runtime) is asked to wait before it comes back
+    /// (ms); 0 sends no hint.
+    pub retry_after_ms: u32,
 }
 
 impl Default for NetworkConfig {
@@ -53,6 +57,7 @@ impl Default for NetworkConfig {
             handshake_timeout_ms: 5_000,
             shutdown_grace_ms: 3_000,
             read_buffer_bytes: 64 * 1024,
+            retry_after_ms: 1_000,
         }
     }
 }

@@ -188,6 +188,7 @@ fn parse(frame: Bytes) -> Result<Frame, ProtocolError> {
                 | flags::RESUME
         }
         opcode::MISSED => flags::RANGE | flags::RANGE_PARTITION,
+        opcode::ERROR => flags::RETRY_AFTER,
         _ => 0,
     };
     check_flags(name, fl, allowed)?;
@@ -221,6 +222,11 @@ fn parse(frame: Bytes) -> Result<Frame, ProtocolError> {
         opcode::ERROR => Frame::Error(ErrorFrame {
             code: ErrorCode::from_u16(r.u16("code")?),
             reason: r.str16("reason")?,
+            retry_after_ms: if fl & flags::RETRY_AFTER != 0 {
+                Some(r.u32("retry after")?)
+            } else {
+                None
+            },
         }),
         opcode::PUBLISH => {
             let seq = r.u64("seq")?;

@@ -38,10 +38,20 @@ impl Frame {
                 b.put_u64(r.token);
                 put_str16(b, &r.json);
             }),
-            Frame::Error(e) => with_header(buf, opcode::ERROR, 0, |b| {
-                b.put_u16(e.code.as_u16());
-                put_str16(b, &e.reason);
-            }),
+            Frame::Error(e) => {
+                let fl = if e.retry_after_ms.is_some() {
+                    flags::RETRY_AFTER
+                } else {
+                    0
+                };
+                with_header(buf, opcode::ERROR, fl, |b| {
+                    b.put_u16(e.code.as_u16());
+                    put_str16(b, &e.reason);
+                    if let Some(ms) = e.retry_after_ms {
+                        b.put_u32(ms);
+                    }
+                })
+            }
             Frame::Publish(p) => {
                 let fl = p.body.flags() | if p.ack { flags::ACK } else { 0 };
                 with_header(buf, opcode::PUBLISH, fl, |b| {

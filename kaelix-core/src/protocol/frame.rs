@@ -105,6 +105,9 @@ pub struct Welcome {
 pub struct ErrorFrame {
     pub code: ErrorCode,
     pub reason: String,
+    /// How long the client should wait before it connects again (a broker
+    /// shedding load says so), in milliseconds.
+    pub retry_after_ms: Option<u32>,
 }
 
 /// STATS_REPLY: the answer to STATS.

@@ -92,4 +92,6 @@ pub mod flags {
     pub const OFFSET: u8 = 0x08;
     /// MESSAGE: the partition the message is in follows the offset.
     pub const IN_PARTITION: u8 = 0x10;
+    /// ERROR: a retry-after hint (`u32` ms) follows the reason.
+    pub const RETRY_AFTER: u8 = 0x01;
 }
