@@ -57,6 +57,9 @@ pub(crate) struct Inner {
     running: AtomicBool,
     /// Cancelled by `shutdown`; every connection and listener watches it.
     pub(crate) shutdown: CancellationToken,
+    /// Cancelled by `drain`: listeners stop taking connections, and every
+    /// connection tells its client to move on.
+    pub(crate) draining: CancellationToken,
     /// Every connection task, so that shutdown can wait for them.
     pub(crate) tasks: TaskTracker,
     /// The runtime connections run on; without one they run on tokio.
@@ -124,6 +127,7 @@ impl MessageBroker {
                 live: LiveConfig::new(config.clone()),
                 running: AtomicBool::new(false),
                 shutdown: CancellationToken::new(),
+                draining: CancellationToken::new(),
                 tasks: TaskTracker::new(),
                 runtime: OnceLock::new(),
                 started: std::time::Instant::now(),
@@ -565,6 +569,34 @@ impl MessageBroker {
             });
         }
         stats
+    }
+
+    /// Drains the broker before a shutdown: it takes no new connections,
+    /// sends every connected client a drain notice (clients given other
+    /// brokers move to one), and keeps serving those that stay, until no
+    /// network connection is left or `timeout` passes. Returns how many
+    /// connections were still open. Call [`shutdown`](Self::shutdown)
+    /// after it.
+    pub async fn drain(&self, timeout: std::time::Duration) -> u64 {
+        self.inner.draining.cancel();
+        let open = || self.stats().connections_active;
+        tracing::info!(
+            connections = open(),
+            timeout_ms = timeout.as_millis() as u64,
+            "draining: no new connections, clients told to move on"
+        );
+        let deadline = tokio::time::Instant::now() + timeout;
+        while open() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let left = open();
+        tracing::info!(connections = left, "drained");
+        left
+    }
+
+    /// Whether [`drain`](Self::drain) has begun.
+    pub fn is_draining(&self) -> bool {
+        self.inner.draining.is_cancelled()
     }
 
     /// Stops the broker: no more publishes, listeners stop accepting, network

@@ -523,6 +523,9 @@ impl Connection {
         // each registers its waker once, not on every read.
         let stopping = shutdown.clone().cancelled_owned();
         tokio::pin!(stopping);
+        let draining = self.broker.draining.clone().cancelled_owned();
+        tokio::pin!(draining);
+        let mut told_to_drain = false;
         let outbox = self.outbox.clone();
         let closing = async move { outbox.closed().await };
         tokio::pin!(closing);
@@ -569,6 +572,13 @@ impl Connection {
                 biased;
                 _ = &mut stopping => return Exit::ShuttingDown,
                 reason = &mut closing => return Exit::Outbox(reason),
+                _ = &mut draining, if !told_to_drain => {
+                    told_to_drain = true;
+                    let within = self.broker.live.running().network.drain_timeout_ms;
+                    if self.reply(&Frame::Drain(u32::try_from(within).unwrap_or(u32::MAX))) {
+                        self.outbox.wake();
+                    }
+                }
                 changes = &mut auth_changed => {
                     auth_changed.set(next_change(changes));
                     if let Err(exit) = self.reauthorize() {

@@ -84,9 +84,13 @@ impl Server {
         let admission = Arc::new(Admission::default());
         let refusals = LogThrottle::default();
         let shutdown = inner.shutdown.clone();
+        let draining = inner.draining.clone();
         loop {
             let accepted = tokio::select! {
                 _ = shutdown.cancelled() => break,
+                // New connections are refused from here on (the listener
+                // closes); open ones are served until the shutdown.
+                _ = draining.cancelled() => break,
                 accepted = self.listener.accept() => accepted,
             };
             let (stream, peer) = match accepted {

@@ -566,7 +566,9 @@ async fn a_broker_shedding_load_is_obeyed_and_another_address_is_tried() {
     let mut sub = consumer.subscribe("load.t").await.unwrap();
 
     // The consumer loses its connection, and another client takes the
-    // broker's only place before it is back.
+    // broker's only place before it is back (its way back is shut until
+    // then).
+    proxy.refuse(true);
     proxy.cut();
     let never = ClientOptions {
         reconnect: ReconnectPolicy::never(),
@@ -583,11 +585,16 @@ async fn a_broker_shedding_load_is_obeyed_and_another_address_is_tried() {
             Err(other) => panic!("{other}"),
         }
     };
+    proxy.refuse(false);
     // Refused with a retry-after hint: the next wait is at least the hint.
     let deadline = Instant::now() + Duration::from_secs(10);
     let hinted = loop {
         match tokio::time::timeout(Duration::from_secs(10), events.recv()).await {
-            Ok(Ok(ConnectionEvent::AttemptFailed { error, wait, .. })) => break (error, wait),
+            Ok(Ok(ConnectionEvent::AttemptFailed { error, wait, .. }))
+                if error.contains("connection-limit") =>
+            {
+                break (error, wait)
+            }
             Ok(Ok(_)) => {}
             other => panic!("expected a failed attempt, got {other:?}"),
         }
@@ -625,4 +632,160 @@ async fn a_broker_shedding_load_is_obeyed_and_another_address_is_tried() {
     }
     free.shutdown().await.unwrap();
     full.shutdown().await.unwrap();
+}
+
+/// A client of the given kind connected through `addresses` to `want`
+/// (connect_any picks at random: try until it lands there).
+async fn landing_on<T>(
+    want: &str,
+    mut connect: impl AsyncFnMut() -> T,
+    addr_of: impl Fn(&T) -> String,
+) -> T {
+    for _ in 0..50 {
+        let client = connect().await;
+        if addr_of(&client) == want {
+            return client;
+        }
+    }
+    panic!("never landed on {want}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_sigterm_the_broker_drains_and_clients_with_another_broker_move_first() {
+    let drain = [("KAELIX_NETWORK_DRAIN_TIMEOUT_MS", "3000")];
+    let mut a = BrokerProcess::start(&drain);
+    let b = BrokerProcess::start(&drain);
+    let addresses = vec![a.addr(), b.addr()];
+    let consumer = landing_on(
+        &a.addr(),
+        async || {
+            Consumer::connect_any(&addresses, consumer_options("mover"))
+                .await
+                .unwrap()
+        },
+        Consumer::broker_addr,
+    )
+    .await;
+    let publisher = landing_on(
+        &a.addr(),
+        async || {
+            Publisher::connect_any(&addresses, quick("mover-pub"))
+                .await
+                .unwrap()
+        },
+        Publisher::broker_addr,
+    )
+    .await;
+    let mut events = (consumer.events(), publisher.events());
+    let mut moved_sub = consumer.subscribe("drain.t").await.unwrap();
+    // Clients that know only the draining broker stay with it.
+    let stayer = Consumer::connect_with(a.addr(), consumer_options("stayer"))
+        .await
+        .unwrap();
+    let mut stayed_sub = stayer.subscribe("drain.t").await.unwrap();
+    let stayer_pub = Publisher::connect_with(a.addr(), quick("stayer-pub"))
+        .await
+        .unwrap();
+    publisher.publish("drain.t", "before").await.unwrap();
+    assert_eq!(next(&mut moved_sub).await.payload, "before");
+    assert_eq!(next(&mut stayed_sub).await.payload, "before");
+
+    let signalled = Instant::now();
+    a.terminate();
+    // Told to move on, the clients with another broker move to it while
+    // the draining one still serves.
+    for (who, events) in [("consumer", &mut events.0), ("publisher", &mut events.1)] {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut seen = Vec::new();
+        while !seen
+            .iter()
+            .any(|e| matches!(e, ConnectionEvent::Moved { .. }))
+        {
+            assert!(Instant::now() < deadline, "{who} did not move: {seen:?}");
+            if let Ok(Ok(event)) =
+                tokio::time::timeout(Duration::from_millis(100), events.recv()).await
+            {
+                seen.push(event);
+            }
+        }
+        assert!(
+            matches!(&seen[0], ConnectionEvent::Draining { addr, .. } if *addr == a.addr()),
+            "{who}: {seen:?}"
+        );
+        assert!(
+            seen.iter()
+                .any(|e| matches!(e, ConnectionEvent::Moved { to, .. } if *to == b.addr())),
+            "{who}: {seen:?}"
+        );
+    }
+    let moved_at = signalled.elapsed();
+    assert_eq!(consumer.broker_addr(), b.addr());
+    assert_eq!(publisher.broker_addr(), b.addr());
+    // The draining broker reports so and takes no new connections...
+    let (status, body) = a.http_get("/healthz");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("draining"), "{body}");
+    let never = ClientOptions {
+        reconnect: ReconnectPolicy::never(),
+        ..ClientOptions::default()
+    };
+    assert!(Publisher::connect_with(a.addr(), never).await.is_err());
+    // ...but serves the clients that stay.
+    stayer_pub.publish("drain.t", "during").await.unwrap();
+    assert_eq!(next(&mut stayed_sub).await.payload, "during");
+    // The moved ones work on the other broker.
+    publisher.publish("drain.t", "moved").await.unwrap();
+    assert_eq!(next(&mut moved_sub).await.payload, "moved");
+
+    // Then it stops, within the drain time and the flush.
+    let status = tokio::task::spawn_blocking(move || a.wait_exit(Duration::from_secs(10)))
+        .await
+        .unwrap()
+        .expect("the draining broker exits");
+    assert!(status.success(), "{status}");
+    assert!(moved_at < signalled.elapsed());
+    eprintln!(
+        "moved {moved_at:?} after SIGTERM; the broker exited after {:?}",
+        signalled.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kaelix_broker_drain_pid_drains_a_running_broker_and_waits_for_it() {
+    let mut broker = BrokerProcess::start(&[("KAELIX_NETWORK_DRAIN_TIMEOUT_MS", "500")]);
+    let consumer = Consumer::connect_with(broker.addr(), consumer_options("told"))
+        .await
+        .unwrap();
+    let mut events = consumer.events();
+    let pid = broker.child.id().to_string();
+    let drainer = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_kaelix-broker"))
+            .args(["--drain", &pid, "--drain-wait", "20"])
+            .output()
+            .expect("run kaelix-broker --drain")
+    });
+    // This test started the broker, so it reaps it; --drain sees it gone.
+    let exited = tokio::task::spawn_blocking(move || broker.wait_exit(Duration::from_secs(20)))
+        .await
+        .unwrap()
+        .expect("the broker stops");
+    assert!(exited.success(), "{exited}");
+    let output = drainer.await.unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    assert!(stdout.contains("stopped"), "{stdout}");
+    let event = tokio::time::timeout(Duration::from_secs(5), events.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(event, ConnectionEvent::Draining { within, .. } if within == Duration::from_millis(500)),
+        "{event:?}"
+    );
+    // Nobody is running there: a wrong pid is an error, said so.
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_kaelix-broker"))
+        .args(["--drain", "0"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
 }

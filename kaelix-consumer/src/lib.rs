@@ -500,7 +500,38 @@ async fn run(mut conn: client::ClientConn, inner: Arc<Inner>) {
         .enabled
         .then(Positions::default);
     loop {
-        let reason = read_loop(&mut conn.reader, &inner, &mut staging, &mut positions).await;
+        let reason = match read_loop(&mut conn.reader, &inner, &mut staging, &mut positions).await {
+            Ended::Lost(reason) => reason,
+            Ended::Drain(within) => {
+                // Keep reading the draining connection while another is
+                // made; the subscriptions then carry on there from the last
+                // message read here.
+                let moving = inner.link.elsewhere(within);
+                tokio::pin!(moving);
+                let lost = loop {
+                    tokio::select! {
+                        next = &mut moving => {
+                            if let Some(next) = next {
+                                conn.outbox.close(CloseReason::Closed, None);
+                                resubscribe(&inner, &next, positions.as_mut());
+                                conn = next;
+                            }
+                            break None;
+                        }
+                        ended = read_loop(&mut conn.reader, &inner, &mut staging, &mut positions) => {
+                            match ended {
+                                Ended::Lost(reason) => break Some(reason),
+                                Ended::Drain(_) => {}
+                            }
+                        }
+                    }
+                };
+                match lost {
+                    Some(reason) => reason,
+                    None => continue,
+                }
+            }
+        };
         let reason = conn
             .outbox
             .close_reason()
@@ -573,7 +604,7 @@ async fn read_loop(
     inner: &Inner,
     staging: &mut Staging,
     positions: &mut Option<Positions>,
-) -> CloseReason {
+) -> Ended {
     let reason = loop {
         if let Err(reason) = reader.fill().await {
             break reason;
@@ -582,9 +613,19 @@ async fn read_loop(
             break reason;
         }
         staging.hand_over().await;
+        if let Some(within) = staging.drain.take() {
+            return Ended::Drain(within);
+        }
     };
     staging.hand_over().await;
-    reason
+    Ended::Lost(reason)
+}
+
+/// Why a connection's reader stopped.
+enum Ended {
+    Lost(CloseReason),
+    /// The broker is draining and serves for this long at most.
+    Drain(std::time::Duration),
 }
 
 /// MESSAGE frames gathered per subscription during one read, handed to
@@ -592,6 +633,8 @@ async fn read_loop(
 #[derive(Default)]
 struct Staging {
     by_sid: HashMap<u32, Staged>,
+    /// A drain notice read, for the reader to act on after this read.
+    drain: Option<std::time::Duration>,
 }
 
 struct Staged {
@@ -720,7 +763,9 @@ fn handle_buffer(
             Ok(Peek::Other) => {
                 take_run(buf, &mut run, staging, inner, max_frame);
                 match protocol::decode(buf, max_frame) {
-                    Ok(Some(frame)) => handle_control(frame, inner, positions.as_deref_mut())?,
+                    Ok(Some(frame)) => {
+                        handle_control(frame, inner, positions.as_deref_mut(), &mut staging.drain)?
+                    }
                     Ok(None) => break,
                     Err(err) => return Err(CloseReason::Protocol(err.to_string())),
                 }
@@ -736,8 +781,10 @@ fn handle_control(
     frame: Frame,
     inner: &Inner,
     positions: Option<&mut Positions>,
+    drain: &mut Option<std::time::Duration>,
 ) -> Result<(), CloseReason> {
     match frame {
+        Frame::Drain(within) => *drain = Some(std::time::Duration::from_millis(within.into())),
         Frame::SubAck(sid) => {
             if let Some(tx) = inner.state.lock().pending.remove(&sid) {
                 let _ = tx.send(Ok(()));

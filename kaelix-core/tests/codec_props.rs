@@ -88,6 +88,7 @@ fn frame() -> impl Strategy<Value = Frame> {
         (any::<u64>(), any::<bool>(), body())
             .prop_map(|(seq, ack, body)| Frame::Publish(Publish { seq, ack, body })),
         any::<u64>().prop_map(Frame::PubAck),
+        any::<u32>().prop_map(Frame::Drain),
         (any::<u64>(), code(), text(100)).prop_map(|(id, code, reason)| Frame::PubNack(Nack {
             id,
             code,

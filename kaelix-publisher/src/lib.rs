@@ -405,7 +405,35 @@ fn rand_u64() -> u64 {
 /// (as the link's policy says) and carries on, until the link ends.
 async fn run(mut conn: client::ClientConn, inner: Arc<Inner>) {
     loop {
-        let reason = read_loop(&mut conn.reader, &inner).await;
+        let reason = match read_loop(&mut conn.reader, &inner).await {
+            Ended::Lost(reason) => reason,
+            Ended::Drain(within) => {
+                // Keep reading the draining connection (its answers still
+                // come) while another is made.
+                let moving = inner.link.elsewhere(within);
+                tokio::pin!(moving);
+                let lost = loop {
+                    tokio::select! {
+                        next = &mut moving => match next {
+                            Some(next) => {
+                                resume(&inner, &next, Resend::All);
+                                conn = next;
+                                break None;
+                            }
+                            None => break None,
+                        },
+                        ended = read_loop(&mut conn.reader, &inner) => match ended {
+                            Ended::Lost(reason) => break Some(reason),
+                            Ended::Drain(_) => {}
+                        },
+                    }
+                };
+                match lost {
+                    Some(reason) => reason,
+                    None => continue,
+                }
+            }
+        };
         let reason = conn
             .outbox
             .close_reason()
@@ -416,7 +444,7 @@ async fn run(mut conn: client::ClientConn, inner: Arc<Inner>) {
         let mut fail_parked = |link: &Link| fail_parked_publishes(&inner, link);
         match inner.link.reconnect(reason, unsent, &mut fail_parked).await {
             Some(next) => {
-                resume(&inner, &next);
+                resume(&inner, &next, Resend::NotParked);
                 conn = next;
             }
             None => break,
@@ -481,20 +509,28 @@ fn unwritten_sends(mut frames: BytesMut) -> BytesMut {
 /// unanswered that went out on a lost connection (in sequence order), then
 /// what was parked meanwhile, then the flushes and statistics requests
 /// still waiting, asked again.
-fn resume(inner: &Inner, next: &client::ClientConn) {
+fn resume(inner: &Inner, next: &client::ClientConn, resend: Resend) {
     inner
         .max_frame_bytes
         .store(next.welcome.max_frame_bytes as usize, Ordering::Relaxed);
-    let parking = inner.link.slot().gen;
-    inner.link.install(next.outbox.clone(), |outbox, parked| {
+    let current = inner.link.slot().gen;
+    inner.link.install(next.outbox.clone(), |outbox, taken| {
         let state = inner.state.lock();
         let mut frames = BytesMut::new();
         let mut retried = 0;
-        for pending in state.acks.values().filter(|p| p.gen != parking) {
+        let again = |p: &&Pending| resend == Resend::All || p.gen != current;
+        for pending in state.acks.values().filter(again) {
             frames.extend_from_slice(&pending.frame);
             retried += 1;
         }
-        frames.extend_from_slice(&parked);
+        match resend {
+            // What was parked, acknowledged publishes included (sent once,
+            // here, not again above).
+            Resend::NotParked => frames.extend_from_slice(&taken),
+            // The unwritten frames of the connection left behind; its
+            // acknowledged publishes were all sent above.
+            Resend::All => frames.extend_from_slice(&unwritten_sends(taken)),
+        }
         for token in state.pongs.keys() {
             Frame::Ping(*token).encode(&mut frames);
         }
@@ -511,13 +547,34 @@ fn resume(inner: &Inner, next: &client::ClientConn) {
     });
 }
 
-/// Handles one connection's frames until it ends; returns why.
-async fn read_loop(reader: &mut FrameReader, inner: &Inner) -> CloseReason {
+/// Which unanswered acknowledged publishes a new connection gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Resend {
+    /// After an outage: those sent on lost connections (the parked ones
+    /// go out with the parked frames).
+    NotParked,
+    /// On moving off a draining broker: every one (the old connection is
+    /// left unread; a broker that routed one of them before it drained
+    /// does not tell the new one).
+    All,
+}
+
+/// Why a connection's reader stopped.
+enum Ended {
+    Lost(CloseReason),
+    /// The broker is draining and serves for this long at most.
+    Drain(std::time::Duration),
+}
+
+/// Handles one connection's frames until it ends or the broker says it is
+/// draining.
+async fn read_loop(reader: &mut FrameReader, inner: &Inner) -> Ended {
     let mut frames = Vec::new();
     loop {
         if let Err(reason) = reader.read_batch(&mut frames).await {
-            return reason;
+            return Ended::Lost(reason);
         }
+        let mut drain = None;
         let mut pong_needed = Vec::new();
         let mut error = None;
         {
@@ -552,6 +609,9 @@ async fn read_loop(reader: &mut FrameReader, inner: &Inner) -> CloseReason {
                         }
                     }
                     Frame::Ping(token) => pong_needed.push(token),
+                    Frame::Drain(within) => {
+                        drain = Some(std::time::Duration::from_millis(within.into()))
+                    }
                     Frame::StatsReply(reply) => {
                         if let Some(tx) = state.stats.remove(&reply.token) {
                             let _ = tx.send(reply.json);
@@ -577,7 +637,10 @@ async fn read_loop(reader: &mut FrameReader, inner: &Inner) -> CloseReason {
             inner.link.push_now(HEADER_LEN + 8, |b| pong.encode(b));
         }
         if let Some(reason) = error {
-            return reason;
+            return Ended::Lost(reason);
+        }
+        if let Some(within) = drain {
+            return Ended::Drain(within);
         }
     }
 }

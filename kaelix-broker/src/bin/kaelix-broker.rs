@@ -3,7 +3,10 @@
 //! Configuration: built-in defaults, then `--config PATH` (or `./kaelix.toml`
 //! if present), then `KAELIX_*` environment variables, then `--set KEY=VALUE`,
 //! `--host` and `--port`. Prints one line with
-//! the address it listens on; SIGINT or SIGTERM stops it gracefully.
+//! the address it listens on; SIGINT or SIGTERM stops it gracefully: it
+//! drains first (no new connections, clients told to move on), then
+//! flushes and exits. `kaelix-broker --drain PID` does that to a running
+//! broker and waits for it.
 //!
 //! The configuration file is watched: edits apply live where they can
 //! (`MessageBroker::reconfigure`), SIGHUP reloads it on demand, and an edit
@@ -56,6 +59,19 @@ struct Args {
     /// Do not watch the configuration file; reload it only on SIGHUP.
     #[arg(long)]
     no_watch: bool,
+    /// Tell the broker running as process PID to drain and stop (as
+    /// SIGTERM does), wait until it has exited, and exit 0 (1 if it still
+    /// runs after WAIT_SECS, 30 by default).
+    #[arg(long, value_name = "PID", conflicts_with_all = ["check_config", "print_default_config"])]
+    drain: Option<i32>,
+    /// With --drain: how long to wait for the broker to exit.
+    #[arg(
+        long,
+        value_name = "WAIT_SECS",
+        default_value_t = 30,
+        requires = "drain"
+    )]
+    drain_wait: u64,
 }
 
 fn main() -> ExitCode {
@@ -63,6 +79,9 @@ fn main() -> ExitCode {
     if args.print_default_config {
         print!("{}", kaelix_core::config::DEFAULT_CONFIG_TOML);
         return ExitCode::SUCCESS;
+    }
+    if let Some(pid) = args.drain {
+        return drain(pid, std::time::Duration::from_secs(args.drain_wait));
     }
     let loaded = load(&args);
     if args.check_config {
@@ -141,6 +160,33 @@ fn flags(args: &Args) -> Vec<Override> {
 
 /// `--check-config`: every problem, or the effective configuration with
 /// the origin of each value and any warnings for this machine.
+/// `--drain PID`: SIGTERM to the broker (it drains, then stops), then waits
+/// for the process to be gone.
+fn drain(pid: i32, wait: std::time::Duration) -> ExitCode {
+    if pid <= 0 {
+        eprintln!("kaelix-broker: --drain needs the broker's process id, not {pid}");
+        return ExitCode::from(2);
+    }
+    // SAFETY: kill(2) with a positive pid only sends a signal.
+    if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
+        let err = std::io::Error::last_os_error();
+        eprintln!("kaelix-broker: cannot signal process {pid}: {err}");
+        return ExitCode::from(2);
+    }
+    println!("kaelix-broker: told process {pid} to drain; waiting for it to stop");
+    let deadline = std::time::Instant::now() + wait;
+    // SAFETY: signal 0 only checks that the process exists.
+    while unsafe { libc::kill(pid, 0) } == 0 {
+        if std::time::Instant::now() > deadline {
+            eprintln!("kaelix-broker: process {pid} still runs after {wait:?}");
+            return ExitCode::from(1);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    println!("kaelix-broker: process {pid} stopped");
+    ExitCode::SUCCESS
+}
+
 fn check_config(loaded: Result<Loaded, kaelix_core::config::ConfigError>) -> ExitCode {
     use kaelix_core::config::ConfigValidator;
     let loaded = match loaded {
@@ -355,7 +401,12 @@ async fn run(
             },
         }
     }
-    tracing::info!("signal received: draining connections and shutting down");
+    let drain = std::time::Duration::from_millis(broker.config().network.drain_timeout_ms);
+    if !drain.is_zero() {
+        tracing::info!("signal received: draining");
+        broker.drain(drain).await;
+    }
+    tracing::info!("shutting down: flushing connections");
     broker.shutdown().await.map_err(|e| e.to_string())?;
     match serving.await {
         Ok(Ok(())) => {}

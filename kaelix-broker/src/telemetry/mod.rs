@@ -436,6 +436,12 @@ impl MessageBroker {
                 reason: "the broker is shutting down".into(),
             };
         }
+        if self.inner.draining.is_cancelled() {
+            return BrokerHealth {
+                status: HealthStatus::Unhealthy,
+                reason: "the broker is draining: it takes no new connections".into(),
+            };
+        }
         match self.runtime() {
             Some(runtime) => {
                 let report = runtime.health().report();

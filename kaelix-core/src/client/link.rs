@@ -430,6 +430,43 @@ impl Link {
         }
     }
 
+    /// The broker in use said it is draining: emits the event and, if the
+    /// client has other brokers, connects to one of them (one pass over
+    /// them). `None` when there is none to move to, or none answered: the
+    /// client stays until the draining broker closes the connection.
+    pub async fn elsewhere(&self, within: Duration) -> Option<ClientConn> {
+        let from = self.addr();
+        tracing::info!(broker = %from, ?within, "the broker is draining");
+        self.emit(ConnectionEvent::Draining {
+            addr: from.clone(),
+            within,
+        });
+        let others: Vec<String> = self
+            .addresses
+            .iter()
+            .filter(|a| **a != from)
+            .cloned()
+            .collect();
+        if others.is_empty() || self.ended().is_some() {
+            return None;
+        }
+        match attempt_any(&others, &self.options, &self.properties).await {
+            Ok((conn, to)) => {
+                self.state.lock().addr = to.clone();
+                tracing::info!(%from, %to, "moved off a draining broker");
+                self.emit(ConnectionEvent::Moved { from, to });
+                Some(conn)
+            }
+            Err(failed) => {
+                tracing::warn!(
+                    error = %failed.error,
+                    "no other broker to move to; staying until the draining one closes"
+                );
+                None
+            }
+        }
+    }
+
     /// Puts `outbox` (a new connection's) in use. `prepare` first gets it
     /// and what was parked while disconnected, before any sender can reach
     /// it, so that what the client re-sends goes first. The caller does

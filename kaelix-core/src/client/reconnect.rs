@@ -157,6 +157,11 @@ pub enum ConnectionEvent {
     /// The client stopped trying (its policy's attempts are used up) and
     /// is closed.
     GaveUp { attempts: u32, last_error: String },
+    /// The broker is draining (about to stop) and serves for `within` at
+    /// most; a client given other brokers moves to one.
+    Draining { addr: String, within: Duration },
+    /// Moved from a draining broker to another.
+    Moved { from: String, to: String },
 }
 
 impl fmt::Display for ConnectionEvent {
@@ -179,6 +184,10 @@ impl fmt::Display for ConnectionEvent {
                 attempts,
                 last_error,
             } => write!(f, "gave up after {attempts} attempt(s): {last_error}"),
+            ConnectionEvent::Draining { addr, within } => {
+                write!(f, "{addr} is draining (serving for {within:?} at most)")
+            }
+            ConnectionEvent::Moved { from, to } => write!(f, "moved from {from} to {to}"),
         }
     }
 }

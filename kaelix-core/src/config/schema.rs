@@ -40,6 +40,11 @@ pub struct NetworkConfig {
     pub handshake_timeout_ms: u64,
     /// On shutdown, how long connections get to flush what is queued.
     pub shutdown_grace_ms: u64,
+    /// On SIGTERM, how long the broker drains first: it takes no new
+    /// connections, tells connected clients to move on, and keeps serving
+    /// those that stay until they leave or this passes; 0 shuts down at
+    /// once.
+    pub drain_timeout_ms: u64,
     /// Bytes read from a socket per call.
     pub read_buffer_bytes: usize,
     /// How long a client refused for load (a connection limit, handshake
@@ -56,6 +61,7 @@ impl Default for NetworkConfig {
             max_connections: 10_000,
             handshake_timeout_ms: 5_000,
             shutdown_grace_ms: 3_000,
+            drain_timeout_ms: 2_000,
             read_buffer_bytes: 64 * 1024,
             retry_after_ms: 1_000,
         }

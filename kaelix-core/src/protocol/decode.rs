@@ -215,6 +215,7 @@ fn parse(frame: Bytes) -> Result<Frame, ProtocolError> {
         opcode::PING => Frame::Ping(r.u64("token")?),
         opcode::PONG => Frame::Pong(r.u64("token")?),
         opcode::STATS => Frame::Stats(r.u64("token")?),
+        opcode::DRAIN => Frame::Drain(r.u32("within")?),
         opcode::STATS_REPLY => Frame::StatsReply(StatsReply {
             token: r.u64("token")?,
             json: r.str16("json")?,
@@ -514,6 +515,7 @@ fn opcode_name(op: u8) -> Option<&'static str> {
         opcode::PONG => "PONG",
         opcode::STATS => "STATS",
         opcode::STATS_REPLY => "STATS_REPLY",
+        opcode::DRAIN => "DRAIN",
         opcode::ERROR => "ERROR",
         opcode::PUBLISH => "PUBLISH",
         opcode::PUB_ACK => "PUB_ACK",

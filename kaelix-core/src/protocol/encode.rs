@@ -34,6 +34,7 @@ impl Frame {
             Frame::Ping(token) => with_header(buf, opcode::PING, 0, |b| b.put_u64(*token)),
             Frame::Pong(token) => with_header(buf, opcode::PONG, 0, |b| b.put_u64(*token)),
             Frame::Stats(token) => with_header(buf, opcode::STATS, 0, |b| b.put_u64(*token)),
+            Frame::Drain(within) => with_header(buf, opcode::DRAIN, 0, |b| b.put_u32(*within)),
             Frame::StatsReply(r) => with_header(buf, opcode::STATS_REPLY, 0, |b| {
                 b.put_u64(r.token);
                 put_str16(b, &r.json);

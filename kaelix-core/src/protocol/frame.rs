@@ -26,6 +26,10 @@ pub enum Frame {
     Stats(u64),
     /// Broker → client: the statistics, as a JSON object.
     StatsReply(StatsReply),
+    /// Broker → client: the broker is draining (about to stop); it keeps
+    /// serving for this many milliseconds at most. A client with other
+    /// brokers moves to one.
+    Drain(u32),
     /// Client → broker: a message to route.
     Publish(Publish),
     /// Broker → client: the publish with this sequence number was routed.
@@ -60,6 +64,7 @@ impl Frame {
             Frame::Error(_) => "ERROR",
             Frame::Stats(_) => "STATS",
             Frame::StatsReply(_) => "STATS_REPLY",
+            Frame::Drain(_) => "DRAIN",
             Frame::Publish(_) => "PUBLISH",
             Frame::PubAck(_) => "PUB_ACK",
             Frame::PubNack(_) => "PUB_NACK",

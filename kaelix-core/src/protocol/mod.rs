@@ -47,6 +47,7 @@ pub mod opcode {
     pub const ERROR: u8 = 0x05;
     pub const STATS: u8 = 0x06;
     pub const STATS_REPLY: u8 = 0x07;
+    pub const DRAIN: u8 = 0x08;
     pub const PUBLISH: u8 = 0x10;
     pub const PUB_ACK: u8 = 0x11;
     pub const PUB_NACK: u8 = 0x12;
