@@ -40,6 +40,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
+use kaelix_core::client::session::{self, Ended, Session};
 use kaelix_core::client::{self, ClientOptions, CloseOnDrop, ConnectionEvent, FrameReader, Link};
 use kaelix_core::outbox::Pushed;
 use kaelix_core::protocol::{self, Credit, Frame, Peek, Subscribe, HEADER_LEN};
@@ -486,70 +487,23 @@ impl futures_core::Stream for Subscription {
     }
 }
 
-/// The reader task: reads each connection until it ends, then reconnects
-/// (as the link's policy says), subscribes again and carries on, until the
-/// link ends.
-async fn run(mut conn: client::ClientConn, inner: Arc<Inner>) {
-    let mut staging = Staging::default();
-    // Where each subscription is, to resume from there; kept only when
-    // there is a reconnect to resume after.
-    let mut positions = inner
-        .options
-        .client
-        .reconnect
-        .enabled
-        .then(Positions::default);
-    loop {
-        let reason = match read_loop(&mut conn.reader, &inner, &mut staging, &mut positions).await {
-            Ended::Lost(reason) => reason,
-            Ended::Drain(within) => {
-                // Keep reading the draining connection while another is
-                // made; the subscriptions then carry on there from the last
-                // message read here.
-                let moving = inner.link.elsewhere(within);
-                tokio::pin!(moving);
-                let lost = loop {
-                    tokio::select! {
-                        next = &mut moving => {
-                            if let Some(next) = next {
-                                conn.outbox.close(CloseReason::Closed, None);
-                                resubscribe(&inner, &next, positions.as_mut());
-                                conn = next;
-                            }
-                            break None;
-                        }
-                        ended = read_loop(&mut conn.reader, &inner, &mut staging, &mut positions) => {
-                            match ended {
-                                Ended::Lost(reason) => break Some(reason),
-                                Ended::Drain(_) => {}
-                            }
-                        }
-                    }
-                };
-                match lost {
-                    Some(reason) => reason,
-                    None => continue,
-                }
-            }
-        };
-        let reason = conn
-            .outbox
-            .close_reason()
-            .filter(|r| *r == CloseReason::Closed)
-            .unwrap_or(reason);
-        conn.outbox.close(reason.clone(), None);
-        let mut nothing_parked_waits = |_: &Link| ();
-        let lost = inner
-            .link
-            .reconnect(reason, bytes::BytesMut::new(), &mut nothing_parked_waits);
-        match lost.await {
-            Some(next) => {
-                resubscribe(&inner, &next, positions.as_mut());
-                conn = next;
-            }
-            None => break,
-        }
-    }
+/// The reader task: every connection of the consumer in turn (see
+/// [`session::supervise`]), then every subscription ends with the reason
+/// the consumer closed, after what it holds.
+async fn run(conn: client::ClientConn, inner: Arc<Inner>) {
+    let mut session = ConsumerSession {
+        inner: inner.clone(),
+        staging: Staging::default(),
+        // Where each subscription is, to resume from there; kept only when
+        // there is a reconnect to resume after.
+        positions: inner
+            .options
+            .client
+            .reconnect
+            .enabled
+            .then(Positions::default),
+    };
+    session::supervise(inner.link.clone(), conn, &mut session).await;
     let reason = inner.link.ended().unwrap_or(CloseReason::Closed);
     let mut state = inner.state.lock();
     state.closed = Some(reason.clone());
@@ -558,6 +512,34 @@ async fn run(mut conn: client::ClientConn, inner: Arc<Inner>) {
     }
     for (_, tx) in state.pending.drain() {
         let _ = tx.send(Err(Error::Closed(reason.clone())));
+    }
+}
+
+/// What the consumer's reader keeps across connections.
+struct ConsumerSession {
+    inner: Arc<Inner>,
+    staging: Staging,
+    positions: Option<Positions>,
+}
+
+impl Session for ConsumerSession {
+    fn read<'a>(
+        &'a mut self,
+        reader: &'a mut FrameReader,
+    ) -> impl std::future::Future<Output = Ended> + Send + 'a {
+        read_loop(reader, &self.inner, &mut self.staging, &mut self.positions)
+    }
+
+    /// Nothing a consumer sends is worth carrying over: its subscriptions
+    /// are made again whole, with a fresh credit window.
+    fn lost(&mut self, _: &CloseReason, _: BytesMut) -> BytesMut {
+        BytesMut::new()
+    }
+
+    fn circuit_open(&mut self, _: &Link) {}
+
+    fn resume(&mut self, next: &client::ClientConn, _moved: bool) {
+        resubscribe(&self.inner, next, self.positions.as_mut());
     }
 }
 
@@ -571,7 +553,7 @@ async fn run(mut conn: client::ClientConn, inner: Arc<Inner>) {
 fn resubscribe(inner: &Inner, next: &client::ClientConn, mut positions: Option<&mut Positions>) {
     inner.link.install(next.outbox.clone(), |outbox, _parked| {
         let state = inner.state.lock();
-        let mut frames = bytes::BytesMut::new();
+        let mut frames = BytesMut::new();
         for (sid, sub) in &state.subs {
             let mut request = sub.request.clone();
             if request.group.is_none() {
@@ -619,13 +601,6 @@ async fn read_loop(
     };
     staging.hand_over().await;
     Ended::Lost(reason)
-}
-
-/// Why a connection's reader stopped.
-enum Ended {
-    Lost(CloseReason),
-    /// The broker is draining and serves for this long at most.
-    Drain(std::time::Duration),
 }
 
 /// MESSAGE frames gathered per subscription during one read, handed to
@@ -745,7 +720,18 @@ fn handle_buffer(
             Ok(Peek::Deliver(delivery, len)) => {
                 if let (Some(positions), Some(offset)) = (positions.as_deref_mut(), delivery.offset)
                 {
-                    positions.saw(delivery.sid, delivery.body, delivery.partition, offset);
+                    let resumes = || {
+                        let state = inner.state.lock();
+                        let sub = state.subs.get(&delivery.sid);
+                        sub.is_some_and(|s| s.request.group.is_none())
+                    };
+                    positions.saw(
+                        delivery.sid,
+                        delivery.body,
+                        delivery.partition,
+                        offset,
+                        resumes,
+                    );
                 }
                 match run.sid {
                     None if run.count == 0 => run.sid = Some(delivery.sid),

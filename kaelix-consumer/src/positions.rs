@@ -22,6 +22,9 @@ pub(crate) struct Positions {
 /// topic partition of its latest message kept hot.
 #[derive(Debug, Default)]
 struct Subscription {
+    /// False for a queue group member: it never resumes by offset, so
+    /// nothing is kept for it.
+    tracked: bool,
     next: HashMap<Box<[u8]>, HashMap<u32, u64>>,
     topic: Vec<u8>,
     partition: u32,
@@ -31,16 +34,31 @@ struct Subscription {
 
 impl Positions {
     /// Subscription `sid` received the message at `offset` of `partition`
-    /// (`None` for a topic with one) of the topic in `body`.
-    pub(crate) fn saw(&mut self, sid: u32, body: &[u8], partition: Option<u32>, offset: u64) {
+    /// (`None` for a topic with one) of the topic in `body`. `resumes`
+    /// tells, the first time a subscription is seen, whether it can resume
+    /// by offset at all.
+    pub(crate) fn saw(
+        &mut self,
+        sid: u32,
+        body: &[u8],
+        partition: Option<u32>,
+        offset: u64,
+        resumes: impl FnOnce() -> bool,
+    ) {
+        if self.hot_sid != Some(sid) {
+            self.cool();
+            self.hot = self.by_sid.remove(&sid).unwrap_or_else(|| Subscription {
+                tracked: resumes(),
+                ..Subscription::default()
+            });
+            self.hot_sid = Some(sid);
+        }
+        if !self.hot.tracked {
+            return;
+        }
         let Some(topic) = topic_of(body) else {
             return;
         };
-        if self.hot_sid != Some(sid) {
-            self.cool();
-            self.hot = self.by_sid.remove(&sid).unwrap_or_default();
-            self.hot_sid = Some(sid);
-        }
         self.hot.saw(topic, partition.unwrap_or(0), offset);
     }
 
@@ -146,13 +164,18 @@ mod tests {
     fn each_subscription_resumes_after_its_last_message_per_topic_partition() {
         let mut p = Positions::default();
         let (a, b) = (body("orders.eu"), body("orders.us"));
-        p.saw(1, &a, None, 0);
-        p.saw(1, &a, None, 1);
-        p.saw(1, &b, None, 7);
-        p.saw(2, &a, Some(3), 40);
-        p.saw(1, &a, None, 2);
-        p.saw(2, &a, Some(3), 41);
-        p.saw(2, &a, Some(0), 5);
+        let yes = || true;
+        p.saw(1, &a, None, 0, yes);
+        p.saw(1, &a, None, 1, yes);
+        p.saw(1, &b, None, 7, yes);
+        p.saw(2, &a, Some(3), 40, yes);
+        p.saw(1, &a, None, 2, yes);
+        p.saw(2, &a, Some(3), 41, yes);
+        p.saw(2, &a, Some(0), 5, yes);
+        // A queue group member: nothing kept.
+        p.saw(4, &a, None, 9, || false);
+        p.saw(4, &a, None, 10, || true);
+        assert!(p.resume(4).is_empty());
         assert_eq!(
             sorted(p.resume(1)),
             [("orders.eu".into(), 0, 3), ("orders.us".into(), 0, 8)]

@@ -33,6 +33,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
+use kaelix_core::client::session::{self, Ended, Session};
 use kaelix_core::client::{
     self, hello_keys, ClientOptions, CloseOnDrop, ConnectionEvent, FrameReader, Link,
 };
@@ -401,55 +402,12 @@ fn rand_u64() -> u64 {
     rand::random()
 }
 
-/// The reader task: reads each connection until it ends, then reconnects
-/// (as the link's policy says) and carries on, until the link ends.
-async fn run(mut conn: client::ClientConn, inner: Arc<Inner>) {
-    loop {
-        let reason = match read_loop(&mut conn.reader, &inner).await {
-            Ended::Lost(reason) => reason,
-            Ended::Drain(within) => {
-                // Keep reading the draining connection (its answers still
-                // come) while another is made.
-                let moving = inner.link.elsewhere(within);
-                tokio::pin!(moving);
-                let lost = loop {
-                    tokio::select! {
-                        next = &mut moving => match next {
-                            Some(next) => {
-                                resume(&inner, &next, Resend::All);
-                                conn = next;
-                                break None;
-                            }
-                            None => break None,
-                        },
-                        ended = read_loop(&mut conn.reader, &inner) => match ended {
-                            Ended::Lost(reason) => break Some(reason),
-                            Ended::Drain(_) => {}
-                        },
-                    }
-                };
-                match lost {
-                    Some(reason) => reason,
-                    None => continue,
-                }
-            }
-        };
-        let reason = conn
-            .outbox
-            .close_reason()
-            .filter(|r| *r == CloseReason::Closed)
-            .unwrap_or(reason);
-        let unsent = unwritten_sends(conn.outbox.close_and_take(reason.clone()));
-        inner.state.lock().lost = Some(reason.clone());
-        let mut fail_parked = |link: &Link| fail_parked_publishes(&inner, link);
-        match inner.link.reconnect(reason, unsent, &mut fail_parked).await {
-            Some(next) => {
-                resume(&inner, &next, Resend::NotParked);
-                conn = next;
-            }
-            None => break,
-        }
-    }
+/// The reader task: every connection of the publisher in turn (see
+/// [`session::supervise`]), then every call still waiting gets the reason
+/// the publisher closed.
+async fn run(conn: client::ClientConn, inner: Arc<Inner>) {
+    let link = inner.link.clone();
+    session::supervise(link, conn, &mut PublisherSession(inner.clone())).await;
     let reason = inner.link.ended().unwrap_or(CloseReason::Closed);
     let mut state = inner.state.lock();
     state.closed = Some(reason.clone());
@@ -458,6 +416,35 @@ async fn run(mut conn: client::ClientConn, inner: Arc<Inner>) {
     }
     state.pongs.clear();
     state.stats.clear();
+}
+
+struct PublisherSession(Arc<Inner>);
+
+impl Session for PublisherSession {
+    fn read<'a>(
+        &'a mut self,
+        reader: &'a mut FrameReader,
+    ) -> impl std::future::Future<Output = Ended> + Send + 'a {
+        read_loop(reader, &self.0)
+    }
+
+    fn lost(&mut self, reason: &CloseReason, unwritten: BytesMut) -> BytesMut {
+        self.0.state.lock().lost = Some(reason.clone());
+        unwritten_sends(unwritten)
+    }
+
+    fn circuit_open(&mut self, link: &Link) {
+        fail_parked_publishes(&self.0, link);
+    }
+
+    fn resume(&mut self, next: &client::ClientConn, moved: bool) {
+        let resend = if moved {
+            Resend::All
+        } else {
+            Resend::NotParked
+        };
+        resume(&self.0, next, resend);
+    }
 }
 
 /// The circuit is open: acknowledged publishes parked while disconnected
@@ -557,13 +544,6 @@ enum Resend {
     /// left unread; a broker that routed one of them before it drained
     /// does not tell the new one).
     All,
-}
-
-/// Why a connection's reader stopped.
-enum Ended {
-    Lost(CloseReason),
-    /// The broker is draining and serves for this long at most.
-    Drain(std::time::Duration),
 }
 
 /// Handles one connection's frames until it ends or the broker says it is

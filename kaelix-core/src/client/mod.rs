@@ -4,6 +4,7 @@
 
 pub mod link;
 pub mod reconnect;
+pub mod session;
 
 pub use link::Link;
 pub use reconnect::{Backoff, ConnectionEvent, ReconnectPolicy};
