@@ -107,6 +107,8 @@ async fn acknowledged_publishes_arrive_exactly_once_and_in_order_across_cuts() {
         .await
         .unwrap();
     let mut publisher_events = publisher.events();
+    // A slow path to the broker: more publishes are in flight at each cut.
+    to_publisher.delay(Duration::from_millis(1));
 
     // Four tasks share the publisher, so several publishes are in flight
     // when a connection is cut; each keeps its own topic in order.
@@ -124,7 +126,7 @@ async fn acknowledged_publishes_arrive_exactly_once_and_in_order_across_cuts() {
     }
     let cutter = tokio::spawn(async move {
         for k in 0..12 {
-            tokio::time::sleep(Duration::from_millis(30)).await;
+            tokio::time::sleep(Duration::from_millis(150)).await;
             if k % 2 == 0 {
                 to_publisher.cut();
             } else {
