@@ -559,6 +559,7 @@ fn resubscribe(inner: &Inner, next: &client::ClientConn, mut positions: Option<&
             if request.group.is_none() {
                 if let Some(positions) = positions.as_deref_mut() {
                     request.resume = positions.resume(*sid);
+                    fit_resume(&mut request, next.welcome.max_frame_bytes as usize);
                 }
                 request.start = match request.start {
                     start @ (StartPosition::Earliest | StartPosition::Time(_)) => start,
@@ -577,6 +578,34 @@ fn resubscribe(inner: &Inner, next: &client::ClientConn, mut positions: Option<&
         // Held until the new connection is in use (see `State`).
         state
     });
+}
+
+/// Keeps a resumed SUBSCRIBE within the broker's frame size: past it the
+/// broker would refuse the frame and the client would reconnect in a loop.
+/// The topic partitions left out start where a fresh subscription would,
+/// and the log says how many (they may see messages again).
+fn fit_resume(request: &mut Subscribe, max_frame: usize) {
+    // Room for everything but the entries: pattern, group, the fixed fields.
+    let mut room = max_frame.saturating_sub(1024);
+    let fits = request
+        .resume
+        .iter()
+        .take_while(|at| {
+            let len = 1 + at.topic.len() + 12;
+            let fits = len <= room;
+            room = room.saturating_sub(len);
+            fits
+        })
+        .count();
+    if fits < request.resume.len() {
+        tracing::warn!(
+            sid = request.sid,
+            kept = fits,
+            dropped = request.resume.len() - fits,
+            "too many topic partitions to resume in one SUBSCRIBE; the rest start afresh"
+        );
+        request.resume.truncate(fits);
+    }
 }
 
 /// Handles one connection's frames until it ends; returns why. What was
@@ -834,4 +863,37 @@ fn handle_control(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kaelix_core::protocol::ResumeAt;
+
+    #[test]
+    fn a_resume_list_is_cut_to_fit_the_brokers_frame() {
+        let at = |i: u32| ResumeAt {
+            topic: Bytes::from(format!("orders.region-{i:04}")),
+            partition: 0,
+            next: u64::from(i),
+        };
+        let mut request = Subscribe {
+            sid: 1,
+            pattern: "orders.>".into(),
+            resume: (0..10_000).map(at).collect(),
+            ..Subscribe::default()
+        };
+        fit_resume(&mut request, 64 * 1024);
+        let kept = request.resume.len();
+        assert!((1000..10_000).contains(&kept), "{kept}");
+        let frame = Frame::Subscribe(request).to_bytes();
+        assert!(frame.len() <= 64 * 1024, "{}", frame.len());
+
+        let mut small = Subscribe {
+            resume: (0..10).map(at).collect(),
+            ..Subscribe::default()
+        };
+        fit_resume(&mut small, 64 * 1024);
+        assert_eq!(small.resume.len(), 10);
+    }
 }
