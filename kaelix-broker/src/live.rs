@@ -27,7 +27,11 @@ use crate::MessageBroker;
 const READ_WHEN_USED: &[&str] = &[
     "network.handshake_timeout_ms",
     "network.shutdown_grace_ms",
+    "network.drain_timeout_ms",
+    "network.retry_after_ms",
     "network.read_buffer_bytes",
+    // Read by each connection when it opens.
+    "dedupe",
     "limits.max_frame_bytes",
     "limits.idle_timeout_ms",
 ];
