@@ -34,6 +34,11 @@ const UPKEEP_EVERY: Duration = Duration::from_secs(5);
 pub struct MetricsServer {
     addr: SocketAddr,
     stop: CancellationToken,
+    /// The listening socket, shut at drop: the task that owns the other
+    /// handle ends a moment later, and until then the port would still
+    /// accept connections (a reload that moved the endpoint would seem
+    /// not to have).
+    socket: std::net::TcpListener,
 }
 
 impl MetricsServer {
@@ -43,11 +48,12 @@ impl MetricsServer {
     pub fn start(broker: &MessageBroker, addr: SocketAddr) -> io::Result<MetricsServer> {
         let listener = std::net::TcpListener::bind(addr)?;
         listener.set_nonblocking(true)?;
+        let socket = listener.try_clone()?;
         let listener = TcpListener::from_std(listener)?;
         let addr = listener.local_addr()?;
         let stop = CancellationToken::new();
         tokio::spawn(serve(listener, broker.clone(), stop.clone()));
-        Ok(MetricsServer { addr, stop })
+        Ok(MetricsServer { addr, stop, socket })
     }
 
     /// The address it listens on.
@@ -58,7 +64,12 @@ impl MetricsServer {
 
 impl Drop for MetricsServer {
     fn drop(&mut self) {
+        use std::os::fd::AsRawFd;
         self.stop.cancel();
+        // Shutting a listening socket stops it listening at once (new
+        // connections are refused) whoever else holds it.
+        // SAFETY: shutdown(2) on a descriptor this value owns.
+        unsafe { libc::shutdown(self.socket.as_raw_fd(), libc::SHUT_RDWR) };
     }
 }
 
