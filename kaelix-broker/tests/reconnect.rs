@@ -794,3 +794,37 @@ async fn kaelix_broker_drain_pid_drains_a_running_broker_and_waits_for_it() {
         .unwrap();
     assert_eq!(output.status.code(), Some(2));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_gives_up_after_its_attempts_and_says_why() {
+    let (broker, addr) = retaining_broker().await;
+    let proxy = FaultProxy::start(addr).await;
+    let options = ClientOptions {
+        reconnect: ReconnectPolicy {
+            max_attempts: 2,
+            ..quick("quitter").reconnect
+        },
+        ..quick("quitter")
+    };
+    let publisher = Publisher::connect_with(proxy.addr(), options)
+        .await
+        .unwrap();
+    let mut events = publisher.events();
+    proxy.refuse(true);
+    proxy.cut();
+    let gave_up = loop {
+        match tokio::time::timeout(Duration::from_secs(10), events.recv()).await {
+            Ok(Ok(ConnectionEvent::GaveUp { attempts, .. })) => break attempts,
+            Ok(Ok(_)) => {}
+            other => panic!("expected the client to give up, got {other:?}"),
+        }
+    };
+    assert_eq!(gave_up, 2);
+    match publisher.publish("seq.quit", "late").await {
+        Err(Error::Closed(reason)) => {
+            assert!(reason.to_string().contains("gave up"), "{reason}")
+        }
+        other => panic!("expected the closed client's error, got {other:?}"),
+    }
+    broker.shutdown().await.unwrap();
+}

@@ -624,6 +624,13 @@ async fn read_loop(
             break reason;
         }
         staging.hand_over().await;
+        // An ended subscription's positions go with it, so a consumer that
+        // subscribes and unsubscribes for ever holds no more.
+        for sid in staging.ended.drain(..) {
+            if let Some(positions) = positions.as_mut() {
+                positions.forget(sid);
+            }
+        }
         if let Some(within) = staging.drain.take() {
             return Ended::Drain(within);
         }
@@ -639,6 +646,8 @@ struct Staging {
     by_sid: HashMap<u32, Staged>,
     /// A drain notice read, for the reader to act on after this read.
     drain: Option<std::time::Duration>,
+    /// Subscriptions found ended since the reader last asked.
+    ended: Vec<u32>,
 }
 
 struct Staged {
@@ -681,7 +690,14 @@ impl Staging {
             }
             staged.count = 0;
         }
-        self.by_sid.retain(|_, staged| !staged.inbox.is_closed());
+        let ended = &mut self.ended;
+        self.by_sid.retain(|sid, staged| {
+            let open = !staged.inbox.is_closed();
+            if !open {
+                ended.push(*sid);
+            }
+            open
+        });
     }
 }
 

@@ -338,6 +338,11 @@ impl Link {
                         state.last_error = last_error.clone();
                         state.failures
                     };
+                    // Drawn even while the circuit is open, so that
+                    // max_attempts counts every attempt.
+                    let Some(backed_off) = backoff.next_wait() else {
+                        return self.give_up(backoff.attempts(), last_error);
+                    };
                     let threshold = self.options.circuit.failure_threshold;
                     wait = if threshold > 0 && failures >= threshold {
                         // Open: probe once per cool-down, senders fail fast.
@@ -347,10 +352,7 @@ impl Link {
                             .cooldown
                             .max(retry_after.unwrap_or_default())
                     } else {
-                        match backoff.next_wait() {
-                            Some(wait) => wait,
-                            None => return self.give_up(backoff.attempts(), last_error),
-                        }
+                        backed_off
                     };
                     tracing::debug!(error = %last_error, ?wait, "reconnect attempt failed");
                     self.emit(ConnectionEvent::AttemptFailed {
