@@ -185,9 +185,9 @@ pub(crate) async fn serve(
     // The configuration as the connection opens: its frame limit, read
     // size and handshake time hold for its life.
     let config = broker.live.running();
-    let handshake = Duration::from_millis(config.network.handshake_timeout_ms);
     // TLS and HELLO together must be done by then.
-    let deadline = tokio::time::Instant::now() + handshake;
+    let deadline =
+        tokio::time::Instant::now() + Duration::from_millis(config.network.handshake_timeout_ms);
     let open = Open {
         id,
         peer,
@@ -200,6 +200,14 @@ pub(crate) async fn serve(
         let (rd, wr) = stream.into_split();
         return serve_open(rd, wr, open, broker).await;
     };
+    // Boxed: the handshake's state and the TLS connection are large, and
+    // inline they would size every plain connection's task as well.
+    Box::pin(serve_tls(stream, acceptor, open, broker)).await
+}
+
+async fn serve_tls(stream: TcpStream, acceptor: Arc<TlsAcceptor>, open: Open, broker: Arc<Inner>) {
+    let (id, peer, deadline) = (open.id, open.peer, open.deadline);
+    let handshake = Duration::from_millis(open.config.network.handshake_timeout_ms);
     match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
         Ok(Ok(stream)) => {
             let cert_name = stream
@@ -308,7 +316,9 @@ where
         held: Vec::new(),
         dedupe: None,
     };
-    let exit = conn.run(&mut rd, deadline).await;
+    // Boxed: awaited inline, the connection's future would be kept twice
+    // in the task (once made, once awaited) for the connection's life.
+    let exit = Box::pin(conn.run(&mut rd, deadline)).await;
     conn.unsubscribe_all();
     let last = exit.error_frame().map(|e| Frame::Error(e).to_bytes());
     outbox.close(exit.close_reason(), last.as_deref());
@@ -497,13 +507,20 @@ impl Connection {
         let mut buf = BytesMut::new();
 
         let handshake = Duration::from_millis(config.network.handshake_timeout_ms);
-        let hello =
-            match tokio::time::timeout_at(deadline, read_first(rd, &mut buf, max_frame)).await {
-                Err(_) => return Exit::HandshakeTimeout(handshake),
-                Ok(Err(exit)) => return exit,
+        // Boxed: the handshake's futures (authentication among them) are
+        // done with before the connection idles, and inline they would
+        // size the connection's task for its whole life.
+        let opened = Box::pin(async {
+            let hello = match tokio::time::timeout_at(deadline, read_first(rd, &mut buf, max_frame))
+                .await
+            {
+                Err(_) => return Err(Exit::HandshakeTimeout(handshake)),
+                Ok(Err(exit)) => return Err(exit),
                 Ok(Ok(frame)) => frame,
             };
-        if let Err(exit) = self.welcome(hello).await {
+            self.welcome(hello).await
+        });
+        if let Err(exit) = opened.await {
             return exit;
         }
         // The handshake is over: its place goes to the next one.
@@ -540,8 +557,12 @@ impl Connection {
             }
             let published = std::mem::take(&mut self.published);
             if published.0 > 0 {
-                if let Err(exit) = self.throttle(published).await {
-                    return exit;
+                if let Some(wait) = self.over_rate(published) {
+                    // Boxed: rare, and inline its timer would grow every
+                    // connection's memory.
+                    if let Err(exit) = Box::pin(self.hold_back(wait)).await {
+                        return exit;
+                    }
                 }
             }
             let blocked = self.batch.take_blocked();
@@ -555,7 +576,7 @@ impl Connection {
                     biased;
                     _ = shutdown.cancelled() => return Exit::ShuttingDown,
                     reason = self.outbox.closed() => return Exit::Outbox(reason),
-                    _ = blocked.wait(limit, &self.broker.stats) => {}
+                    _ = Box::pin(blocked.wait(limit, &self.broker.stats)) => {}
                 }
             }
             reads = reads.wrapping_add(1);
@@ -614,20 +635,18 @@ impl Connection {
         }
     }
 
-    /// Holds the connection back (reads nothing) while its publish rate is
-    /// over `limits.max_publish_*_per_sec`.
-    async fn throttle(&mut self, published: (u64, u64)) -> Result<(), Exit> {
+    /// Charges a read's publishes against `limits.max_publish_*_per_sec`;
+    /// how long the connection must read nothing, when over the rate.
+    fn over_rate(&mut self, published: (u64, u64)) -> Option<Duration> {
         let limits = &self.broker.live.limits;
         let max = (
             LiveLimits::get(&limits.max_publish_messages_per_sec),
             LiveLimits::get(&limits.max_publish_bytes_per_sec),
         );
         if max == (0, 0) {
-            return Ok(());
+            return None;
         }
-        let Some(wait) = self.throttle.charge(published, max) else {
-            return Ok(());
-        };
+        let wait = self.throttle.charge(published, max)?;
         let stats = &self.broker.stats;
         stats.throttled.fetch_add(1, Ordering::Relaxed);
         stats
@@ -640,6 +659,11 @@ impl Connection {
                 "publisher held back: over its publish rate (limits.max_publish_*_per_sec)"
             );
         }
+        Some(wait)
+    }
+
+    /// Reads nothing for `wait`: the publish rate's penalty.
+    async fn hold_back(&self, wait: Duration) -> Result<(), Exit> {
         tokio::select! {
             biased;
             _ = self.broker.shutdown.cancelled() => Err(Exit::ShuttingDown),
@@ -1269,7 +1293,9 @@ fn parse_subscription(
     pattern: bytes::Bytes,
     group: Option<bytes::Bytes>,
 ) -> Result<(TopicPattern, Option<Arc<str>>), Refusal> {
-    let pattern = TopicPattern::from_bytes(pattern)
+    // Copied: a slice would keep the whole read buffer it arrived in
+    // alive for as long as the subscription lasts.
+    let pattern = TopicPattern::from_bytes(bytes::Bytes::copy_from_slice(&pattern))
         .map_err(|e| (ErrorCode::InvalidPattern, e.to_string()))?;
     let group = match group {
         None => None,

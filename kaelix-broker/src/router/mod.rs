@@ -97,8 +97,9 @@ pub(crate) struct Subscriber {
     pub(crate) owner: Arc<Owner>,
     pub(crate) partitions: Option<PartitionSet>,
     pub(crate) sticky: bool,
-    /// Its credit, when it paces the broker.
-    flow: Option<Flow>,
+    /// Its credit, when it paces the broker. Boxed: most subscriptions
+    /// have none, and a million of them would carry its size for nothing.
+    flow: Option<Box<Flow>>,
 }
 
 impl Subscriber {
@@ -215,7 +216,7 @@ impl Router {
             credit,
         } = new;
         let sub = Arc::new(Subscriber {
-            flow: credit.map(|(messages, bytes)| Flow::new(messages, bytes)),
+            flow: credit.map(|(messages, bytes)| Box::new(Flow::new(messages, bytes))),
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             sid,
             pattern,
@@ -1372,6 +1373,33 @@ mod tests {
         assert!(err
             .to_string()
             .starts_with("Topic name contains invalid characters"));
+    }
+
+    #[test]
+    fn exact_topics_share_one_entry_until_its_last_subscriber_leaves() {
+        let router = router();
+        let (first, first_queue) = local(&router, "orders.eu", None);
+        let (second, second_queue) = local(&router, "orders.eu", None);
+        let (_, other) = local(&router, "orders.us", None);
+        assert_eq!(router.subs.read().counts(), (2, 0));
+        let mut cache = RouteCache::new();
+        publish(&router, &mut cache, "orders.eu");
+        assert_eq!(
+            (first_queue.len(), second_queue.len(), other.len()),
+            (1, 1, 0)
+        );
+        // The entry is found through its first subscription's pattern:
+        // removing that one must leave the entry reachable.
+        router.unsubscribe(&first);
+        publish(&router, &mut cache, "orders.eu");
+        assert_eq!((first_queue.len(), second_queue.len()), (1, 2));
+        router.unsubscribe(&second);
+        router.unsubscribe(&second);
+        assert_eq!(router.subs.read().counts(), (1, 0));
+        publish(&router, &mut cache, "orders.eu");
+        assert_eq!(second_queue.len(), 2);
+        publish(&router, &mut cache, "orders.us");
+        assert_eq!(other.len(), 1);
     }
 
     #[test]

@@ -1,17 +1,31 @@
 //! The subscription index: exact topics in a hash map, patterns with
 //! wildcards in a token trie with dedicated `*` and `>` slots.
 
+use std::hash::BuildHasher;
 use std::sync::Arc;
 
 use foldhash::HashMap;
+use hashbrown::hash_table::Entry;
+use hashbrown::HashTable;
 use kaelix_core::Topic;
+use smallvec::SmallVec;
 
 use super::Subscriber;
+
+/// The subscriptions of one topic or pattern position: most have one,
+/// kept inline rather than in an allocation of its own (a million topics
+/// with one subscriber each save a million small allocations).
+type Subs = SmallVec<[Arc<Subscriber>; 1]>;
 
 /// Every subscription, indexed for matching.
 #[derive(Default)]
 pub(crate) struct Sublist {
-    exact: HashMap<Topic, Vec<Arc<Subscriber>>>,
+    /// Subscriptions to exact topics, one entry per topic, found by the
+    /// pattern of the entry's first subscription (no entry is empty): the
+    /// topic is not stored a second time as a key, which at a million
+    /// topics is most of the index's memory (performance.md, "Memory").
+    exact: HashTable<Subs>,
+    hasher: foldhash::fast::RandomState,
     tree: Node,
     wildcards: usize,
 }
@@ -21,9 +35,9 @@ struct Node {
     literal: HashMap<Box<str>, Node>,
     star: Option<Box<Node>>,
     /// Patterns that end at this node.
-    here: Vec<Arc<Subscriber>>,
+    here: Subs,
     /// Patterns whose `>` stands at this node's level.
-    rest: Vec<Arc<Subscriber>>,
+    rest: Subs,
 }
 
 impl Node {
@@ -37,8 +51,19 @@ impl Node {
 
 impl Sublist {
     pub(crate) fn insert(&mut self, sub: Arc<Subscriber>) {
-        if let Some(topic) = sub.pattern.as_topic() {
-            self.exact.entry(topic).or_default().push(sub);
+        if sub.pattern.as_topic().is_some() {
+            let name = sub.pattern.as_str().as_bytes();
+            let hash = self.hasher.hash_one(name);
+            let hasher = &self.hasher;
+            match self
+                .exact
+                .entry(hash, |s| same(s, name), |s| key_hash(hasher, s))
+            {
+                Entry::Occupied(mut entry) => entry.get_mut().push(sub),
+                Entry::Vacant(entry) => {
+                    entry.insert(smallvec::smallvec![sub]);
+                }
+            }
             return;
         }
         self.wildcards += 1;
@@ -59,13 +84,15 @@ impl Sublist {
 
     /// Removes `sub`; returns whether it was present.
     pub(crate) fn remove(&mut self, sub: &Subscriber) -> bool {
-        let removed = if let Some(topic) = sub.pattern.as_topic() {
-            let Some(list) = self.exact.get_mut(&topic) else {
+        let removed = if sub.pattern.as_topic().is_some() {
+            let name = sub.pattern.as_str().as_bytes();
+            let hash = self.hasher.hash_one(name);
+            let Ok(mut entry) = self.exact.find_entry(hash, |s| same(s, name)) else {
                 return false;
             };
-            let removed = take(list, sub.id);
-            if list.is_empty() {
-                self.exact.remove(&topic);
+            let removed = take(entry.get_mut(), sub.id);
+            if entry.get().is_empty() {
+                entry.remove();
             }
             removed
         } else {
@@ -81,7 +108,11 @@ impl Sublist {
 
     /// Appends every subscription matching `topic` to `out`.
     pub(crate) fn matches(&self, topic: &Topic, out: &mut Vec<Arc<Subscriber>>) {
-        if let Some(list) = self.exact.get(topic) {
+        let name = topic.as_bytes();
+        if let Some(list) = self
+            .exact
+            .find(self.hasher.hash_one(name), |s| same(s, name))
+        {
             out.extend(list.iter().cloned());
         }
         if self.wildcards > 0 {
@@ -105,13 +136,23 @@ impl Sublist {
                 walk(star, out);
             }
         }
-        let mut out: Vec<_> = self.exact.values().flatten().cloned().collect();
+        let mut out: Vec<_> = self.exact.iter().flatten().cloned().collect();
         walk(&self.tree, &mut out);
         out
     }
 }
 
-fn take(list: &mut Vec<Arc<Subscriber>>, id: u64) -> bool {
+/// Whether `subs` is the entry of the exact topic `name`.
+fn same(subs: &Subs, name: &[u8]) -> bool {
+    subs[0].pattern.as_str().as_bytes() == name
+}
+
+/// An exact entry's hash: its topic's, as [`Sublist::matches`] computes it.
+fn key_hash(hasher: &foldhash::fast::RandomState, subs: &Subs) -> u64 {
+    hasher.hash_one(subs[0].pattern.as_str().as_bytes())
+}
+
+fn take(list: &mut Subs, id: u64) -> bool {
     match list.iter().position(|s| s.id == id) {
         Some(at) => {
             list.swap_remove(at);

@@ -621,8 +621,10 @@ impl Handle {
         };
         let counting = shared.clone();
         let health = self.health.clone();
-        let future = async move {
-            let result = AssertUnwindSafe(future).catch_unwind().await;
+        // A combinator, not an `async` block: the block would hold the
+        // future twice (once captured, once awaited), doubling every task's
+        // allocation — for a connection, its memory while idle.
+        let future = AssertUnwindSafe(future).catch_unwind().map(move |result| {
             if result.is_ok() {
                 counting.counters.completed.fetch_add(1, Ordering::Relaxed);
                 health.record_success();
@@ -631,7 +633,7 @@ impl Handle {
                 health.record_error();
             }
             result
-        };
+        });
         let scheduling = shared.clone();
         let level = shared.level_of[priority.index()];
         let (runnable, task) = async_task::Builder::new()
