@@ -14,6 +14,8 @@ pub enum BenchError {
     },
     #[error("{0}")]
     Usage(String),
+    #[error("the {0} task ended abnormally: {1}")]
+    Task(&'static str, String),
 }
 
 pub type Result<T, E = BenchError> = std::result::Result<T, E>;

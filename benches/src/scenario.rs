@@ -338,7 +338,24 @@ fn spawn_progress(duration: Duration, shared: Arc<Shared>) -> tokio::task::JoinH
 }
 
 /// Latency with one message in flight: send, wait for it, repeat.
+///
+/// The loop runs in a task of the runtime, as a service's code would, for
+/// every target alike: run on the thread that blocks on the runtime, each
+/// message would pay a wake-up of that thread by the runtime's workers,
+/// which drive the sockets and the clients' reader and writer tasks.
 pub async fn one_in_flight(
+    payload_len: usize,
+    duration: Duration,
+    endpoint: &Endpoint,
+    pid: Option<u32>,
+) -> Result<RunResult> {
+    let endpoint = endpoint.clone();
+    tokio::spawn(async move { one_in_flight_loop(payload_len, duration, &endpoint, pid).await })
+        .await
+        .map_err(|e| BenchError::Task("latency", e.to_string()))?
+}
+
+async fn one_in_flight_loop(
     payload_len: usize,
     duration: Duration,
     endpoint: &Endpoint,
