@@ -281,6 +281,9 @@ impl Receiver {
         let mut n = 0;
         for chunk in self.chunks.drain(..) {
             let mut rest = &chunk[..];
+            // The last topic checked in this chunk: consecutive messages
+            // mostly share theirs, and comparing is cheaper than checking.
+            let mut last: &str = "";
             while let Some(at) = frame_at(rest) {
                 let body_bytes = &rest[at.body.clone()];
                 rest = &rest[at.body.end..];
@@ -289,8 +292,14 @@ impl Receiver {
                 let Ok(parts) = body_parts(body_bytes, at.body_flags) else {
                     continue;
                 };
-                let Ok(topic) = std::str::from_utf8(parts.topic) else {
-                    continue;
+                let topic = if last.as_bytes() == parts.topic {
+                    last
+                } else {
+                    let Ok(topic) = std::str::from_utf8(parts.topic) else {
+                        continue;
+                    };
+                    last = topic;
+                    topic
                 };
                 f(MessageView {
                     topic,
@@ -440,6 +449,32 @@ mod tests {
             rx.recv(&inbox).await.unwrap_err(),
             CloseReason::ShuttingDown
         );
+    }
+
+    #[tokio::test]
+    async fn a_batch_names_each_message_by_its_own_topic() {
+        let inbox = Inbox::new(100, 1 << 20);
+        let mut rx = Receiver::new();
+        // One chunk: the topic a view names is checked once per change.
+        let mut mixed = BytesMut::new();
+        for (topic, payload) in [("a.b", "1"), ("a.b", "2"), ("a.bc", "3"), ("a.b", "4")] {
+            mixed.extend_from_slice(&frame(1, &body(topic, payload)));
+        }
+        let mut chunks = vec![mixed.freeze()];
+        inbox.append(&mut chunks, 4);
+        let mut seen = Vec::new();
+        let n = rx
+            .recv_batch(&inbox, &mut |m| {
+                seen.push(format!(
+                    "{} {}",
+                    m.topic,
+                    String::from_utf8_lossy(m.payload)
+                ))
+            })
+            .await
+            .unwrap();
+        assert_eq!(n, 4);
+        assert_eq!(seen, ["a.b 1", "a.b 2", "a.bc 3", "a.b 4"]);
     }
 
     #[tokio::test]
