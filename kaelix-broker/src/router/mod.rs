@@ -791,6 +791,9 @@ struct Run {
 #[derive(Debug)]
 pub(crate) struct UnknownPartition(pub(crate) String);
 
+/// Up to this many outboxes in a run, [`Batch::stage`] finds one by a scan.
+const STAGED_SCAN: usize = 8;
+
 /// Routing state of one publisher: frames staged per subscriber, receivers
 /// to wake, and counts. Consecutive publishes to one topic form a run, for
 /// which the topic's log stays locked; the run's deliveries are handed to
@@ -1056,8 +1059,17 @@ impl Batch {
         policy: SlowConsumerPolicy,
     ) -> &mut BytesMut {
         let key = Arc::as_ptr(outbox) as usize;
-        let at = match self.index.get(&key) {
-            Some(&at) => at,
+        // A run touches few outboxes: a scan of their addresses beats
+        // hashing one per delivery (fan-out to a handful of subscribers).
+        let found = if self.staged.len() <= STAGED_SCAN {
+            self.staged
+                .iter()
+                .position(|s| Arc::as_ptr(&s.outbox) as usize == key)
+        } else {
+            self.index.get(&key).copied()
+        };
+        let at = match found {
+            Some(at) => at,
             None => {
                 let frames = self.spare.pop().unwrap_or_default();
                 self.staged.push(Staged {
