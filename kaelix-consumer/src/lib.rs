@@ -55,7 +55,7 @@ mod positions;
 use inbox::Inbox;
 pub use inbox::MessageView;
 use parking_lot::Mutex;
-use positions::Positions;
+use positions::{Positions, Tracking};
 use tokio::net::ToSocketAddrs;
 use tokio::sync::{broadcast, oneshot};
 
@@ -767,8 +767,18 @@ fn handle_buffer(
                 {
                     let resumes = || {
                         let state = inner.state.lock();
-                        let sub = state.subs.get(&delivery.sid);
-                        sub.is_some_and(|s| s.request.group.is_none())
+                        match state.subs.get(&delivery.sid) {
+                            Some(s) if s.request.group.is_none() => {
+                                let wildcard =
+                                    s.request.pattern.iter().any(|b| matches!(b, b'*' | b'>'));
+                                if wildcard {
+                                    Tracking::AnyTopic
+                                } else {
+                                    Tracking::OneTopic
+                                }
+                            }
+                            _ => Tracking::Nothing,
+                        }
                     };
                     positions.saw(
                         delivery.sid,

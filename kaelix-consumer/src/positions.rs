@@ -18,6 +18,18 @@ pub(crate) struct Positions {
     hot: Subscription,
 }
 
+/// What a subscription's position needs, told the first time it is seen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Tracking {
+    /// A queue group member: it never resumes by offset.
+    Nothing,
+    /// A pattern without wildcards: every message is on its one topic, so
+    /// only the partition is compared per message.
+    OneTopic,
+    /// A pattern with wildcards: the topic is compared per message.
+    AnyTopic,
+}
+
 /// One subscription's next offsets, by topic then partition, with the
 /// topic partition of its latest message kept hot.
 #[derive(Debug, Default)]
@@ -25,6 +37,8 @@ struct Subscription {
     /// False for a queue group member: it never resumes by offset, so
     /// nothing is kept for it.
     tracked: bool,
+    /// Its messages all have one topic.
+    one_topic: bool,
     next: HashMap<Box<[u8]>, HashMap<u32, u64>>,
     topic: Vec<u8>,
     partition: u32,
@@ -35,21 +49,25 @@ struct Subscription {
 impl Positions {
     /// Subscription `sid` received the message at `offset` of `partition`
     /// (`None` for a topic with one) of the topic in `body`. `resumes`
-    /// tells, the first time a subscription is seen, whether it can resume
-    /// by offset at all.
+    /// tells, the first time a subscription is seen, what its position
+    /// needs (nothing, for one that cannot resume by offset).
     pub(crate) fn saw(
         &mut self,
         sid: u32,
         body: &[u8],
         partition: Option<u32>,
         offset: u64,
-        resumes: impl FnOnce() -> bool,
+        resumes: impl FnOnce() -> Tracking,
     ) {
         if self.hot_sid != Some(sid) {
             self.cool();
-            self.hot = self.by_sid.remove(&sid).unwrap_or_else(|| Subscription {
-                tracked: resumes(),
-                ..Subscription::default()
+            self.hot = self.by_sid.remove(&sid).unwrap_or_else(|| {
+                let tracking = resumes();
+                Subscription {
+                    tracked: tracking != Tracking::Nothing,
+                    one_topic: tracking == Tracking::OneTopic,
+                    ..Subscription::default()
+                }
             });
             self.hot_sid = Some(sid);
         }
@@ -108,7 +126,8 @@ impl Positions {
 
 impl Subscription {
     fn saw(&mut self, topic: &[u8], partition: u32, offset: u64) {
-        if self.pending.is_none() || self.partition != partition || self.topic != topic {
+        let same_topic = self.one_topic || self.topic == topic;
+        if self.pending.is_none() || self.partition != partition || !same_topic {
             self.settle();
             self.topic.clear();
             self.topic.extend_from_slice(topic);
@@ -164,7 +183,7 @@ mod tests {
     fn each_subscription_resumes_after_its_last_message_per_topic_partition() {
         let mut p = Positions::default();
         let (a, b) = (body("orders.eu"), body("orders.us"));
-        let yes = || true;
+        let yes = || Tracking::AnyTopic;
         p.saw(1, &a, None, 0, yes);
         p.saw(1, &a, None, 1, yes);
         p.saw(1, &b, None, 7, yes);
@@ -173,8 +192,8 @@ mod tests {
         p.saw(2, &a, Some(3), 41, yes);
         p.saw(2, &a, Some(0), 5, yes);
         // A queue group member: nothing kept.
-        p.saw(4, &a, None, 9, || false);
-        p.saw(4, &a, None, 10, || true);
+        p.saw(4, &a, None, 9, || Tracking::Nothing);
+        p.saw(4, &a, None, 10, || Tracking::AnyTopic);
         assert!(p.resume(4).is_empty());
         assert_eq!(
             sorted(p.resume(1)),
@@ -189,5 +208,21 @@ mod tests {
         assert!(p.resume(2).is_empty());
         p.keep_only(|sid| sid != 1);
         assert!(p.resume(1).is_empty());
+    }
+
+    #[test]
+    fn a_one_topic_subscription_resumes_per_partition() {
+        let mut p = Positions::default();
+        let a = body("orders.eu");
+        let one = || Tracking::OneTopic;
+        p.saw(1, &a, Some(0), 10, one);
+        p.saw(1, &a, Some(0), 11, one);
+        p.saw(1, &a, Some(2), 7, one);
+        p.saw(1, &a, Some(0), 12, one);
+        p.saw(1, &a, Some(2), 8, one);
+        assert_eq!(
+            sorted(p.resume(1)),
+            [("orders.eu".into(), 0, 13), ("orders.eu".into(), 2, 9)]
+        );
     }
 }
