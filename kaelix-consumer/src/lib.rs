@@ -769,12 +769,11 @@ fn handle_buffer(
                         let state = inner.state.lock();
                         match state.subs.get(&delivery.sid) {
                             Some(s) if s.request.group.is_none() => {
-                                let wildcard =
-                                    s.request.pattern.iter().any(|b| matches!(b, b'*' | b'>'));
-                                if wildcard {
-                                    Tracking::AnyTopic
-                                } else {
+                                let pattern = TopicPattern::from_bytes(s.request.pattern.clone());
+                                if pattern.is_ok_and(|p| p.is_literal()) {
                                     Tracking::OneTopic
+                                } else {
+                                    Tracking::AnyTopic
                                 }
                             }
                             _ => Tracking::Nothing,

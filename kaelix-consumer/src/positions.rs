@@ -3,8 +3,9 @@
 //! reconnect can resume every subscription exactly where it was.
 //!
 //! The reader sees every MESSAGE frame anyway; keeping the position costs
-//! a comparison per message (runs of one subscription and one topic are
-//! the common case) and a map update only when the topic changes.
+//! a comparison per message (of the partition, and of the topic for a
+//! subscription with wildcards; runs of one subscription and one topic are
+//! the common case) and a map update only when the topic partition changes.
 
 use std::collections::HashMap;
 
@@ -19,9 +20,11 @@ pub(crate) struct Positions {
 }
 
 /// What a subscription's position needs, told the first time it is seen.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) enum Tracking {
-    /// A queue group member: it never resumes by offset.
+    /// A queue group member: it never resumes by offset, so nothing is
+    /// kept for it.
+    #[default]
     Nothing,
     /// A pattern without wildcards: every message is on its one topic, so
     /// only the partition is compared per message.
@@ -34,11 +37,7 @@ pub(crate) enum Tracking {
 /// topic partition of its latest message kept hot.
 #[derive(Debug, Default)]
 struct Subscription {
-    /// False for a queue group member: it never resumes by offset, so
-    /// nothing is kept for it.
-    tracked: bool,
-    /// Its messages all have one topic.
-    one_topic: bool,
+    tracking: Tracking,
     next: HashMap<Box<[u8]>, HashMap<u32, u64>>,
     topic: Vec<u8>,
     partition: u32,
@@ -61,17 +60,13 @@ impl Positions {
     ) {
         if self.hot_sid != Some(sid) {
             self.cool();
-            self.hot = self.by_sid.remove(&sid).unwrap_or_else(|| {
-                let tracking = resumes();
-                Subscription {
-                    tracked: tracking != Tracking::Nothing,
-                    one_topic: tracking == Tracking::OneTopic,
-                    ..Subscription::default()
-                }
+            self.hot = self.by_sid.remove(&sid).unwrap_or_else(|| Subscription {
+                tracking: resumes(),
+                ..Subscription::default()
             });
             self.hot_sid = Some(sid);
         }
-        if !self.hot.tracked {
+        if self.hot.tracking == Tracking::Nothing {
             return;
         }
         let Some(topic) = topic_of(body) else {
@@ -126,7 +121,7 @@ impl Positions {
 
 impl Subscription {
     fn saw(&mut self, topic: &[u8], partition: u32, offset: u64) {
-        let same_topic = self.one_topic || self.topic == topic;
+        let same_topic = self.tracking == Tracking::OneTopic || self.topic == topic;
         if self.pending.is_none() || self.partition != partition || !same_topic {
             self.settle();
             self.topic.clear();

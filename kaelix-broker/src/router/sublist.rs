@@ -1,4 +1,4 @@
-//! The subscription index: exact topics in a hash map, patterns with
+//! The subscription index: exact topics in a hash table, patterns with
 //! wildcards in a token trie with dedicated `*` and `>` slots.
 
 use std::hash::BuildHasher;
@@ -51,7 +51,7 @@ impl Node {
 
 impl Sublist {
     pub(crate) fn insert(&mut self, sub: Arc<Subscriber>) {
-        if sub.pattern.as_topic().is_some() {
+        if sub.pattern.is_literal() {
             let name = sub.pattern.as_str().as_bytes();
             let hash = self.hasher.hash_one(name);
             let hasher = &self.hasher;
@@ -84,7 +84,7 @@ impl Sublist {
 
     /// Removes `sub`; returns whether it was present.
     pub(crate) fn remove(&mut self, sub: &Subscriber) -> bool {
-        let removed = if sub.pattern.as_topic().is_some() {
+        let removed = if sub.pattern.is_literal() {
             let name = sub.pattern.as_str().as_bytes();
             let hash = self.hasher.hash_one(name);
             let Ok(mut entry) = self.exact.find_entry(hash, |s| same(s, name)) else {
