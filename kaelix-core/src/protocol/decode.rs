@@ -37,6 +37,7 @@ pub fn decode(buf: &mut BytesMut, max_frame_bytes: usize) -> Result<Option<Frame
 
 /// The announced length of the frame at the front of `buf`, once `buf`
 /// holds all of it; `Ok(None)` while it does not.
+#[inline]
 pub fn frame_len(buf: &[u8], max_frame_bytes: usize) -> Result<Option<usize>, ProtocolError> {
     let Some(prefix) = buf.get(..4) else {
         return Ok(None);
@@ -93,6 +94,7 @@ pub enum Peek<'a> {
 }
 
 /// Looks at the frame at the front of `buf` without taking it.
+#[inline]
 pub fn peek(buf: &[u8], max_frame_bytes: usize) -> Result<Peek<'_>, ProtocolError> {
     let Some(len) = frame_len(buf, max_frame_bytes)? else {
         return Ok(Peek::Incomplete);
@@ -142,6 +144,7 @@ pub fn peek(buf: &[u8], max_frame_bytes: usize) -> Result<Peek<'_>, ProtocolErro
 const MESSAGE_FLAGS: u8 = flags::BODY | flags::OFFSET | flags::IN_PARTITION;
 
 /// A MESSAGE frame's fields before its body: sid, offset, partition.
+#[inline]
 fn deliver_fields(
     r: &mut Reader<'_>,
     fl: u8,
@@ -160,6 +163,7 @@ fn deliver_fields(
     Ok((sid, offset, partition))
 }
 
+#[inline]
 fn check_flags(frame: &'static str, fl: u8, allowed: u8) -> Result<(), ProtocolError> {
     if fl & !allowed != 0 {
         return Err(ProtocolError::UnknownFlags {
@@ -407,6 +411,7 @@ struct BodyLayout {
 }
 
 /// Checks a message body field by field and says where each field is.
+#[inline]
 fn body_layout(body: &[u8], fl: u8, frame: &'static str) -> Result<BodyLayout, ProtocolError> {
     let mut r = Reader::new(body, frame);
     let topic = r.range8("topic")?;
@@ -453,6 +458,7 @@ pub(super) fn parse_body(
 
 /// The parts of a body [`peek`] validated: topic, partition, header block
 /// (if any) and payload.
+#[inline]
 pub fn body_parts(body: &[u8], body_flags: u8) -> Result<BodyParts<'_>, ProtocolError> {
     let layout = body_layout(body, body_flags, "MESSAGE")?;
     Ok(BodyParts {
@@ -539,10 +545,12 @@ struct Reader<'a> {
 }
 
 impl<'a> Reader<'a> {
+    #[inline]
     fn new(buf: &'a [u8], frame: &'static str) -> Self {
         Reader { buf, pos: 0, frame }
     }
 
+    #[inline]
     fn take(&mut self, n: usize, field: &'static str) -> Result<&'a [u8], ProtocolError> {
         let end = self.pos + n;
         let Some(bytes) = self.buf.get(self.pos..end) else {
@@ -555,22 +563,26 @@ impl<'a> Reader<'a> {
         Ok(bytes)
     }
 
+    #[inline]
     fn rest(&mut self) -> &'a [u8] {
         let rest = &self.buf[self.pos..];
         self.pos = self.buf.len();
         rest
     }
 
+    #[inline]
     fn u16(&mut self, field: &'static str) -> Result<u16, ProtocolError> {
         let b = self.take(2, field)?;
         Ok(u16::from_be_bytes([b[0], b[1]]))
     }
 
+    #[inline]
     fn u32(&mut self, field: &'static str) -> Result<u32, ProtocolError> {
         let b = self.take(4, field)?;
         Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
     }
 
+    #[inline]
     fn u64(&mut self, field: &'static str) -> Result<u64, ProtocolError> {
         let b = self.take(8, field)?;
         let mut a = [0u8; 8];
@@ -579,6 +591,7 @@ impl<'a> Reader<'a> {
     }
 
     /// A `u8`-length field, as a range of the buffer.
+    #[inline]
     fn range8(&mut self, field: &'static str) -> Result<Range<usize>, ProtocolError> {
         let n = usize::from(self.take(1, field)?[0]);
         let start = self.pos;
@@ -586,16 +599,19 @@ impl<'a> Reader<'a> {
         Ok(start..start + n)
     }
 
+    #[inline]
     fn bytes8(&mut self, field: &'static str) -> Result<&'a [u8], ProtocolError> {
         let n = usize::from(self.take(1, field)?[0]);
         self.take(n, field)
     }
 
+    #[inline]
     fn bytes16(&mut self, field: &'static str) -> Result<&'a [u8], ProtocolError> {
         let n = self.u16(field)?;
         self.take(usize::from(n), field)
     }
 
+    #[inline]
     fn utf8(&self, bytes: &'a [u8], field: &'static str) -> Result<&'a str, ProtocolError> {
         std::str::from_utf8(bytes).map_err(|_| ProtocolError::InvalidUtf8 {
             frame: self.frame,
@@ -613,11 +629,13 @@ impl<'a> Reader<'a> {
         Ok(self.utf8(b, field)?.to_owned())
     }
 
+    #[inline]
     fn str8_ref(&mut self, field: &'static str) -> Result<(), ProtocolError> {
         let b = self.bytes8(field)?;
         self.utf8(b, field).map(|_| ())
     }
 
+    #[inline]
     fn str16_ref(&mut self, field: &'static str) -> Result<(), ProtocolError> {
         let b = self.bytes16(field)?;
         self.utf8(b, field).map(|_| ())
