@@ -114,10 +114,10 @@ pub(crate) struct LogState {
     bytes: usize,
     /// Bytes added in the current run, not yet counted in the budget.
     run_bytes: usize,
-    /// Bytes of the last chunk sealed: the room a new run's copies get at
-    /// once (up to [`RUN_RESERVE_MAX`]), so that a run rarely grows its
-    /// buffer and copies it again.
-    last_chunk: usize,
+    /// Bytes the last run copied: the room a new run's copies get at once
+    /// (up to [`RUN_RESERVE_MAX`]). A run that outgrows its room continues
+    /// in a new chunk; nothing copied is copied again.
+    last_run: usize,
     retention: Retention,
     /// What happens to this topic's subscribers that fall behind, unless a
     /// subscription chose for itself.
@@ -147,7 +147,7 @@ impl LogState {
             filling: BytesMut::new(),
             bytes: 0,
             run_bytes: 0,
-            last_chunk: 0,
+            last_run: 0,
             retention,
             budget,
         }
@@ -159,12 +159,19 @@ impl LogState {
         let offset = self.next;
         self.next += 1;
         if self.retention.keeps_anything() && body.len() <= self.retention.bytes.min(CHUNK_MAX) {
-            if self.filling.len() + body.len() > CHUNK_MAX {
+            // Full: what the run copied so far becomes a chunk, rather than
+            // being copied again into a larger buffer.
+            if self.filling.len() + body.len() > CHUNK_MAX
+                || self.filling.capacity() - self.filling.len() < body.len()
+            {
                 self.seal();
             }
             if self.filling.is_empty() {
+                // As much room as the last run took, or as much again as
+                // this one has taken so far.
+                let want = self.last_run.max(self.run_bytes);
                 self.filling
-                    .reserve(self.last_chunk.min(RUN_RESERVE_MAX).max(body.len()));
+                    .reserve(want.min(RUN_RESERVE_MAX).max(body.len()));
             }
             let start = self.filling.len();
             self.filling.extend_from_slice(body);
@@ -188,6 +195,7 @@ impl LogState {
     pub(crate) fn end_run(&mut self) {
         self.seal();
         let added = std::mem::take(&mut self.run_bytes);
+        self.last_run = added;
         // Over the count: those go in one sweep.
         let mut freed = self.drop_first(self.kept.len().saturating_sub(self.retention.messages));
         while self.bytes > self.retention.bytes {
@@ -214,7 +222,6 @@ impl LogState {
     /// Turns the copies gathered so far into a chunk.
     fn seal(&mut self) {
         if !self.filling.is_empty() {
-            self.last_chunk = self.filling.len();
             let chunk = self.filling.split().freeze();
             self.chunks.push_back((self.next_chunk, chunk));
             self.next_chunk += 1;
@@ -551,5 +558,60 @@ impl Logs {
     /// Topics with a log.
     pub(crate) fn len(&self) -> usize {
         self.map.read().len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kaelix_core::StartPosition;
+
+    fn log() -> LogState {
+        let budget = Arc::new(Budget {
+            used: AtomicUsize::new(0),
+            max: AtomicUsize::new(usize::MAX),
+        });
+        let retention = Retention {
+            messages: usize::MAX,
+            bytes: usize::MAX,
+            age: None,
+        };
+        LogState::new(retention, SlowConsumerPolicy::default(), budget)
+    }
+
+    fn body(i: u32, len: usize) -> Vec<u8> {
+        let mut b = vec![(i % 251) as u8; len];
+        b[..4].copy_from_slice(&i.to_be_bytes());
+        b
+    }
+
+    #[test]
+    fn a_run_that_outgrows_its_room_continues_in_new_chunks() {
+        let mut log = log();
+        // A short run, so the next one starts with little room.
+        log.append(Timestamp::now(), 0, &body(0, 100));
+        log.end_run();
+        // A run far larger than any room it gets at once.
+        let count = 1000;
+        for i in 1..=count {
+            log.append(Timestamp::now(), 0, &body(i, 1000));
+        }
+        log.end_run();
+        // Each time the room ran out, the copies so far became a chunk:
+        // several chunks, none copied into a bigger buffer.
+        assert!(log.chunks.len() > 2, "{} chunks", log.chunks.len());
+        assert!(log.chunks.iter().all(|(_, c)| c.len() <= RUN_RESERVE_MAX));
+        let (kept, missed) = log.since(StartPosition::Earliest);
+        assert_eq!(missed, 0);
+        assert_eq!(kept.len(), count as usize + 1);
+        for (i, k) in kept.iter().enumerate() {
+            assert_eq!(k.offset, i as u64);
+            let len = if i == 0 { 100 } else { 1000 };
+            assert_eq!(&k.body[..], &body(i as u32, len)[..], "message {i}");
+        }
+        assert_eq!(
+            log.usage(),
+            (count as usize + 1, 100 + 1000 * count as usize)
+        );
     }
 }
