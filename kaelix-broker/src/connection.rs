@@ -46,7 +46,8 @@ use crate::stats::{Disconnect, Rejection};
 /// Bytes of a connection's first reads; see `Connection::run`.
 const INITIAL_READ: usize = 1024;
 
-/// Reads a connection makes before it lets other tasks on its worker run.
+/// Reads a connection makes before it lets other tasks on its worker run;
+/// it lets them sooner once it has read two full read buffers' worth.
 const READS_PER_YIELD: u32 = 16;
 
 /// Why a connection ended.
@@ -551,6 +552,8 @@ impl Connection {
         let auth_changed = next_change(changes);
         tokio::pin!(auth_changed);
         let mut reads: u32 = 0;
+        let mut read_since_yield = 0;
+        let yield_bytes = 2 * read_size;
         loop {
             if let Err(exit) = self.process(&mut buf, max_frame) {
                 return exit;
@@ -580,9 +583,13 @@ impl Connection {
                 }
             }
             reads = reads.wrapping_add(1);
-            if reads.is_multiple_of(READS_PER_YIELD) {
+            if reads.is_multiple_of(READS_PER_YIELD) || read_since_yield >= yield_bytes {
                 // A socket that is always readable would otherwise keep
-                // this worker to itself.
+                // this worker to itself — and the writers of the
+                // subscribers this connection feeds from it: what they
+                // have not sent grows, and every copy into it and out of
+                // it misses the cache.
+                read_since_yield = 0;
                 kaelix_core::runtime::yield_now().await;
             }
             if buf.capacity() - buf.len() < want / 2 {
@@ -626,8 +633,12 @@ impl Connection {
                     match read {
                         Ok(0) if !buf.is_empty() => return Exit::Truncated(buf.len()),
                         Ok(0) => return Exit::ClientClosed,
-                        Ok(n) if n == room => want = (want * 2).min(read_size),
-                        Ok(_) => {}
+                        Ok(n) => {
+                            read_since_yield += n;
+                            if n == room {
+                                want = (want * 2).min(read_size);
+                            }
+                        }
                         Err(err) => return Exit::ReadError(err),
                     }
                 },
