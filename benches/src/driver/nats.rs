@@ -155,26 +155,30 @@ impl NatsConn {
 
     /// Waits for bytes, then hands every complete message payload to `f`.
     /// Returns how many messages there were.
+    /// Reads until at least one whole message is in, and hands `f` every
+    /// whole one: a read can end inside a message, or bring only a PING.
     pub async fn recv_batch(&mut self, f: &mut (dyn FnMut(&[u8]) + Send)) -> Result<usize> {
-        self.read_more().await?;
         let mut n = 0;
-        loop {
-            match parse(&self.rbuf).map_err(|e| protocol("nats", e))? {
-                None => break,
-                Some((Op::Msg(range), used)) => {
-                    f(&self.rbuf[range]);
-                    self.rbuf.advance(used);
-                    n += 1;
+        while n == 0 {
+            self.read_more().await?;
+            loop {
+                match parse(&self.rbuf).map_err(|e| protocol("nats", e))? {
+                    None => break,
+                    Some((Op::Msg(range), used)) => {
+                        f(&self.rbuf[range]);
+                        self.rbuf.advance(used);
+                        n += 1;
+                    }
+                    Some((Op::Ping, used)) => {
+                        self.rbuf.advance(used);
+                        self.wbuf.put_slice(b"PONG\r\n");
+                    }
+                    Some((Op::Err(e), _)) => return Err(protocol("nats", e)),
+                    Some((_, used)) => self.rbuf.advance(used),
                 }
-                Some((Op::Ping, used)) => {
-                    self.rbuf.advance(used);
-                    self.wbuf.put_slice(b"PONG\r\n");
-                }
-                Some((Op::Err(e), _)) => return Err(protocol("nats", e)),
-                Some((_, used)) => self.rbuf.advance(used),
             }
+            self.push().await?;
         }
-        self.push().await?;
         Ok(n)
     }
 

@@ -154,11 +154,22 @@ impl RelayConn {
         Ok(())
     }
 
+    /// Reads until at least one whole frame is in, and hands `f` every
+    /// whole one: a read can end inside a frame.
     pub async fn recv_batch(&mut self, f: &mut (dyn FnMut(&[u8]) + Send)) -> Result<usize> {
-        self.rbuf.reserve(64 * 1024);
-        if self.stream.read_buf(&mut self.rbuf).await? == 0 {
-            return Err(protocol("relay", "the relay closed the connection"));
+        let mut n = 0;
+        while n == 0 {
+            self.rbuf.reserve(64 * 1024);
+            if self.stream.read_buf(&mut self.rbuf).await? == 0 {
+                return Err(protocol("relay", "the relay closed the connection"));
+            }
+            n = self.take_frames(f);
         }
+        Ok(n)
+    }
+
+    /// Hands `f` each whole frame at the front of the buffer.
+    fn take_frames(&mut self, f: &mut (dyn FnMut(&[u8]) + Send)) -> usize {
         let mut n = 0;
         while let Some(prefix) = self.rbuf.get(..4) {
             let len = u32::from_be_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]) as usize;
@@ -169,7 +180,7 @@ impl RelayConn {
             self.rbuf.advance(4 + len);
             n += 1;
         }
-        Ok(n)
+        n
     }
 }
 
@@ -205,5 +216,29 @@ mod tests {
             sub.recv_batch(&mut |p| got.push(p[0])).await.unwrap();
         }
         assert_eq!(got, (0..10).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn a_frame_cut_across_reads_is_waited_for_not_counted_as_none() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let relay = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut role = [0u8];
+            s.read_exact(&mut role).await.unwrap();
+            s.write_all(b"K").await.unwrap();
+            let mut frame = 5u32.to_be_bytes().to_vec();
+            frame.extend_from_slice(b"hello");
+            s.write_all(&frame[..6]).await.unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            s.write_all(&frame[6..]).await.unwrap();
+            s
+        });
+        let mut sub = RelayConn::subscriber(&addr).await.unwrap();
+        let mut got = Vec::new();
+        let n = sub.recv_batch(&mut |p| got.push(p.to_vec())).await.unwrap();
+        assert_eq!(n, 1);
+        assert_eq!(got, vec![b"hello".to_vec()]);
+        drop(relay.await.unwrap());
     }
 }
