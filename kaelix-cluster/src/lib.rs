@@ -1,0 +1,13 @@
+//! Kaelix's cluster layer: brokers that name each other as seeds agree,
+//! through Raft (openraft), on who the members are, which topics exist and
+//! which node leads each partition.
+//!
+//! - [`metadata`]: what is agreed on, and how a change applies.
+//! - [`store`]: the Raft log and the state machine, kept under
+//!   `cluster.data_dir`.
+
+pub mod metadata;
+pub mod store;
+
+pub use metadata::{Command, Member, Metadata, NodeId, Reply, TopicDef};
+pub use store::{LogStore, StateMachine, StoreError, TypeConfig};
