@@ -311,6 +311,15 @@ async fn run(
     reload: Option<Reload>,
     logging: Logging,
 ) -> Result<(), String> {
+    if config.cluster.enabled {
+        // The keys are read and checked, but nodes do not link up yet: a
+        // node that silently ran on its own would split the cluster.
+        return Err(
+            "cluster.enabled = true: this version runs one broker on its own; \
+             clustering is not available yet (see docs/cluster.md)"
+                .into(),
+        );
+    }
     // Handlers first: a supervisor may signal as soon as it reads the
     // listening line.
     let mut signals = Signals::install()?;

@@ -411,6 +411,29 @@ mod tests {
     }
 
     #[test]
+    fn cluster_keys_come_from_the_environment_too() {
+        let config = load_from(
+            None,
+            env(&[
+                ("KAELIX_CLUSTER_ENABLED", "true"),
+                ("KAELIX_CLUSTER_NODE_ID", "2"),
+                ("KAELIX_CLUSTER_ADVERTISE", "10.0.0.2:7222"),
+                ("KAELIX_CLUSTER_SEEDS", "[10.0.0.1:7222, 10.0.0.3:7222]"),
+                ("KAELIX_CLUSTER_DATA_DIR", "/var/lib/kaelix/cluster"),
+                ("KAELIX_CLUSTER_TLS_CA_PATH", "ca.pem"),
+            ]),
+        )
+        .unwrap();
+        let c = &config.cluster;
+        assert!(c.enabled);
+        assert_eq!(c.node_id, 2);
+        assert_eq!(c.advertise, "10.0.0.2:7222");
+        assert_eq!(c.seeds, ["10.0.0.1:7222", "10.0.0.3:7222"]);
+        assert_eq!(c.data_dir, std::path::Path::new("/var/lib/kaelix/cluster"));
+        assert_eq!(c.tls.ca_path, std::path::Path::new("ca.pem"));
+    }
+
+    #[test]
     fn bad_values_and_unknown_keys_are_named() {
         let err = load_from(None, env(&[("KAELIX_NETWORK_PORT", "eighty")]))
             .unwrap_err()

@@ -24,6 +24,8 @@ pub struct MemoryStreamerConfig {
     pub plugins: Vec<PluginConfig>,
     /// Where messages that plugins dead-letter go.
     pub dead_letter: DeadLetterConfig,
+    /// Brokers that form one cluster.
+    pub cluster: ClusterConfig,
 }
 
 /// `[network]`: where and how the broker listens.
@@ -542,4 +544,65 @@ impl Default for DeadLetterConfig {
             topic: "kaelix.dead_letter".into(),
         }
     }
+}
+
+/// `[cluster]`: this broker as one node of a cluster. Nodes find each
+/// other through `seeds`, agree on members, topics and partition leaders
+/// through Raft, and route messages to the nodes that want them. Every key
+/// takes effect at the next start.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// Run as a node of a cluster. Off: a broker on its own.
+    pub enabled: bool,
+    /// This node's id, at least 1: unique in the cluster and kept for the
+    /// node's life (its Raft state under `data_dir` is the node's).
+    pub node_id: u64,
+    /// Where this node listens for the other nodes (`host:port`).
+    pub listen: String,
+    /// The address the other nodes reach this node at; empty: `listen`
+    /// (which then must not be a wildcard address such as 0.0.0.0).
+    pub advertise: String,
+    /// Other nodes' cluster addresses (`host:port`); a new node joins
+    /// through any of them that answers.
+    pub seeds: Vec<String>,
+    /// Where the Raft log and snapshots are kept.
+    pub data_dir: PathBuf,
+    /// How often the Raft leader tells the others it is alive (ms).
+    pub heartbeat_ms: u64,
+    /// How long a node goes without hearing the leader before it counts
+    /// it failed and stands for election (ms); at least three heartbeats.
+    pub failure_timeout_ms: u64,
+    pub tls: ClusterTlsConfig,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            enabled: false,
+            node_id: 0,
+            listen: "0.0.0.0:7222".into(),
+            advertise: String::new(),
+            seeds: Vec::new(),
+            data_dir: PathBuf::from("kaelix-data/cluster"),
+            heartbeat_ms: 250,
+            failure_timeout_ms: 1500,
+            tls: ClusterTlsConfig::default(),
+        }
+    }
+}
+
+/// `[cluster.tls]`: links between nodes over mutually authenticated TLS.
+/// Each node presents its certificate and accepts only peers whose
+/// certificate `ca_path` signed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterTlsConfig {
+    pub enabled: bool,
+    /// PEM certificate chain of this node, leaf first.
+    pub cert_path: PathBuf,
+    /// PEM private key of the leaf certificate.
+    pub key_path: PathBuf,
+    /// PEM CA bundle that signed the nodes' certificates.
+    pub ca_path: PathBuf,
 }

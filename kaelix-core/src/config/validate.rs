@@ -94,6 +94,7 @@ impl ConfigValidator {
                 ),
             );
         }
+        cluster_problems(&config.cluster, &mut bad);
         let l = &config.limits;
         if l.max_frame_bytes < 64 || l.max_frame_bytes > u32::MAX as usize {
             bad(
@@ -455,6 +456,101 @@ pub fn check_password_hash(hash: &str) -> Result<(), String> {
     }
 }
 
+/// Whether `addr` is `host:port` with a host and a port above 0.
+fn is_host_port(addr: &str) -> bool {
+    match addr.rsplit_once(':') {
+        Some((host, port)) => {
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            !host.is_empty()
+                && !host.contains(char::is_whitespace)
+                && port.parse::<u16>().is_ok_and(|p| p > 0)
+        }
+        None => false,
+    }
+}
+
+fn is_wildcard(addr: &str) -> bool {
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    matches!(host, "0.0.0.0" | "[::]" | "::")
+}
+
+fn cluster_problems(c: &super::schema::ClusterConfig, bad: &mut impl FnMut(&str, String)) {
+    if !c.enabled {
+        return;
+    }
+    if c.node_id == 0 {
+        bad(
+            "cluster.node_id",
+            "must be at least 1, and unique in the cluster".into(),
+        );
+    }
+    if !is_host_port(&c.listen) {
+        bad("cluster.listen", format!("{:?} is not host:port", c.listen));
+    }
+    if c.advertise.is_empty() {
+        if is_wildcard(&c.listen) {
+            bad(
+                "cluster.advertise",
+                format!(
+                    "must be set when cluster.listen is {:?}: other nodes cannot reach a \
+                     wildcard address",
+                    c.listen
+                ),
+            );
+        }
+    } else if !is_host_port(&c.advertise) || is_wildcard(&c.advertise) {
+        bad(
+            "cluster.advertise",
+            format!("{:?} is not a host:port other nodes can reach", c.advertise),
+        );
+    }
+    for (i, seed) in c.seeds.iter().enumerate() {
+        if !is_host_port(seed) {
+            bad(
+                &format!("cluster.seeds[{i}]"),
+                format!("{seed:?} is not host:port"),
+            );
+        }
+    }
+    if c.data_dir.as_os_str().is_empty() {
+        bad("cluster.data_dir", "must name a directory".into());
+    }
+    if c.heartbeat_ms < 10 {
+        bad(
+            "cluster.heartbeat_ms",
+            format!("must be at least 10, not {}", c.heartbeat_ms),
+        );
+    }
+    if c.failure_timeout_ms < 3 * c.heartbeat_ms {
+        bad(
+            "cluster.failure_timeout_ms",
+            format!(
+                "must be at least three heartbeats ({} ms), not {}: a node would count a \
+                 live leader failed",
+                3 * c.heartbeat_ms,
+                c.failure_timeout_ms
+            ),
+        );
+    }
+    let t = &c.tls;
+    if t.enabled {
+        for (key, path) in [
+            ("cluster.tls.cert_path", &t.cert_path),
+            ("cluster.tls.key_path", &t.key_path),
+            ("cluster.tls.ca_path", &t.ca_path),
+        ] {
+            if path.as_os_str().is_empty() {
+                bad(
+                    key,
+                    "must be set when cluster.tls.enabled is true (links are mutually \
+                     authenticated)"
+                        .into(),
+                );
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -488,6 +584,45 @@ mod tests {
         ] {
             assert!(err.contains(key), "{key} missing from {err}");
         }
+    }
+
+    #[test]
+    fn a_cluster_node_needs_an_id_a_reachable_address_and_sane_timeouts() {
+        let mut config = MemoryStreamerConfig::default();
+        // Off, the cluster keys are not looked at.
+        config.cluster.seeds = vec!["nowhere".into()];
+        assert!(ConfigValidator::validate(&config).is_ok());
+
+        config.cluster.enabled = true;
+        config.cluster.heartbeat_ms = 500;
+        config.cluster.failure_timeout_ms = 1000;
+        config.cluster.tls.enabled = true;
+        config.cluster.tls.cert_path = "node.pem".into();
+        let keys: Vec<String> = ConfigValidator::problems(&config)
+            .into_iter()
+            .map(|p| p.key)
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "cluster.node_id",
+                "cluster.advertise",
+                "cluster.seeds[0]",
+                "cluster.failure_timeout_ms",
+                "cluster.tls.key_path",
+                "cluster.tls.ca_path",
+            ]
+        );
+
+        config.cluster.node_id = 1;
+        config.cluster.advertise = "10.0.0.1:7222".into();
+        config.cluster.seeds = vec!["10.0.0.2:7222".into(), "[fd00::3]:7222".into()];
+        config.cluster.failure_timeout_ms = 1500;
+        config.cluster.tls.enabled = false;
+        assert!(ConfigValidator::validate(&config).is_ok());
+        config.cluster.advertise = "0.0.0.0:7222".into();
+        let err = ConfigValidator::validate(&config).unwrap_err().to_string();
+        assert!(err.contains("cluster.advertise"), "{err}");
     }
 
     #[test]
