@@ -88,6 +88,24 @@ fn frame() -> impl Strategy<Value = Frame> {
         (any::<u64>(), any::<bool>(), body())
             .prop_map(|(seq, ack, body)| Frame::Publish(Publish { seq, ack, body })),
         any::<u64>().prop_map(Frame::PubAck),
+        (
+            any::<u64>(),
+            any::<u8>(),
+            proptest::collection::vec(any::<u8>(), 0..300)
+        )
+            .prop_map(|(id, kind, body)| Frame::PeerCall(
+                kaelix_core::protocol::PeerCall {
+                    id,
+                    kind,
+                    body: body.into()
+                }
+            )),
+        (any::<u64>(), proptest::collection::vec(any::<u8>(), 0..300)).prop_map(|(id, body)| {
+            Frame::PeerReply(kaelix_core::protocol::PeerReply {
+                id,
+                body: body.into(),
+            })
+        }),
         any::<u32>().prop_map(Frame::Drain),
         (any::<u64>(), code(), text(100)).prop_map(|(id, code, reason)| Frame::PubNack(Nack {
             id,

@@ -252,6 +252,24 @@ fn parse(frame: Bytes) -> Result<Frame, ProtocolError> {
                 body: parse_body(body.slice(start..), fl, "MESSAGE")?,
             }));
         }
+        opcode::PEER_CALL => {
+            let id = r.u64("id")?;
+            let kind = r.take(1, "kind")?[0];
+            let start = r.pos;
+            return Ok(Frame::PeerCall(PeerCall {
+                id,
+                kind,
+                body: body.slice(start..),
+            }));
+        }
+        opcode::PEER_REPLY => {
+            let id = r.u64("id")?;
+            let start = r.pos;
+            return Ok(Frame::PeerReply(PeerReply {
+                id,
+                body: body.slice(start..),
+            }));
+        }
         opcode::PUB_ACK => Frame::PubAck(r.u64("seq")?),
         opcode::PUB_NACK => Frame::PubNack(Nack {
             id: r.u64("seq")?,
@@ -531,6 +549,8 @@ fn opcode_name(op: u8) -> Option<&'static str> {
         opcode::SUB_NACK => "SUB_NACK",
         opcode::UNSUBSCRIBE => "UNSUBSCRIBE",
         opcode::CREDIT => "CREDIT",
+        opcode::PEER_CALL => "PEER_CALL",
+        opcode::PEER_REPLY => "PEER_REPLY",
         opcode::MESSAGE => "MESSAGE",
         opcode::MISSED => "MISSED",
         _ => return None,

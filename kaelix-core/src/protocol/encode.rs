@@ -147,6 +147,15 @@ impl Frame {
             Frame::Unsubscribe(sid) => {
                 with_header(buf, opcode::UNSUBSCRIBE, 0, |b| b.put_u32(*sid))
             }
+            Frame::PeerCall(c) => with_header(buf, opcode::PEER_CALL, 0, |b| {
+                b.put_u64(c.id);
+                b.put_u8(c.kind);
+                b.put_slice(&c.body);
+            }),
+            Frame::PeerReply(r) => with_header(buf, opcode::PEER_REPLY, 0, |b| {
+                b.put_u64(r.id);
+                b.put_slice(&r.body);
+            }),
             Frame::Credit(c) => with_header(buf, opcode::CREDIT, 0, |b| {
                 b.put_u32(c.sid);
                 b.put_u32(c.messages);

@@ -51,6 +51,12 @@ pub enum Frame {
     /// Broker → client: messages a subscription asked for that it will not
     /// get (no longer retained).
     Missed(Missed),
+    /// Node → node, on a cluster link: a call (a Raft message, a
+    /// subscription-interest update), answered by a PEER_REPLY with the
+    /// same id.
+    PeerCall(PeerCall),
+    /// Node → node: the answer to the PEER_CALL with the same id.
+    PeerReply(PeerReply),
 }
 
 impl Frame {
@@ -73,6 +79,8 @@ impl Frame {
             Frame::SubNack(_) => "SUB_NACK",
             Frame::Unsubscribe(_) => "UNSUBSCRIBE",
             Frame::Credit(_) => "CREDIT",
+            Frame::PeerCall(_) => "PEER_CALL",
+            Frame::PeerReply(_) => "PEER_REPLY",
             Frame::Message(_) => "MESSAGE",
             Frame::Missed(_) => "MISSED",
         }
@@ -113,6 +121,23 @@ pub struct ErrorFrame {
     /// How long the client should wait before it connects again (a broker
     /// shedding load says so), in milliseconds.
     pub retry_after_ms: Option<u32>,
+}
+
+/// PEER_CALL: one node asks another for something on a cluster link.
+/// What `kind` means and how `body` is encoded is the cluster layer's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerCall {
+    /// Chosen by the caller; the reply carries it back.
+    pub id: u64,
+    pub kind: u8,
+    pub body: Bytes,
+}
+
+/// PEER_REPLY: the answer to a PEER_CALL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerReply {
+    pub id: u64,
+    pub body: Bytes,
 }
 
 /// STATS_REPLY: the answer to STATS.

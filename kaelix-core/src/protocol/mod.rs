@@ -22,8 +22,8 @@ pub use decode::{decode, peek, Peek};
 pub use encode::{encode_deliver, encode_deliver_raw, encode_publish};
 pub use error::{ErrorCode, ProtocolError};
 pub use frame::{
-    Credit, Deliver, ErrorFrame, Frame, Hello, MessageBody, Missed, MissedRange, Nack, Publish,
-    ResumeAt, StatsReply, Subscribe, Welcome,
+    Credit, Deliver, ErrorFrame, Frame, Hello, MessageBody, Missed, MissedRange, Nack, PeerCall,
+    PeerReply, Publish, ResumeAt, StatsReply, Subscribe, Welcome,
 };
 
 /// The protocol version this build speaks.
@@ -58,6 +58,8 @@ pub mod opcode {
     pub const CREDIT: u8 = 0x24;
     pub const MESSAGE: u8 = 0x30;
     pub const MISSED: u8 = 0x31;
+    pub const PEER_CALL: u8 = 0x40;
+    pub const PEER_REPLY: u8 = 0x41;
 }
 
 /// Flag bits. Bits a frame does not define must be zero.
