@@ -5,8 +5,10 @@
 //! - [`metadata`]: what is agreed on, and how a change applies.
 //! - [`store`]: the Raft log and the state machine, kept under
 //!   `cluster.data_dir`.
+//! - [`network`]: Raft messages between nodes, as PEER_CALL frames.
 
 pub mod metadata;
+pub mod network;
 pub mod store;
 
 pub use metadata::{Command, Member, Metadata, NodeId, Reply, TopicDef};
