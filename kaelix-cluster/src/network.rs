@@ -270,3 +270,45 @@ async fn dispatch(raft: &Raft<TypeConfig>, call: &PeerCall) -> Result<Vec<u8>, S
     };
     encoded.map_err(|e| e.to_string())
 }
+
+/// Raft's timing from `[cluster]`: the leader's heartbeat every
+/// `heartbeat_ms`; a follower that hears nothing for `failure_timeout_ms`
+/// (up to twice that, chosen at random so that nodes rarely stand at once)
+/// counts the leader failed and stands for election.
+pub fn raft_config(
+    cluster: &kaelix_core::config::ClusterConfig,
+) -> Result<openraft::Config, String> {
+    openraft::Config {
+        cluster_name: "kaelix".into(),
+        heartbeat_interval: cluster.heartbeat_ms,
+        election_timeout_min: cluster.failure_timeout_ms,
+        election_timeout_max: cluster.failure_timeout_ms.saturating_mul(2),
+        ..openraft::Config::default()
+    }
+    .validate()
+    .map_err(|e| format!("cluster.heartbeat_ms, cluster.failure_timeout_ms: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn raft_timing_follows_the_cluster_keys() {
+        let mut cluster = kaelix_core::config::ClusterConfig {
+            heartbeat_ms: 100,
+            failure_timeout_ms: 900,
+            ..Default::default()
+        };
+        let config = raft_config(&cluster).unwrap();
+        assert_eq!(config.heartbeat_interval, 100);
+        assert_eq!(
+            (config.election_timeout_min, config.election_timeout_max),
+            (900, 1800)
+        );
+        // Raft itself refuses an election timeout within a heartbeat.
+        cluster.failure_timeout_ms = 50;
+        let err = raft_config(&cluster).unwrap_err();
+        assert!(err.contains("cluster.failure_timeout_ms"), "{err}");
+    }
+}

@@ -7,10 +7,11 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use kaelix_cluster::network::{serve, PeerNetwork};
+use kaelix_cluster::network::{raft_config, serve, PeerNetwork};
 use kaelix_cluster::store::{self, StateMachine, TypeConfig};
 use kaelix_cluster::{Command, Member, NodeId, Reply, TopicDef};
-use openraft::{Config, Raft};
+use kaelix_core::config::ClusterConfig;
+use openraft::Raft;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
@@ -22,23 +23,18 @@ struct Node {
 }
 
 async fn start(id: NodeId, listener: TcpListener) -> Node {
-    let config = Config {
-        heartbeat_interval: 50,
-        election_timeout_min: 300,
-        election_timeout_max: 600,
-        ..Config::default()
+    // Faster than the defaults, as a test can afford on one machine.
+    let cluster = ClusterConfig {
+        heartbeat_ms: 50,
+        failure_timeout_ms: 300,
+        ..ClusterConfig::default()
     };
+    let config = raft_config(&cluster).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let (log, sm) = store::open(dir.path()).unwrap();
-    let raft = Raft::new(
-        id,
-        Arc::new(config.validate().unwrap()),
-        PeerNetwork,
-        log,
-        sm.clone(),
-    )
-    .await
-    .unwrap();
+    let raft = Raft::new(id, Arc::new(config), PeerNetwork, log, sm.clone())
+        .await
+        .unwrap();
     let server = tokio::spawn(serve(listener, raft.clone()));
     Node {
         raft,

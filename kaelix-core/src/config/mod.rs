@@ -25,10 +25,10 @@ pub use reload::{
     ReloadStats,
 };
 pub use schema::{
-    AuthConfig, DeadLetterConfig, DedupeConfig, LimitsConfig, LogFormat, LoggingConfig,
-    MemoryStreamerConfig, MetricsConfig, NetworkConfig, Permissions, PluginConfig,
-    PrometheusConfig, RetentionConfig, RuntimeSection, SecurityConfig, TelemetryConfig, TlsConfig,
-    TopicConfig, UserConfig, WhenOff,
+    AuthConfig, ClusterConfig, ClusterTlsConfig, DeadLetterConfig, DedupeConfig, LimitsConfig,
+    LogFormat, LoggingConfig, MemoryStreamerConfig, MetricsConfig, NetworkConfig, Permissions,
+    PluginConfig, PrometheusConfig, RetentionConfig, RuntimeSection, SecurityConfig,
+    TelemetryConfig, TlsConfig, TopicConfig, UserConfig, WhenOff,
 };
 pub use validate::{ConfigValidator, ConfigWarning, Problem};
 
