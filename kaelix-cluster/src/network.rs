@@ -8,10 +8,13 @@
 //! call drops it, and the next call connects again (Raft backs off on an
 //! unreachable node by itself).
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
+use kaelix_core::config::ClusterTlsConfig;
 use kaelix_core::protocol::{decode, Frame, PeerCall, PeerReply};
+use kaelix_core::tls::{provider, read_certs, read_key, read_roots};
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
 };
@@ -21,10 +24,14 @@ use openraft::raft::{
     VoteRequest, VoteResponse,
 };
 use openraft::Raft;
+use rustls::pki_types::ServerName;
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, ServerConfig};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use crate::metadata::{Member, NodeId};
 use crate::store::TypeConfig;
@@ -34,6 +41,11 @@ pub mod kind {
     pub const APPEND_ENTRIES: u8 = 1;
     pub const VOTE: u8 = 2;
     pub const INSTALL_SNAPSHOT: u8 = 3;
+    /// A node asks to be added to the cluster (sent to a seed, then to
+    /// the Raft leader the seed names).
+    pub const JOIN: u8 = 4;
+    /// Failure detection: who are you, and who leads?
+    pub const PING: u8 = 5;
 }
 
 /// Largest frame on a cluster link: a snapshot of the metadata travels in
@@ -45,9 +57,201 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 type Rpc<T, E = RaftError<NodeId>> = Result<T, RPCError<NodeId, Member, E>>;
 
+/// Mutually authenticated TLS for the links between nodes (`[cluster.tls]`):
+/// each node presents its certificate and accepts only peers whose
+/// certificate the cluster's CA signed, in both directions.
+pub struct LinkTls {
+    connector: TlsConnector,
+    acceptor: TlsAcceptor,
+}
+
+impl LinkTls {
+    /// Loads the certificate, key and CA that `tls` names.
+    pub fn from_config(tls: &ClusterTlsConfig) -> Result<LinkTls, String> {
+        let certs = read_certs(&tls.cert_path).map_err(|e| e.to_string())?;
+        let key = read_key(&tls.key_path).map_err(|e| e.to_string())?;
+        let roots = Arc::new(read_roots(&tls.ca_path).map_err(|e| e.to_string())?);
+        let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+            .build()
+            .map_err(|e| format!("{}: {e}", tls.ca_path.display()))?;
+        let pair = || {
+            format!(
+                "{} with {}",
+                tls.cert_path.display(),
+                tls.key_path.display()
+            )
+        };
+        let server = ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| e.to_string())?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(certs.clone(), key.clone_key())
+            .map_err(|e| format!("{}: {e}", pair()))?;
+        let client = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(certs, key)
+            .map_err(|e| format!("{}: {e}", pair()))?;
+        Ok(LinkTls {
+            connector: TlsConnector::from(Arc::new(client)),
+            acceptor: TlsAcceptor::from(Arc::new(server)),
+        })
+    }
+}
+
+/// A byte stream a link runs on: TCP, or TLS over TCP.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send + Sync {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + Sync> Io for T {}
+
+/// The calling end of a link to one node: made on first use, dropped after
+/// a failure and made again by the next call.
+pub struct Channel {
+    addr: String,
+    tls: Option<Arc<LinkTls>>,
+    stream: Option<Box<dyn Io>>,
+    buf: BytesMut,
+    next_id: u64,
+}
+
+/// Why a call failed before the peer answered it.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("cannot reach node at {addr}: {reason}")]
+    Connect { addr: String, reason: String },
+    #[error("link to node at {addr}: {reason}")]
+    Io { addr: String, reason: String },
+    #[error("node at {addr} took longer than {ttl:?} to answer")]
+    Timeout { addr: String, ttl: Duration },
+}
+
+impl Channel {
+    /// A channel to the node listening at `addr` (`host:port`).
+    pub fn new(addr: impl Into<String>, tls: Option<Arc<LinkTls>>) -> Channel {
+        Channel {
+            addr: addr.into(),
+            tls,
+            stream: None,
+            buf: BytesMut::new(),
+            next_id: 0,
+        }
+    }
+
+    /// The address it calls.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// Sends a call of `kind` and waits up to `ttl` for its answer's body.
+    pub async fn call(&mut self, kind: u8, body: Bytes, ttl: Duration) -> Result<Bytes, LinkError> {
+        match tokio::time::timeout(ttl, self.exchange(kind, body)).await {
+            Ok(Ok(answer)) => Ok(answer),
+            Ok(Err(e)) => {
+                self.stream = None;
+                Err(e)
+            }
+            Err(_) => {
+                // The answer may still come: the link is out of step.
+                self.stream = None;
+                Err(LinkError::Timeout {
+                    addr: self.addr.clone(),
+                    ttl,
+                })
+            }
+        }
+    }
+
+    /// Connects (TCP, then the TLS handshake when configured).
+    async fn connect(&self) -> Result<Box<dyn Io>, LinkError> {
+        let failed = |reason: String| LinkError::Connect {
+            addr: self.addr.clone(),
+            reason,
+        };
+        let connect = async {
+            let stream = TcpStream::connect(&self.addr)
+                .await
+                .map_err(|e| failed(e.to_string()))?;
+            stream
+                .set_nodelay(true)
+                .map_err(|e| failed(e.to_string()))?;
+            let Some(tls) = &self.tls else {
+                return Ok(Box::new(stream) as Box<dyn Io>);
+            };
+            let name = ServerName::try_from(host_of(&self.addr).to_string())
+                .map_err(|e| failed(format!("not a host name for TLS: {e}")))?;
+            let stream = tls
+                .connector
+                .connect(name, stream)
+                .await
+                .map_err(|e| failed(format!("TLS handshake: {e}")))?;
+            Ok(Box::new(stream) as Box<dyn Io>)
+        };
+        match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+            Ok(result) => result,
+            Err(_) => Err(failed(format!("no answer within {CONNECT_TIMEOUT:?}"))),
+        }
+    }
+
+    async fn exchange(&mut self, kind: u8, body: Bytes) -> Result<Bytes, LinkError> {
+        if self.stream.is_none() {
+            self.stream = Some(self.connect().await?);
+            self.buf.clear();
+        }
+        let addr = &self.addr;
+        let io = |reason: String| LinkError::Io {
+            addr: addr.clone(),
+            reason,
+        };
+        self.next_id += 1;
+        let id = self.next_id;
+        let frame = Frame::PeerCall(PeerCall { id, kind, body }).to_bytes();
+        let Some(stream) = self.stream.as_mut() else {
+            unreachable!("connected above")
+        };
+        stream
+            .write_all(&frame)
+            .await
+            .map_err(|e| io(e.to_string()))?;
+        stream.flush().await.map_err(|e| io(e.to_string()))?;
+        loop {
+            match decode(&mut self.buf, MAX_PEER_FRAME) {
+                Ok(Some(Frame::PeerReply(reply))) if reply.id == id => return Ok(reply.body),
+                // An answer to a call that timed out before: not this one.
+                Ok(Some(Frame::PeerReply(_))) => continue,
+                Ok(Some(other)) => return Err(io(format!("unexpected {} frame", other.name()))),
+                Ok(None) => {}
+                Err(e) => return Err(io(e.to_string())),
+            }
+            if stream
+                .read_buf(&mut self.buf)
+                .await
+                .map_err(|e| io(e.to_string()))?
+                == 0
+            {
+                return Err(io("closed by the peer".into()));
+            }
+        }
+    }
+}
+
+/// The host part of `host:port`, without IPv6 brackets.
+fn host_of(addr: &str) -> &str {
+    let host = addr.rsplit_once(':').map_or(addr, |(host, _)| host);
+    host.trim_start_matches('[').trim_end_matches(']')
+}
+
 /// Makes a link to each peer Raft talks to.
-#[derive(Debug, Clone, Default)]
-pub struct PeerNetwork;
+#[derive(Clone, Default)]
+pub struct PeerNetwork {
+    tls: Option<Arc<LinkTls>>,
+}
+
+impl PeerNetwork {
+    /// Links over TLS when `tls` is given, plain TCP otherwise.
+    pub fn new(tls: Option<Arc<LinkTls>>) -> PeerNetwork {
+        PeerNetwork { tls }
+    }
+}
 
 impl RaftNetworkFactory<TypeConfig> for PeerNetwork {
     type Network = PeerLink;
@@ -55,32 +259,15 @@ impl RaftNetworkFactory<TypeConfig> for PeerNetwork {
     async fn new_client(&mut self, target: NodeId, node: &Member) -> PeerLink {
         PeerLink {
             target,
-            addr: node.cluster_addr.clone(),
-            stream: None,
-            buf: BytesMut::new(),
-            next_id: 0,
+            channel: Channel::new(node.cluster_addr.clone(), self.tls.clone()),
         }
     }
 }
 
-/// A link to one peer.
+/// Raft's link to one peer.
 pub struct PeerLink {
     target: NodeId,
-    addr: String,
-    stream: Option<TcpStream>,
-    buf: BytesMut,
-    next_id: u64,
-}
-
-/// Why a call failed before the peer answered it.
-#[derive(Debug, thiserror::Error)]
-enum LinkError {
-    #[error("cannot reach node at {addr}: {reason}")]
-    Connect { addr: String, reason: String },
-    #[error("link to node at {addr}: {reason}")]
-    Io { addr: String, reason: String },
-    #[error("node at {addr} took longer than {ttl:?} to answer")]
-    Timeout { addr: String, ttl: Duration },
+    channel: Channel,
 }
 
 impl PeerLink {
@@ -94,89 +281,17 @@ impl PeerLink {
     {
         let body =
             serde_json::to_vec(request).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let answer = match tokio::time::timeout(ttl, self.exchange(kind, body.into())).await {
-            Ok(Ok(answer)) => answer,
-            Ok(Err(e)) => {
-                self.stream = None;
-                return Err(match e {
-                    LinkError::Connect { .. } => RPCError::Unreachable(Unreachable::new(&e)),
-                    _ => RPCError::Network(NetworkError::new(&e)),
-                });
-            }
-            Err(_) => {
-                // The answer may still come: the link is out of step.
-                self.stream = None;
-                let e = LinkError::Timeout {
-                    addr: self.addr.clone(),
-                    ttl,
-                };
-                return Err(RPCError::Network(NetworkError::new(&e)));
-            }
-        };
+        let answer = self
+            .channel
+            .call(kind, body.into(), ttl)
+            .await
+            .map_err(|e| match e {
+                LinkError::Connect { .. } => RPCError::Unreachable(Unreachable::new(&e)),
+                _ => RPCError::Network(NetworkError::new(&e)),
+            })?;
         let result: Result<T, E> = serde_json::from_slice(&answer)
             .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
-    }
-
-    async fn exchange(&mut self, kind: u8, body: bytes::Bytes) -> Result<bytes::Bytes, LinkError> {
-        let io = |e: std::io::Error| LinkError::Io {
-            addr: self.addr.clone(),
-            reason: e.to_string(),
-        };
-        if self.stream.is_none() {
-            let connect = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&self.addr));
-            let stream = match connect.await {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(e)) => {
-                    return Err(LinkError::Connect {
-                        addr: self.addr.clone(),
-                        reason: e.to_string(),
-                    })
-                }
-                Err(_) => {
-                    return Err(LinkError::Connect {
-                        addr: self.addr.clone(),
-                        reason: format!("no answer within {CONNECT_TIMEOUT:?}"),
-                    })
-                }
-            };
-            stream.set_nodelay(true).map_err(io)?;
-            self.stream = Some(stream);
-            self.buf.clear();
-        }
-        self.next_id += 1;
-        let id = self.next_id;
-        let frame = Frame::PeerCall(PeerCall { id, kind, body }).to_bytes();
-        let Some(stream) = self.stream.as_mut() else {
-            unreachable!("connected above")
-        };
-        stream.write_all(&frame).await.map_err(io)?;
-        loop {
-            match decode(&mut self.buf, MAX_PEER_FRAME) {
-                Ok(Some(Frame::PeerReply(reply))) if reply.id == id => return Ok(reply.body),
-                // An answer to a call that timed out before: not this one.
-                Ok(Some(Frame::PeerReply(_))) => continue,
-                Ok(Some(other)) => {
-                    return Err(LinkError::Io {
-                        addr: self.addr.clone(),
-                        reason: format!("unexpected {} frame", other.name()),
-                    })
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    return Err(LinkError::Io {
-                        addr: self.addr.clone(),
-                        reason: e.to_string(),
-                    })
-                }
-            }
-            if stream.read_buf(&mut self.buf).await.map_err(io)? == 0 {
-                return Err(LinkError::Io {
-                    addr: self.addr.clone(),
-                    reason: "closed by the peer".into(),
-                });
-            }
-        }
     }
 }
 
@@ -208,10 +323,18 @@ impl RaftNetwork<TypeConfig> for PeerLink {
     }
 }
 
-/// Answers the other nodes' Raft calls on `listener` with `raft`, until
-/// the task is dropped.
-pub async fn serve(listener: TcpListener, raft: Raft<TypeConfig>) {
+/// How long a node that connected has to finish the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Answers the other nodes' calls on `listener` (Raft's, and joins and
+/// pings) with `raft`, until the task is dropped. With `tls`, a node that
+/// does not present a certificate the cluster's CA signed is refused in
+/// the handshake.
+pub async fn serve(listener: TcpListener, raft: Raft<TypeConfig>, tls: Option<Arc<LinkTls>>) {
+    // The links end with the listener: a stopped node stops answering.
+    let mut links = tokio::task::JoinSet::new();
     loop {
+        while links.try_join_next().is_some() {}
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(e) => {
@@ -221,17 +344,35 @@ pub async fn serve(listener: TcpListener, raft: Raft<TypeConfig>) {
             }
         };
         let raft = raft.clone();
-        tokio::spawn(async move {
-            if let Err(reason) = answer(stream, raft).await {
-                tracing::debug!(%peer, %reason, "cluster link closed");
+        let tls = tls.clone();
+        links.spawn(async move {
+            if let Err(e) = stream.set_nodelay(true) {
+                tracing::debug!(%peer, error = %e, "cluster link closed");
+                return;
+            }
+            let result = match tls {
+                None => answer(stream, raft).await,
+                Some(tls) => {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.acceptor.accept(stream)).await
+                    {
+                        Ok(Ok(stream)) => answer(stream, raft).await,
+                        Ok(Err(e)) => Err(format!("TLS handshake refused: {e}")),
+                        Err(_) => Err(format!("no TLS handshake within {HANDSHAKE_TIMEOUT:?}")),
+                    }
+                }
+            };
+            if let Err(reason) = result {
+                tracing::warn!(%peer, %reason, "cluster link closed");
             }
         });
     }
 }
 
 /// Answers calls on one link, one at a time, until it closes.
-async fn answer(mut stream: TcpStream, raft: Raft<TypeConfig>) -> Result<(), String> {
-    stream.set_nodelay(true).map_err(|e| e.to_string())?;
+async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    raft: Raft<TypeConfig>,
+) -> Result<(), String> {
     let mut buf = BytesMut::new();
     let mut out = BytesMut::new();
     loop {
@@ -239,11 +380,13 @@ async fn answer(mut stream: TcpStream, raft: Raft<TypeConfig>) -> Result<(), Str
             match decode(&mut buf, MAX_PEER_FRAME).map_err(|e| e.to_string())? {
                 Some(Frame::PeerCall(call)) => break call,
                 Some(other) => return Err(format!("unexpected {} frame", other.name())),
-                None => {
-                    if stream.read_buf(&mut buf).await.map_err(|e| e.to_string())? == 0 {
-                        return Ok(());
-                    }
-                }
+                None => match stream.read_buf(&mut buf).await {
+                    Ok(0) => return Ok(()),
+                    Ok(_) => {}
+                    // A peer that went away mid-call: nothing to report.
+                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+                    Err(e) => return Err(e.to_string()),
+                },
             }
         };
         let body = dispatch(&raft, &call).await?;
@@ -254,10 +397,11 @@ async fn answer(mut stream: TcpStream, raft: Raft<TypeConfig>) -> Result<(), Str
         })
         .encode(&mut out);
         stream.write_all(&out).await.map_err(|e| e.to_string())?;
+        stream.flush().await.map_err(|e| e.to_string())?;
     }
 }
 
-/// The local Raft's answer to `call`, encoded.
+/// The local node's answer to `call`, encoded.
 async fn dispatch(raft: &Raft<TypeConfig>, call: &PeerCall) -> Result<Vec<u8>, String> {
     fn parse<T: DeserializeOwned>(call: &PeerCall) -> Result<T, String> {
         serde_json::from_slice(&call.body).map_err(|e| format!("bad call body: {e}"))
@@ -266,6 +410,8 @@ async fn dispatch(raft: &Raft<TypeConfig>, call: &PeerCall) -> Result<Vec<u8>, S
         kind::APPEND_ENTRIES => serde_json::to_vec(&raft.append_entries(parse(call)?).await),
         kind::VOTE => serde_json::to_vec(&raft.vote(parse(call)?).await),
         kind::INSTALL_SNAPSHOT => serde_json::to_vec(&raft.install_snapshot(parse(call)?).await),
+        kind::JOIN => serde_json::to_vec(&crate::node::answer_join(raft, parse(call)?).await),
+        kind::PING => serde_json::to_vec(&crate::node::answer_ping(raft)),
         other => return Err(format!("unknown call kind {other}")),
     };
     encoded.map_err(|e| e.to_string())

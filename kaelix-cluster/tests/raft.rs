@@ -32,10 +32,16 @@ async fn start(id: NodeId, listener: TcpListener) -> Node {
     let config = raft_config(&cluster).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let (log, sm) = store::open(dir.path()).unwrap();
-    let raft = Raft::new(id, Arc::new(config), PeerNetwork, log, sm.clone())
-        .await
-        .unwrap();
-    let server = tokio::spawn(serve(listener, raft.clone()));
+    let raft = Raft::new(
+        id,
+        Arc::new(config),
+        PeerNetwork::default(),
+        log,
+        sm.clone(),
+    )
+    .await
+    .unwrap();
+    let server = tokio::spawn(serve(listener, raft.clone(), None));
     Node {
         raft,
         sm,
