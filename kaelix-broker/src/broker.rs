@@ -82,6 +82,8 @@ pub(crate) struct Inner {
     pub(crate) plugins: crate::plugins::Plugins,
     /// What each publisher had routed, to recognise its retries.
     pub(crate) dedupe: crate::dedupe::Dedupe,
+    /// This broker's cluster node, once it joined one.
+    pub(crate) cluster: OnceLock<Arc<kaelix_cluster::Node>>,
 }
 
 impl Default for MessageBroker {
@@ -139,6 +141,7 @@ impl MessageBroker {
                 auth: crate::auth::Auth::new(&config.security.auth),
                 plugins: crate::plugins::Plugins::new(),
                 dedupe: crate::dedupe::Dedupe::new(),
+                cluster: OnceLock::new(),
             }),
         };
         let inner = Arc::downgrade(&broker.inner);
@@ -615,6 +618,9 @@ impl MessageBroker {
         self.inner.endpoint.lock().take();
         self.inner.router.set_chains(Default::default());
         self.inner.plugins.shutdown();
+        if let Some(node) = self.inner.cluster.get() {
+            node.shutdown().await;
+        }
         for sub in self.inner.router.all() {
             if let Sink::Local(queue) = &sub.sink {
                 queue.close(CloseReason::ShuttingDown);

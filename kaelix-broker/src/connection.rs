@@ -813,7 +813,11 @@ impl Connection {
                 let broker = crate::MessageBroker {
                     inner: self.broker.clone(),
                 };
-                let json = broker.stats().to_json(&broker.health()).to_string();
+                let mut json = broker.stats().to_json(&broker.health());
+                if let Some(cluster) = broker.cluster_status() {
+                    json["cluster"] = serde_json::to_value(cluster).unwrap_or_default();
+                }
+                let json = json.to_string();
                 Ok(self.reply(&Frame::StatsReply(StatsReply { token, json })))
             }
             Frame::Pong(_) => Ok(false),

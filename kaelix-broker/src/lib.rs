@@ -10,6 +10,7 @@
 //!   publish and subscribe permissions.
 //! - `dedupe`: the acknowledged publishes each publisher had routed, so
 //!   that its retries after a reconnect are not routed twice.
+//! - `cluster`: the broker's cluster node (`[cluster]`) and its status.
 //! - `tls`: the TLS acceptor, swapped when certificate files change.
 //! - `router`: subscription state (exact topics in a map, wildcards in a
 //!   trie), per-publisher route caches, delivery into subscriber buffers.
@@ -26,6 +27,7 @@
 
 mod auth;
 pub mod broker;
+mod cluster;
 mod connection;
 mod dedupe;
 mod exec;
@@ -39,6 +41,7 @@ mod tls;
 
 pub use auth::{hash_password, AuthFailure};
 pub use broker::{IntoPattern, MessageBroker, Receiver, TopicInfo};
+pub use kaelix_cluster::{ClusterStatus, MemberStatus};
 pub use live::Reconfigured;
 pub use server::Server;
 pub use stats::{BrokerStats, RuntimeStats};

@@ -545,11 +545,18 @@ async fn watch_peers(
     let mut channels: HashMap<NodeId, Channel> = HashMap::new();
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut stopped = false;
     loop {
         tick.tick().await;
         let members: Vec<(NodeId, String)> = {
             let metrics = raft.metrics();
             let metrics = metrics.borrow();
+            if let (Err(fatal), false) = (&metrics.running_state, stopped) {
+                // Storage failed, or Raft panicked: this node no longer
+                // takes part; its clients are still served.
+                tracing::error!(node = id, error = %fatal, "cluster: Raft stopped on this node");
+                stopped = true;
+            }
             metrics
                 .membership_config
                 .membership()

@@ -158,6 +158,27 @@ fn flags(args: &Args) -> Vec<Override> {
     flags
 }
 
+/// Where the other nodes' clients reach this broker: the client listener's
+/// address, or, when it listens on every interface, the host the cluster
+/// advertises with the client port.
+fn advertised_client_addr(
+    bound: std::net::SocketAddr,
+    cluster: &kaelix_core::config::ClusterConfig,
+) -> String {
+    if !bound.ip().is_unspecified() {
+        return bound.to_string();
+    }
+    let cluster_addr = if cluster.advertise.is_empty() {
+        &cluster.listen
+    } else {
+        &cluster.advertise
+    };
+    match cluster_addr.rsplit_once(':') {
+        Some((host, _)) => format!("{host}:{}", bound.port()),
+        None => bound.to_string(),
+    }
+}
+
 /// `--check-config`: every problem, or the effective configuration with
 /// the origin of each value and any warnings for this machine.
 /// `--drain PID`: SIGTERM to the broker (it drains, then stops), then waits
@@ -272,9 +293,20 @@ impl Logging {
             return Ok(());
         }
         let level = &config.telemetry.logging.level;
-        let filter =
-            EnvFilter::try_new(level).map_err(|e| format!("{level:?} is not a log filter: {e}"))?;
+        let filter = EnvFilter::try_new(quiet_raft(level))
+            .map_err(|e| format!("{level:?} is not a log filter: {e}"))?;
         self.filter.reload(filter).map_err(|e| e.to_string())
+    }
+}
+
+/// `level`, with the Raft library's own lines off unless it names them:
+/// it logs every unanswered call to a node that is down, several a second.
+/// The cluster layer logs each member going down and coming back, once.
+fn quiet_raft(level: &str) -> String {
+    if level.contains("openraft") {
+        level.to_string()
+    } else {
+        format!("{level},openraft=off")
     }
 }
 
@@ -282,7 +314,7 @@ fn init_logging(config: &MemoryStreamerConfig) -> Logging {
     let from_env = EnvFilter::try_from_default_env();
     let from_env_ok = from_env.is_ok();
     let filter = from_env
-        .or_else(|_| EnvFilter::try_new(&config.telemetry.logging.level))
+        .or_else(|_| EnvFilter::try_new(quiet_raft(&config.telemetry.logging.level)))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let (filter, handle) = reload::Layer::new(filter);
     let json = config.telemetry.logging.format == LogFormat::Json;
@@ -311,15 +343,6 @@ async fn run(
     reload: Option<Reload>,
     logging: Logging,
 ) -> Result<(), String> {
-    if config.cluster.enabled {
-        // The keys are read and checked, but nodes do not link up yet: a
-        // node that silently ran on its own would split the cluster.
-        return Err(
-            "cluster.enabled = true: this version runs one broker on its own; \
-             clustering is not available yet (see docs/cluster.md)"
-                .into(),
-        );
-    }
     // Handlers first: a supervisor may signal as soon as it reads the
     // listening line.
     let mut signals = Signals::install()?;
@@ -371,6 +394,15 @@ async fn run(
         Ok(Err(err)) => return Err(format!("cannot listen on {host}:{port}: {err}")),
         Err(_) => return Err("the listener task ended before binding".into()),
     };
+    // The cluster node runs on this thread's runtime too: it is control
+    // work, kept off the workers that move messages.
+    if config.cluster.enabled {
+        let client_addr = advertised_client_addr(addr, &config.cluster);
+        broker
+            .join_cluster(client_addr)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
     // Served from this thread's runtime, away from the workers.
     match broker.serve_metrics() {
         Ok(Some(metrics)) => println!("kaelix-broker metrics on http://{metrics}/metrics"),

@@ -201,6 +201,22 @@ enum Command {
         #[arg(long, default_value_t = 1.0)]
         interval: f64,
     },
+    /// The cluster the broker is a node of.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Members and their health as this node sees them, the Raft leader
+    /// and the partition leaders.
+    Status {
+        /// Print the node's JSON instead.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// The host part of a `host:port` address, without IPv6 brackets.
@@ -299,6 +315,9 @@ async fn main() -> ExitCode {
             subscribe(&server, &pattern, options).await
         }
         Command::Stats { json, interval } => stats(&server, json, interval).await,
+        Command::Cluster {
+            command: ClusterCommand::Status { json },
+        } => cluster_status(&server, json).await,
         Command::Passwd => unreachable!("handled before connecting"),
     };
     match result {
@@ -480,6 +499,109 @@ async fn subscribe(server: &Server, pattern: &str, options: SubOptions) -> Resul
     }
     let _ = out.flush();
     Ok(())
+}
+
+async fn cluster_status(server: &Server, json: bool) -> Result<(), String> {
+    let client = server.publisher().await?;
+    let text = client.server_stats().await.map_err(|e| e.to_string())?;
+    let _ = client.close().await;
+    let stats: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| format!("the broker's statistics are not JSON: {e}"))?;
+    let cluster = &stats["cluster"];
+    if cluster.is_null() {
+        return Err(format!(
+            "the broker at {} is not a cluster node (cluster.enabled = false)",
+            server.addr
+        ));
+    }
+    if json {
+        println!("{cluster}");
+    } else {
+        print!("{}", cluster_table(cluster));
+    }
+    Ok(())
+}
+
+/// `kaelix cluster status` as text.
+fn cluster_table(c: &serde_json::Value) -> String {
+    use std::fmt::Write;
+    let id = c["node_id"].as_u64().unwrap_or(0);
+    let leader = c["leader"].as_u64();
+    let members = c["members"].as_array().cloned().unwrap_or_default();
+    let up = members.iter().filter(|m| m["up"] == true).count();
+    let voters: Vec<_> = members.iter().filter(|m| m["voter"] == true).collect();
+    let voters_up = voters.iter().filter(|m| m["up"] == true).count();
+    let quorum = leader.is_some() && voters_up * 2 > voters.len();
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "node {id} ({}), term {}, leader {}; {up} of {} members up; {}",
+        c["role"].as_str().unwrap_or("?"),
+        c["term"],
+        leader.map_or("unknown".into(), |l| l.to_string()),
+        members.len(),
+        if quorum {
+            "majority reachable: metadata can change"
+        } else {
+            "NO MAJORITY: metadata cannot change"
+        }
+    );
+    let _ = writeln!(
+        out,
+        "{:>4}  {:<8} {:<5} {:>10}  {:<22} {:<22}",
+        "ID", "ROLE", "UP", "LAST SEEN", "CLUSTER ADDRESS", "CLIENT ADDRESS"
+    );
+    for m in &members {
+        let mid = m["id"].as_u64().unwrap_or(0);
+        let role = if Some(mid) == leader {
+            "leader"
+        } else if m["voter"] == true {
+            "voter"
+        } else {
+            "learner"
+        };
+        let seen = match m["last_seen_ms"].as_u64() {
+            _ if mid == id => "this node".to_string(),
+            Some(ms) => format!("{ms} ms ago"),
+            None => "never".to_string(),
+        };
+        let _ = writeln!(
+            out,
+            "{mid:>4}  {role:<8} {:<5} {seen:>10}  {:<22} {:<22}",
+            if m["up"] == true { "up" } else { "DOWN" },
+            m["cluster_addr"].as_str().unwrap_or(""),
+            m["client_addr"].as_str().unwrap_or(""),
+        );
+        if let Some(problem) = m["problem"].as_str() {
+            let _ = writeln!(out, "      {problem}");
+        }
+    }
+    let partitions = c["partition_leaders"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let _ = writeln!(
+        out,
+        "topics: {}; partition leaders: {}",
+        c["topics"],
+        if partitions.is_empty() {
+            "none assigned".to_string()
+        } else {
+            partitions
+                .iter()
+                .map(|p| {
+                    format!(
+                        "{}/{} → {}",
+                        p["topic"].as_str().unwrap_or("?"),
+                        p["partition"],
+                        p["node"]
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+    );
+    out
 }
 
 async fn stats(server: &Server, json: bool, interval: f64) -> Result<(), String> {

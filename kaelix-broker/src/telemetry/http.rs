@@ -142,13 +142,23 @@ fn respond(broker: &MessageBroker, req: &Request<Incoming>) -> Response<Full<Byt
         "/healthz" => {
             let health = broker.health();
             let stats = broker.stats();
-            let body = serde_json::json!({
+            let mut body = serde_json::json!({
                 "status": health.status.name(),
                 "reason": health.reason,
                 "uptime_seconds": stats.uptime.as_secs(),
                 "connections": stats.connections_active,
                 "subscriptions": stats.subscriptions,
             });
+            if let Some(cluster) = broker.cluster_status() {
+                body["cluster"] = serde_json::json!({
+                    "node_id": cluster.node_id,
+                    "role": cluster.role,
+                    "leader": cluster.leader,
+                    "has_quorum": cluster.has_quorum(),
+                    "members": cluster.members.len(),
+                    "members_up": cluster.members.iter().filter(|m| m.up).count(),
+                });
+            }
             let code = match health.status {
                 HealthStatus::Unhealthy => StatusCode::SERVICE_UNAVAILABLE,
                 _ => StatusCode::OK,

@@ -170,6 +170,7 @@ impl MessageBroker {
         }
 
         self.export_plugin_metrics();
+        self.export_cluster_metrics();
 
         let health = self.health();
         for status in [
@@ -270,6 +271,32 @@ impl MessageBroker {
 /// Describes every metric once, for the HELP and TYPE lines.
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram};
+    for (name, help) in [
+        ("kaelix_cluster_node_id", "This broker's cluster.node_id."),
+        ("kaelix_cluster_is_leader", "1 while this node is the Raft leader."),
+        ("kaelix_cluster_leader_id", "The Raft leader this node follows (0: none known)."),
+        ("kaelix_cluster_term", "The Raft term this node is in."),
+        (
+            "kaelix_cluster_has_quorum",
+            "1 while this node knows a leader and sees a majority of voters up: metadata can change.",
+        ),
+        ("kaelix_cluster_members", "Members of the cluster (voters and learners)."),
+        (
+            "kaelix_cluster_members_up",
+            "Members that answered this node's pings within cluster.failure_timeout_ms (itself included).",
+        ),
+        (
+            "kaelix_cluster_member_up",
+            "1 while the member (label node) answers this node's pings.",
+        ),
+        ("kaelix_cluster_topics", "Topics the cluster's metadata defines."),
+        (
+            "kaelix_cluster_partition_leader",
+            "The node id leading each partition (labels topic, partition).",
+        ),
+    ] {
+        describe_gauge!(name, help);
+    }
     describe_counter!(
         "kaelix_messages_published_total",
         "Messages accepted for routing."
@@ -442,7 +469,7 @@ impl MessageBroker {
                 reason: "the broker is draining: it takes no new connections".into(),
             };
         }
-        match self.runtime() {
+        let health = match self.runtime() {
             Some(runtime) => {
                 let report = runtime.health().report();
                 BrokerHealth {
@@ -454,7 +481,8 @@ impl MessageBroker {
                 status: HealthStatus::Healthy,
                 reason: "serving (embedded, on the caller's tokio runtime)".into(),
             },
-        }
+        };
+        self.cluster_health(health)
     }
 
     /// Serves `/metrics` and `/healthz` where `[telemetry.metrics.prometheus]`

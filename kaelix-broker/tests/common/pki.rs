@@ -57,14 +57,29 @@ impl Pki {
             file,
             cn,
             &["127.0.0.1", "localhost"],
-            ExtendedKeyUsagePurpose::ServerAuth,
+            &[ExtendedKeyUsagePurpose::ServerAuth],
             None,
         )
     }
 
     /// A client certificate whose common name is `cn`.
     pub fn client(&self, file: &str, cn: &str) -> Issued {
-        self.issue(file, cn, &[], ExtendedKeyUsagePurpose::ClientAuth, None)
+        self.issue(file, cn, &[], &[ExtendedKeyUsagePurpose::ClientAuth], None)
+    }
+
+    /// A cluster node's certificate: for 127.0.0.1 and localhost, good
+    /// both for serving and for connecting.
+    pub fn node(&self, file: &str, cn: &str) -> Issued {
+        self.issue(
+            file,
+            cn,
+            &["127.0.0.1", "localhost"],
+            &[
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+            None,
+        )
     }
 
     /// A server certificate that expired in 2020.
@@ -73,7 +88,7 @@ impl Pki {
             file,
             "expired",
             &["127.0.0.1", "localhost"],
-            ExtendedKeyUsagePurpose::ServerAuth,
+            &[ExtendedKeyUsagePurpose::ServerAuth],
             Some((2020, 1, 1)),
         )
     }
@@ -83,13 +98,13 @@ impl Pki {
         file: &str,
         cn: &str,
         sans: &[&str],
-        usage: ExtendedKeyUsagePurpose,
+        usages: &[ExtendedKeyUsagePurpose],
         not_after: Option<(i32, u8, u8)>,
     ) -> Issued {
         let sans: Vec<String> = sans.iter().map(|s| s.to_string()).collect();
         let mut params = CertificateParams::new(sans).expect("params");
         params.distinguished_name = name(cn);
-        params.extended_key_usages = vec![usage];
+        params.extended_key_usages = usages.to_vec();
         if let Some((y, m, d)) = not_after {
             params.not_before = rcgen::date_time_ymd(2019, 1, 1);
             params.not_after = rcgen::date_time_ymd(y, m, d);
