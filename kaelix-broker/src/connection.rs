@@ -763,6 +763,12 @@ impl Connection {
                         context: "from a client",
                     }))
                 }
+                Ok(Peek::Route(..)) => {
+                    break Err(Exit::Protocol(ProtocolError::Unexpected {
+                        frame: "ROUTE",
+                        context: "from a client",
+                    }))
+                }
                 Ok(Peek::Other) => {
                     replied |= self.put_through(&buf[..]);
                     buf.advance(used);

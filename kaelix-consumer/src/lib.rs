@@ -800,6 +800,11 @@ fn handle_buffer(
                     "unexpected PUBLISH frame from the broker".into(),
                 ))
             }
+            Ok(Peek::Route(..)) => {
+                return Err(CloseReason::Protocol(
+                    "unexpected ROUTE frame from the broker".into(),
+                ))
+            }
             Ok(Peek::Other) => {
                 take_run(buf, &mut run, staging, inner, max_frame);
                 match protocol::decode(buf, max_frame) {

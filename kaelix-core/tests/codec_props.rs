@@ -107,6 +107,20 @@ fn frame() -> impl Strategy<Value = Frame> {
             })
         }),
         any::<u32>().prop_map(Frame::Drain),
+        (
+            any::<bool>(),
+            proptest::option::of(any::<u32>()),
+            proptest::collection::vec("[a-z-]{0,20}", 0..4),
+            body()
+        )
+            .prop_map(|(plain, partition, groups, body)| Frame::Route(
+                kaelix_core::protocol::Routed {
+                    plain,
+                    partition,
+                    groups,
+                    body
+                }
+            )),
         (any::<u64>(), code(), text(100)).prop_map(|(id, code, reason)| Frame::PubNack(Nack {
             id,
             code,
@@ -276,7 +290,17 @@ proptest! {
                 prop_assert_eq!(d.sid, owned.sid);
                 prop_assert_eq!(d.body, &owned.body.raw()[..]);
             }
-            (Peek::Other, Frame::Publish(_) | Frame::Message(_)) => prop_assert!(false, "peek missed a data frame"),
+            (Peek::Route(r, len), Frame::Route(owned)) => {
+                prop_assert_eq!(len, bytes.len());
+                prop_assert_eq!(r.plain, owned.plain);
+                prop_assert_eq!(r.partition, owned.partition);
+                let groups: Vec<String> =
+                    r.groups().map(|g| String::from_utf8(g.to_vec()).unwrap()).collect();
+                prop_assert_eq!(&groups, &owned.groups);
+                prop_assert_eq!(r.body, &owned.body.raw()[..]);
+                prop_assert_eq!(r.topic, &owned.body.topic_bytes()[..]);
+            }
+            (Peek::Other, Frame::Publish(_) | Frame::Message(_) | Frame::Route(_)) => prop_assert!(false, "peek missed a data frame"),
             (Peek::Other, _) => {}
             (other, _) => prop_assert!(false, "unexpected {:?}", other),
         }
@@ -290,7 +314,7 @@ proptest! {
         let peeked = peek(&bytes, 256);
         let mut buf = BytesMut::from(&bytes[..]);
         let decoded = decode(&mut buf, 256);
-        if let Ok(Peek::Publish(..) | Peek::Deliver(..)) = peeked {
+        if let Ok(Peek::Publish(..) | Peek::Deliver(..) | Peek::Route(..)) = peeked {
             prop_assert!(matches!(decoded, Ok(Some(_))), "peek accepted what decode refused: {:?}", decoded);
         }
     }

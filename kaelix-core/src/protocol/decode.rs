@@ -80,6 +80,33 @@ pub struct DeliverRef<'a> {
     pub body: &'a [u8],
 }
 
+/// A ROUTE frame borrowed from a read buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouteRef<'a> {
+    pub plain: bool,
+    pub partition: Option<u32>,
+    /// The queue group names, each a length byte and UTF-8 (validated);
+    /// see [`RouteRef::groups`].
+    pub group_block: &'a [u8],
+    pub body_flags: u8,
+    pub body: &'a [u8],
+    /// The topic, not yet validated as a topic name.
+    pub topic: &'a [u8],
+}
+
+impl<'a> RouteRef<'a> {
+    /// The queue group names.
+    pub fn groups(&self) -> impl Iterator<Item = &'a [u8]> {
+        let mut rest = self.group_block;
+        std::iter::from_fn(move || {
+            let (&n, tail) = rest.split_first()?;
+            let (name, tail) = tail.split_at(usize::from(n));
+            rest = tail;
+            Some(name)
+        })
+    }
+}
+
 /// What is at the front of a buffer.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Peek<'a> {
@@ -89,6 +116,8 @@ pub enum Peek<'a> {
     Publish(PublishRef<'a>, usize),
     /// A valid MESSAGE of `len` bytes (prefix included).
     Deliver(DeliverRef<'a>, usize),
+    /// A valid ROUTE of `len` bytes (prefix included).
+    Route(RouteRef<'a>, usize),
     /// A whole frame of another kind: take it with [`decode`].
     Other,
 }
@@ -136,12 +165,48 @@ pub fn peek(buf: &[u8], max_frame_bytes: usize) -> Result<Peek<'_>, ProtocolErro
                 4 + len,
             ))
         }
+        opcode::ROUTE => {
+            check_flags("ROUTE", fl, ROUTE_FLAGS)?;
+            let mut r = Reader::new(body, "ROUTE");
+            let (partition, group_block) = route_fields(&mut r, fl)?;
+            let body = r.rest();
+            let layout = body_layout(body, fl, "ROUTE")?;
+            Ok(Peek::Route(
+                RouteRef {
+                    plain: fl & flags::ROUTE_PLAIN != 0,
+                    partition,
+                    group_block,
+                    body_flags: fl & flags::BODY,
+                    body,
+                    topic: &body[layout.topic],
+                },
+                4 + len,
+            ))
+        }
         _ => Ok(Peek::Other),
     }
 }
 
 /// The flags a MESSAGE frame may carry.
 const MESSAGE_FLAGS: u8 = flags::BODY | flags::OFFSET | flags::IN_PARTITION;
+
+/// The flags a ROUTE frame may carry.
+const ROUTE_FLAGS: u8 = flags::BODY | flags::ROUTE_PLAIN | flags::IN_PARTITION;
+
+/// ROUTE's partition and its block of group names (validated).
+fn route_fields<'a>(r: &mut Reader<'a>, fl: u8) -> Result<(Option<u32>, &'a [u8]), ProtocolError> {
+    let partition = if fl & flags::IN_PARTITION != 0 {
+        Some(r.u32("partition")?)
+    } else {
+        None
+    };
+    let count = r.take(1, "group count")?[0];
+    let start = r.pos;
+    for _ in 0..count {
+        r.str8_ref("group")?;
+    }
+    Ok((partition, &r.buf[start..r.pos]))
+}
 
 /// A MESSAGE frame's fields before its body: sid, offset, partition.
 #[inline]
@@ -182,6 +247,7 @@ fn parse(frame: Bytes) -> Result<Frame, ProtocolError> {
     let allowed = match op {
         opcode::PUBLISH => flags::ACK | flags::BODY,
         opcode::MESSAGE => MESSAGE_FLAGS,
+        opcode::ROUTE => ROUTE_FLAGS,
         opcode::SUBSCRIBE => {
             flags::QUEUE
                 | flags::START
@@ -250,6 +316,27 @@ fn parse(frame: Bytes) -> Result<Frame, ProtocolError> {
                 offset,
                 partition,
                 body: parse_body(body.slice(start..), fl, "MESSAGE")?,
+            }));
+        }
+        opcode::ROUTE => {
+            let (partition, block) = route_fields(&mut r, fl)?;
+            let groups = RouteRef {
+                plain: false,
+                partition,
+                group_block: block,
+                body_flags: 0,
+                body: &[],
+                topic: &[],
+            }
+            .groups()
+            .map(|g| String::from_utf8_lossy(g).into_owned())
+            .collect();
+            let start = r.pos;
+            return Ok(Frame::Route(Routed {
+                plain: fl & flags::ROUTE_PLAIN != 0,
+                partition,
+                groups,
+                body: parse_body(body.slice(start..), fl, "ROUTE")?,
             }));
         }
         opcode::PEER_CALL => {
@@ -551,6 +638,7 @@ fn opcode_name(op: u8) -> Option<&'static str> {
         opcode::CREDIT => "CREDIT",
         opcode::PEER_CALL => "PEER_CALL",
         opcode::PEER_REPLY => "PEER_REPLY",
+        opcode::ROUTE => "ROUTE",
         opcode::MESSAGE => "MESSAGE",
         opcode::MISSED => "MISSED",
         _ => return None,

@@ -165,6 +165,17 @@ impl Frame {
                 let at = (d.offset, d.partition);
                 encode_deliver_raw(buf, d.sid, at, d.body.flags(), d.body.raw())
             }
+            Frame::Route(r) => {
+                let groups: Vec<&[u8]> = r.groups.iter().map(|g| g.as_bytes()).collect();
+                encode_route_raw(
+                    buf,
+                    r.plain,
+                    r.partition,
+                    &groups,
+                    r.body.flags(),
+                    r.body.raw(),
+                )
+            }
         }
     }
 
@@ -245,6 +256,43 @@ pub fn encode_deliver_raw(
             }
             buf.put_u32(partition);
         }
+    }
+    buf.put_slice(body);
+}
+
+/// Writes a ROUTE frame around an encoded body: for the receiving node's
+/// plain subscriptions (`plain`) and one member of each of `groups` (names
+/// of at most 255 bytes, at most 255 of them; longer ones are cut).
+pub fn encode_route_raw(
+    buf: &mut BytesMut,
+    plain: bool,
+    partition: Option<u32>,
+    groups: &[&[u8]],
+    body_flags: u8,
+    body: &[u8],
+) {
+    let groups = &groups[..groups.len().min(255)];
+    let group_len: usize = groups.iter().map(|g| 1 + g.len().min(255)).sum();
+    let extra = if partition.is_some() { 4 } else { 0 } + 1 + group_len;
+    buf.reserve(4 + 2 + extra + body.len());
+    buf.put_u32((2 + extra + body.len()) as u32);
+    buf.put_u8(opcode::ROUTE);
+    let mut fl = body_flags & flags::BODY;
+    if plain {
+        fl |= flags::ROUTE_PLAIN;
+    }
+    if partition.is_some() {
+        fl |= flags::IN_PARTITION;
+    }
+    buf.put_u8(fl);
+    if let Some(partition) = partition {
+        buf.put_u32(partition);
+    }
+    buf.put_u8(groups.len() as u8);
+    for group in groups {
+        let group = &group[..group.len().min(255)];
+        buf.put_u8(group.len() as u8);
+        buf.put_slice(group);
     }
     buf.put_slice(body);
 }

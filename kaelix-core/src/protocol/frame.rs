@@ -57,6 +57,9 @@ pub enum Frame {
     PeerCall(PeerCall),
     /// Node → node: the answer to the PEER_CALL with the same id.
     PeerReply(PeerReply),
+    /// Node → node, on a route link: a message published on the sending
+    /// node, for the receiving node's subscribers.
+    Route(Routed),
 }
 
 impl Frame {
@@ -81,6 +84,7 @@ impl Frame {
             Frame::Credit(_) => "CREDIT",
             Frame::PeerCall(_) => "PEER_CALL",
             Frame::PeerReply(_) => "PEER_REPLY",
+            Frame::Route(_) => "ROUTE",
             Frame::Message(_) => "MESSAGE",
             Frame::Missed(_) => "MISSED",
         }
@@ -131,6 +135,19 @@ pub struct PeerCall {
     pub id: u64,
     pub kind: u8,
     pub body: Bytes,
+}
+
+/// ROUTE: a message crossing from the node it was published on to a node
+/// whose subscribers want it. It crosses once per message and node: for the
+/// receiving node's plain subscriptions (`plain`), and for one member of each
+/// of its queue groups named in `groups`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Routed {
+    pub plain: bool,
+    /// The partition the publishing node put it in (a topic with several).
+    pub partition: Option<u32>,
+    pub groups: Vec<String>,
+    pub body: MessageBody,
 }
 
 /// PEER_REPLY: the answer to a PEER_CALL.

@@ -19,11 +19,11 @@ pub mod error;
 pub mod frame;
 
 pub use decode::{decode, peek, Peek};
-pub use encode::{encode_deliver, encode_deliver_raw, encode_publish};
+pub use encode::{encode_deliver, encode_deliver_raw, encode_publish, encode_route_raw};
 pub use error::{ErrorCode, ProtocolError};
 pub use frame::{
     Credit, Deliver, ErrorFrame, Frame, Hello, MessageBody, Missed, MissedRange, Nack, PeerCall,
-    PeerReply, Publish, ResumeAt, StatsReply, Subscribe, Welcome,
+    PeerReply, Publish, ResumeAt, Routed, StatsReply, Subscribe, Welcome,
 };
 
 /// The protocol version this build speaks.
@@ -60,6 +60,7 @@ pub mod opcode {
     pub const MISSED: u8 = 0x31;
     pub const PEER_CALL: u8 = 0x40;
     pub const PEER_REPLY: u8 = 0x41;
+    pub const ROUTE: u8 = 0x42;
 }
 
 /// Flag bits. Bits a frame does not define must be zero.
@@ -97,4 +98,6 @@ pub mod flags {
     pub const IN_PARTITION: u8 = 0x10;
     /// ERROR: a retry-after hint (`u32` ms) follows the reason.
     pub const RETRY_AFTER: u8 = 0x01;
+    /// ROUTE: the receiving node's plain (non-group) subscriptions get it.
+    pub const ROUTE_PLAIN: u8 = 0x08;
 }
