@@ -17,7 +17,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::live::{LiveConfig, LiveLimits};
 use crate::router::{
-    Batch, Blocked, NewSub, Owner, PartitionSet, Publication, RouteCache, Router, Sink, Subscriber,
+    Batch, Blocked, NewSub, Owner, PartitionSet, Publication, RouteCache, Router, Scope, Sink,
+    Subscriber,
 };
 use crate::stats::{BrokerStats, RuntimeStats, Stats};
 use crate::telemetry::{Endpoint, Metrics};
@@ -409,6 +410,7 @@ impl MessageBroker {
             partitions,
             sticky: options.sticky_partitions,
             credit: None,
+            route: false,
         };
         let (sub, missed) = match options.start {
             StartPosition::Latest => (self.inner.router.subscribe(new), 0),
@@ -517,7 +519,9 @@ impl MessageBroker {
                     cache.resolve(router, message.topic.as_bytes(), &mut batch)?;
                 let Some(chain) = matches.chain().cloned() else {
                     let publication = Publication::from_message(message);
-                    if let Err(refused) = batch.route(router, topic, matches, &publication) {
+                    if let Err(refused) =
+                        batch.route(router, topic, matches, &publication, Scope::Origin)
+                    {
                         return Err(Error::InvalidPartition(refused.0));
                     }
                     continue;
@@ -528,7 +532,9 @@ impl MessageBroker {
                     let (topic, matches) =
                         cache.resolve(router, message.topic.as_bytes(), &mut batch)?;
                     let publication = Publication::from_message(message);
-                    if let Err(refused) = batch.route(router, topic, matches, &publication) {
+                    if let Err(refused) =
+                        batch.route(router, topic, matches, &publication, Scope::Origin)
+                    {
                         return Err(Error::InvalidPartition(refused.0));
                     }
                 }

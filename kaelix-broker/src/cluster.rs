@@ -24,8 +24,15 @@ impl MessageBroker {
         if self.inner.cluster.get().is_some() {
             return Err(NodeError::Config("this broker runs a node already".into()));
         }
-        let node = Node::start(&config.cluster, client_addr).await?;
-        let _ = self.inner.cluster.set(Arc::new(node));
+        let routes = crate::route::Routes::new(&self.inner);
+        let node = Arc::new(Node::start(&config.cluster, client_addr, Some(routes)).await?);
+        // Count this node's interest from now on, before any link sends it.
+        self.inner.router.interest();
+        tokio::spawn(crate::route::link_members(
+            Arc::downgrade(&self.inner),
+            node.clone(),
+        ));
+        let _ = self.inner.cluster.set(node);
         Ok(())
     }
 

@@ -38,7 +38,7 @@ use crate::exec;
 use crate::live::LiveLimits;
 use crate::plugins::{Chain, Fate, Run};
 use crate::router::{
-    Batch, NewSub, Owner, PartitionSet, Publication, RouteCache, Sink, Starts, Subscriber,
+    Batch, NewSub, Owner, PartitionSet, Publication, RouteCache, Scope, Sink, Starts, Subscriber,
 };
 use crate::server::HandshakeSlot;
 use crate::stats::{Disconnect, Rejection};
@@ -890,9 +890,13 @@ impl Connection {
                     return self.hold(publish, body_at, read, &topic, &chain, now);
                 }
                 let publication = Publication::from_wire(publish.body_flags, publish.body, now);
-                let routed = self
-                    .batch
-                    .route(&self.broker.router, topic, matches, &publication);
+                let routed = self.batch.route(
+                    &self.broker.router,
+                    topic,
+                    matches,
+                    &publication,
+                    Scope::Origin,
+                );
                 if let Err(refused) = routed {
                     return self.refuse(publish.seq, ErrorCode::UnknownPartition, refused.0);
                 }
@@ -1012,7 +1016,13 @@ impl Connection {
                     None => Publication::from_message(message),
                 };
                 self.batch
-                    .route(&self.broker.router, topic, matches, &publication)
+                    .route(
+                        &self.broker.router,
+                        topic,
+                        matches,
+                        &publication,
+                        Scope::Origin,
+                    )
                     .err()
                     .map(|refused| refused.0)
             }
@@ -1184,6 +1194,7 @@ impl Connection {
                             partitions,
                             sticky,
                             credit: credit.map(|c| (c.messages, c.bytes)),
+                            route: false,
                         };
                         let router = &self.broker.router;
                         if start == StartPosition::Latest && resume.is_empty() {

@@ -11,6 +11,7 @@
 //! - `dedupe`: the acknowledged publishes each publisher had routed, so
 //!   that its retries after a reconnect are not routed twice.
 //! - `cluster`: the broker's cluster node (`[cluster]`) and its status.
+//! - `route`: route links between cluster nodes: interest out, messages in.
 //! - `tls`: the TLS acceptor, swapped when certificate files change.
 //! - `router`: subscription state (exact topics in a map, wildcards in a
 //!   trie), per-publisher route caches, delivery into subscriber buffers.
@@ -33,6 +34,7 @@ mod dedupe;
 mod exec;
 pub mod live;
 pub mod plugins;
+mod route;
 mod router;
 pub mod server;
 pub mod stats;

@@ -229,3 +229,172 @@ fn cluster_status_on_a_broker_on_its_own_says_so() {
     let health: Value = serde_json::from_str(&body).unwrap();
     assert!(health.get("cluster").is_none(), "{health}");
 }
+
+/// `subscriptions` in the node's `/healthz`: its clients' and, on route
+/// links, other nodes' interest.
+fn subscriptions_of(node: &BrokerProcess) -> u64 {
+    let (_, body) = node.http_get("/healthz");
+    let health: Value = serde_json::from_str(&body).unwrap();
+    health["subscriptions"].as_u64().unwrap()
+}
+
+async fn wait_subscriptions(node: &BrokerProcess, at_least: u64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while subscriptions_of(node) < at_least {
+        assert!(
+            Instant::now() < deadline,
+            "interest did not reach the node: {} subscriptions",
+            subscriptions_of(node)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Receives `n` messages numbered 0.. in order, then checks nothing more
+/// comes for a moment.
+async fn receive_all(sub: &mut kaelix_consumer::Subscription, n: u64, what: &str) {
+    for i in 0..n {
+        let m = tokio::time::timeout(Duration::from_secs(20), sub.recv())
+            .await
+            .unwrap_or_else(|_| panic!("{what}: message {i} of {n} within 20 s"))
+            .unwrap();
+        assert_eq!(seq(&m.payload), i, "{what}: out of order");
+    }
+    no_more(sub, what).await;
+}
+
+async fn no_more(sub: &mut kaelix_consumer::Subscription, what: &str) {
+    let extra = tokio::time::timeout(Duration::from_millis(300), sub.recv()).await;
+    assert!(extra.is_err(), "{what}: got more than it should: {extra:?}");
+}
+
+fn seq(payload: &[u8]) -> u64 {
+    u64::from_be_bytes(payload.try_into().expect("8-byte payload"))
+}
+
+/// Receives numbered messages from a queue group's members until `n` in
+/// all; each member's share is in order and no number comes twice.
+async fn drain_group(members: &mut [&mut kaelix_consumer::Subscription], n: u64) -> Vec<u64> {
+    let mut seen = vec![false; n as usize];
+    let mut shares = vec![0u64; members.len()];
+    let mut last: Vec<Option<u64>> = vec![None; members.len()];
+    let mut got = 0;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while got < n {
+        assert!(
+            Instant::now() < deadline,
+            "queue group: {got} of {n} within 20 s"
+        );
+        for (i, member) in members.iter_mut().enumerate() {
+            while let Ok(Ok(m)) =
+                tokio::time::timeout(Duration::from_millis(5), member.recv()).await
+            {
+                let k = seq(&m.payload);
+                assert!(!seen[k as usize], "queue group: {k} delivered twice");
+                assert!(last[i] < Some(k), "queue group: member {i} out of order");
+                seen[k as usize] = true;
+                last[i] = Some(k);
+                shares[i] += 1;
+                got += 1;
+            }
+        }
+    }
+    for (i, member) in members.iter_mut().enumerate() {
+        no_more(member, &format!("queue member {i}")).await;
+    }
+    shares
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_published_on_one_node_reach_subscribers_on_the_others_once() {
+    use kaelix_consumer::Consumer;
+    use kaelix_publisher::Publisher;
+
+    let root = tempfile::tempdir().unwrap();
+    let pki = Pki::new(root.path(), "cluster-ca");
+    let specs = specs(root.path(), &pki, 3);
+    let nodes: Vec<BrokerProcess> = specs.iter().map(|s| s.start()).collect();
+    for node in &nodes {
+        wait_until(
+            node,
+            "a cluster of three",
+            Duration::from_secs(20),
+            whole(3),
+        );
+    }
+    // Node 1: two overlapping patterns; node 2: the exact topic. Both have
+    // members of one queue group.
+    let c1 = Consumer::connect(nodes[0].addr()).await.unwrap();
+    let c2 = Consumer::connect(nodes[1].addr()).await.unwrap();
+    let c3 = Consumer::connect(nodes[2].addr()).await.unwrap();
+    let mut star = c1.subscribe("orders.*").await.unwrap();
+    let mut tail = c1.subscribe("orders.>").await.unwrap();
+    let mut exact = c2.subscribe("orders.eu").await.unwrap();
+    let mut q1 = c1.subscribe_queue("jobs", "workers").await.unwrap();
+    let mut q2 = c2.subscribe_queue("jobs", "workers").await.unwrap();
+    // Node 3 holds the two nodes' interest: 3 from node 1, 2 from node 2.
+    wait_subscriptions(&nodes[2], 5).await;
+
+    // Published on node 3: every subscription elsewhere gets every message
+    // once, in the publisher's order.
+    const N: u64 = 2000;
+    let publisher = Publisher::connect(nodes[2].addr()).await.unwrap();
+    for i in 0..N {
+        publisher
+            .send("orders.eu", i.to_be_bytes().to_vec())
+            .await
+            .unwrap();
+    }
+    publisher.flush().await.unwrap();
+    receive_all(&mut star, N, "orders.* on node 1").await;
+    receive_all(&mut tail, N, "orders.> on node 1").await;
+    receive_all(&mut exact, N, "orders.eu on node 2").await;
+
+    // The queue group gets each job once, spread over the two nodes.
+    const M: u64 = 1000;
+    for i in 0..M {
+        publisher
+            .send("jobs", i.to_be_bytes().to_vec())
+            .await
+            .unwrap();
+    }
+    publisher.flush().await.unwrap();
+    let shares = drain_group(&mut [&mut q1, &mut q2], M).await;
+    assert!(
+        shares.iter().all(|&s| s > 0),
+        "both nodes' members served: {shares:?}"
+    );
+
+    // A member on the publishing node takes them all: local first.
+    let mut q3 = c3.subscribe_queue("jobs", "workers").await.unwrap();
+    for i in 0..M {
+        publisher
+            .send("jobs", i.to_be_bytes().to_vec())
+            .await
+            .unwrap();
+    }
+    publisher.flush().await.unwrap();
+    let shares = drain_group(&mut [&mut q1, &mut q2, &mut q3], M).await;
+    assert_eq!(shares, vec![0, 0, M], "the publishing node's own member");
+
+    // Published on node 1: its own subscribers get it once (nothing comes
+    // back from the other nodes), node 2's once.
+    let local = Publisher::connect(nodes[0].addr()).await.unwrap();
+    local
+        .publish("orders.eu", 0u64.to_be_bytes().to_vec())
+        .await
+        .unwrap();
+    receive_all(&mut star, 1, "orders.* from its own node").await;
+    receive_all(&mut tail, 1, "orders.> from its own node").await;
+    receive_all(&mut exact, 1, "orders.eu from node 1").await;
+
+    // Interest leaves with the subscription: node 3 forgets node 2's.
+    drop(exact);
+    drop(q2);
+    drop(c2);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while subscriptions_of(&nodes[2]) != 4 {
+        assert!(Instant::now() < deadline, "node 2's interest not withdrawn");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -46,6 +46,9 @@ pub mod kind {
     pub const JOIN: u8 = 4;
     /// Failure detection: who are you, and who leads?
     pub const PING: u8 = 5;
+    /// Turns the link into a route link: the caller subscribes on it for
+    /// its clients' interest and this node sends it ROUTE frames.
+    pub const ROUTE: u8 = 6;
 }
 
 /// Largest frame on a cluster link: a snapshot of the metadata travels in
@@ -101,15 +104,59 @@ impl LinkTls {
 }
 
 /// A byte stream a link runs on: TCP, or TLS over TCP.
-trait Io: AsyncRead + AsyncWrite + Unpin + Send + Sync {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send + Sync> Io for T {}
+pub trait LinkIo: AsyncRead + AsyncWrite + Unpin + Send + Sync {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + Sync> LinkIo for T {}
+
+/// A link to another node, once connected (and through TLS when the
+/// cluster uses it).
+pub type Link = Box<dyn LinkIo>;
+
+/// Takes the route links other nodes open to this one (see
+/// [`kind::ROUTE`]): the broker serves its subscribers' interest on them.
+pub trait RouteAcceptor: Send + Sync + 'static {
+    /// A route link from node `from`; `buffered` holds what was read past
+    /// the call that opened it.
+    fn accept(&self, from: NodeId, link: Link, buffered: BytesMut);
+}
+
+/// Opens a route link to the node at `addr`: a ROUTE call saying which
+/// node this is, answered, and the link handed over.
+pub async fn open_route(
+    addr: &str,
+    tls: Option<Arc<LinkTls>>,
+    from: NodeId,
+    ttl: Duration,
+) -> Result<(Link, BytesMut), LinkError> {
+    let mut channel = Channel::new(addr, tls);
+    let body = serde_json::to_vec(&RouteOpen { node_id: from }).unwrap_or_default();
+    let answer = channel.call(kind::ROUTE, body.into(), ttl).await?;
+    let refused = |reason: String| LinkError::Io {
+        addr: addr.to_string(),
+        reason,
+    };
+    match serde_json::from_slice::<Result<(), String>>(&answer) {
+        Ok(Ok(())) => {}
+        Ok(Err(reason)) => return Err(refused(reason)),
+        Err(e) => return Err(refused(format!("bad answer: {e}"))),
+    }
+    match channel.stream.take() {
+        Some(stream) => Ok((stream, std::mem::take(&mut channel.buf))),
+        None => Err(refused("the link closed".into())),
+    }
+}
+
+/// The body of a ROUTE call.
+#[derive(Debug, Serialize, serde::Deserialize)]
+struct RouteOpen {
+    node_id: NodeId,
+}
 
 /// The calling end of a link to one node: made on first use, dropped after
 /// a failure and made again by the next call.
 pub struct Channel {
     addr: String,
     tls: Option<Arc<LinkTls>>,
-    stream: Option<Box<dyn Io>>,
+    stream: Option<Link>,
     buf: BytesMut,
     next_id: u64,
 }
@@ -162,7 +209,7 @@ impl Channel {
     }
 
     /// Connects (TCP, then the TLS handshake when configured).
-    async fn connect(&self) -> Result<Box<dyn Io>, LinkError> {
+    async fn connect(&self) -> Result<Link, LinkError> {
         let failed = |reason: String| LinkError::Connect {
             addr: self.addr.clone(),
             reason,
@@ -175,7 +222,7 @@ impl Channel {
                 .set_nodelay(true)
                 .map_err(|e| failed(e.to_string()))?;
             let Some(tls) = &self.tls else {
-                return Ok(Box::new(stream) as Box<dyn Io>);
+                return Ok(Box::new(stream) as Link);
             };
             let name = ServerName::try_from(host_of(&self.addr).to_string())
                 .map_err(|e| failed(format!("not a host name for TLS: {e}")))?;
@@ -184,7 +231,7 @@ impl Channel {
                 .connect(name, stream)
                 .await
                 .map_err(|e| failed(format!("TLS handshake: {e}")))?;
-            Ok(Box::new(stream) as Box<dyn Io>)
+            Ok(Box::new(stream) as Link)
         };
         match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
             Ok(result) => result,
@@ -330,7 +377,12 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// pings) with `raft`, until the task is dropped. With `tls`, a node that
 /// does not present a certificate the cluster's CA signed is refused in
 /// the handshake.
-pub async fn serve(listener: TcpListener, raft: Raft<TypeConfig>, tls: Option<Arc<LinkTls>>) {
+pub async fn serve(
+    listener: TcpListener,
+    raft: Raft<TypeConfig>,
+    tls: Option<Arc<LinkTls>>,
+    routes: Option<Arc<dyn RouteAcceptor>>,
+) {
     // The links end with the listener: a stopped node stops answering.
     let mut links = tokio::task::JoinSet::new();
     loop {
@@ -345,17 +397,18 @@ pub async fn serve(listener: TcpListener, raft: Raft<TypeConfig>, tls: Option<Ar
         };
         let raft = raft.clone();
         let tls = tls.clone();
+        let routes = routes.clone();
         links.spawn(async move {
             if let Err(e) = stream.set_nodelay(true) {
                 tracing::debug!(%peer, error = %e, "cluster link closed");
                 return;
             }
             let result = match tls {
-                None => answer(stream, raft).await,
+                None => answer(Box::new(stream), raft, routes).await,
                 Some(tls) => {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.acceptor.accept(stream)).await
                     {
-                        Ok(Ok(stream)) => answer(stream, raft).await,
+                        Ok(Ok(stream)) => answer(Box::new(stream), raft, routes).await,
                         Ok(Err(e)) => Err(format!("TLS handshake refused: {e}")),
                         Err(_) => Err(format!("no TLS handshake within {HANDSHAKE_TIMEOUT:?}")),
                     }
@@ -368,10 +421,12 @@ pub async fn serve(listener: TcpListener, raft: Raft<TypeConfig>, tls: Option<Ar
     }
 }
 
-/// Answers calls on one link, one at a time, until it closes.
-async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
-    mut stream: S,
+/// Answers calls on one link, one at a time, until it closes or becomes a
+/// route link.
+async fn answer(
+    mut stream: Link,
     raft: Raft<TypeConfig>,
+    routes: Option<Arc<dyn RouteAcceptor>>,
 ) -> Result<(), String> {
     let mut buf = BytesMut::new();
     let mut out = BytesMut::new();
@@ -389,7 +444,21 @@ async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
                 },
             }
         };
-        let body = dispatch(&raft, &call).await?;
+        let route_from = if call.kind == kind::ROUTE {
+            let open: RouteOpen =
+                serde_json::from_slice(&call.body).map_err(|e| format!("bad call body: {e}"))?;
+            Some(open.node_id)
+        } else {
+            None
+        };
+        let body = match route_from {
+            Some(_) if routes.is_none() => {
+                serde_json::to_vec(&Err::<(), _>("this node takes no route links"))
+            }
+            Some(_) => serde_json::to_vec(&Ok::<(), String>(())),
+            None => Ok(dispatch(&raft, &call).await?),
+        }
+        .map_err(|e| e.to_string())?;
         out.clear();
         Frame::PeerReply(PeerReply {
             id: call.id,
@@ -398,6 +467,10 @@ async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
         .encode(&mut out);
         stream.write_all(&out).await.map_err(|e| e.to_string())?;
         stream.flush().await.map_err(|e| e.to_string())?;
+        if let (Some(from), Some(routes)) = (route_from, &routes) {
+            routes.accept(from, stream, buf);
+            return Ok(());
+        }
     }
 }
 

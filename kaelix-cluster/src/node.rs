@@ -29,7 +29,10 @@ use tokio::net::TcpListener;
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::metadata::{Member, Metadata, NodeId};
-use crate::network::{kind, raft_config, serve, Channel, LinkError, LinkTls, PeerNetwork};
+use crate::network::{
+    kind, open_route, raft_config, serve, Channel, Link, LinkError, LinkTls, PeerNetwork,
+    RouteAcceptor,
+};
 use crate::store::{self, StateMachine, StoreError, TypeConfig};
 
 /// How long a join may take: the leader answers once the new node has
@@ -109,6 +112,7 @@ pub struct Node {
     health: Arc<Health>,
     listen_addr: SocketAddr,
     failure_timeout: Duration,
+    tls: Option<Arc<LinkTls>>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -117,7 +121,13 @@ impl Node {
     /// `client_addr` is where this node's clients connect (told to the
     /// other members). Returns once the node listens; joining goes on in
     /// the background (see [`status`](Node::status)).
-    pub async fn start(cluster: &ClusterConfig, client_addr: String) -> Result<Node, NodeError> {
+    ///
+    /// With `routes`, route links other nodes open are handed to it.
+    pub async fn start(
+        cluster: &ClusterConfig,
+        client_addr: String,
+        routes: Option<Arc<dyn RouteAcceptor>>,
+    ) -> Result<Node, NodeError> {
         let id = cluster.node_id;
         if id == 0 {
             return Err(NodeError::Config("node_id must be at least 1".into()));
@@ -159,7 +169,12 @@ impl Node {
         let health = Arc::new(Health::default());
         let heartbeat = Duration::from_millis(cluster.heartbeat_ms);
         let failure_timeout = Duration::from_millis(cluster.failure_timeout_ms);
-        let mut tasks = vec![tokio::spawn(serve(listener, raft.clone(), tls.clone()))];
+        let mut tasks = vec![tokio::spawn(serve(
+            listener,
+            raft.clone(),
+            tls.clone(),
+            routes,
+        ))];
         let member = Member {
             cluster_addr: advertise.clone(),
             client_addr,
@@ -192,7 +207,7 @@ impl Node {
         tasks.push(tokio::spawn(watch_peers(
             raft.clone(),
             id,
-            tls,
+            tls.clone(),
             health.clone(),
             heartbeat,
             failure_timeout,
@@ -205,8 +220,31 @@ impl Node {
             health,
             listen_addr,
             failure_timeout,
+            tls,
             tasks,
         })
+    }
+
+    /// The other members and their addresses.
+    pub fn peers(&self) -> Vec<(NodeId, Member)> {
+        let metrics = self.raft.metrics();
+        let metrics = metrics.borrow();
+        metrics
+            .membership_config
+            .membership()
+            .nodes()
+            .filter(|(id, _)| **id != self.id)
+            .map(|(id, member)| (*id, member.clone()))
+            .collect()
+    }
+
+    /// Opens a route link to the node at `cluster_addr` (see
+    /// [`RouteAcceptor`]); what was read past the opening call comes with it.
+    pub async fn open_route(
+        &self,
+        cluster_addr: &str,
+    ) -> Result<(Link, bytes::BytesMut), LinkError> {
+        open_route(cluster_addr, self.tls.clone(), self.id, JOIN_RETRY * 4).await
     }
 
     /// This node's id.

@@ -61,7 +61,7 @@ async fn seeds_form_one_cluster_and_a_restarted_node_catches_up() {
     for id in 1..=3 {
         let client = format!("127.0.0.1:{}", 9000 + id);
         nodes.push(
-            Node::start(&config(id, &addrs, dir.path()), client)
+            Node::start(&config(id, &addrs, dir.path()), client, None)
                 .await
                 .unwrap(),
         );
@@ -112,9 +112,13 @@ async fn seeds_form_one_cluster_and_a_restarted_node_catches_up() {
 
     // Node 3 starts again from its data directory: it is a member already,
     // is seen up again, and applies what changed while it was away.
-    let back = Node::start(&config(3, &addrs, dir.path()), "127.0.0.1:9003".into())
-        .await
-        .unwrap();
+    let back = Node::start(
+        &config(3, &addrs, dir.path()),
+        "127.0.0.1:9003".into(),
+        None,
+    )
+    .await
+    .unwrap();
     until("caught up", &back, |s| s.topics == 1).await;
     assert_eq!(back.metadata().topics["orders"].partitions, 4);
     for node in nodes.iter().chain([&back]) {
@@ -131,11 +135,15 @@ async fn a_node_without_seeds_founds_and_others_join_it() {
     let addrs = free_addrs(2);
     let mut first = config(1, &addrs, dir.path());
     first.seeds.clear();
-    let first = Node::start(&first, "127.0.0.1:9101".into()).await.unwrap();
+    let first = Node::start(&first, "127.0.0.1:9101".into(), None)
+        .await
+        .unwrap();
     until("founded", &first, all_voters_up(1)).await;
     let mut second = config(2, &addrs, dir.path());
     second.seeds = vec![addrs[0].clone()];
-    let second = Node::start(&second, "127.0.0.1:9102".into()).await.unwrap();
+    let second = Node::start(&second, "127.0.0.1:9102".into(), None)
+        .await
+        .unwrap();
     for node in [&first, &second] {
         until("in a cluster of two", node, all_voters_up(2)).await;
     }
@@ -147,7 +155,7 @@ async fn a_node_without_seeds_founds_and_others_join_it() {
         data_dir: dir.path().join("impostor"),
         ..config(2, &addrs, dir.path())
     };
-    let impostor = Node::start(&impostor, "127.0.0.1:9199".into())
+    let impostor = Node::start(&impostor, "127.0.0.1:9199".into(), None)
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(800)).await;

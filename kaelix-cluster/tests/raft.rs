@@ -41,7 +41,7 @@ async fn start(id: NodeId, listener: TcpListener) -> Node {
     )
     .await
     .unwrap();
-    let server = tokio::spawn(serve(listener, raft.clone(), None));
+    let server = tokio::spawn(serve(listener, raft.clone(), None, None));
     Node {
         raft,
         sm,

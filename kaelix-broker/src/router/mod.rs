@@ -25,7 +25,7 @@ use foldhash::HashMap;
 use kaelix_core::outbox::{Outbox, Pushed};
 use kaelix_core::protocol::decode::{body_parts, header_pairs};
 use kaelix_core::protocol::encode::encode_body;
-use kaelix_core::protocol::{encode_deliver_raw, ErrorCode, ErrorFrame, Frame};
+use kaelix_core::protocol::{encode_deliver_raw, encode_route_raw, ErrorCode, ErrorFrame, Frame};
 use kaelix_core::queue::MessageQueue;
 use kaelix_core::{CloseReason, Message, SlowConsumerPolicy, Timestamp, Topic, TopicPattern};
 use parking_lot::lock_api::ArcMutexGuard;
@@ -82,6 +82,10 @@ pub(crate) struct NewSub {
     /// A credit window (messages, bytes) for a network subscription that
     /// paces the broker.
     pub(crate) credit: Option<(u32, u32)>,
+    /// Made by another cluster node for its clients' interest (on a route
+    /// link): it gets ROUTE frames, and nothing that itself came over a
+    /// route.
+    pub(crate) route: bool,
 }
 
 /// One subscription.
@@ -97,6 +101,8 @@ pub(crate) struct Subscriber {
     pub(crate) owner: Arc<Owner>,
     pub(crate) partitions: Option<PartitionSet>,
     pub(crate) sticky: bool,
+    /// Another node's interest (see [`NewSub::route`]).
+    pub(crate) route: bool,
     /// Its credit, when it paces the broker. Boxed: most subscriptions
     /// have none, and a million of them would carry its size for nothing.
     flow: Option<Box<Flow>>,
@@ -112,13 +118,23 @@ impl Subscriber {
 pub(crate) struct Matches {
     plain: Vec<Arc<Subscriber>>,
     groups: Vec<Group>,
+    /// Other nodes' plain interest: one subscription per route link, so
+    /// that a message crosses to a node once however many of its
+    /// subscriptions match.
+    routes: Vec<Arc<Subscriber>>,
 }
 
 struct Group {
+    name: Arc<str>,
+    /// This node's members.
     members: Vec<Arc<Subscriber>>,
     next: AtomicUsize,
     /// Partition `p` goes to member `p % members` (any member asked).
     sticky: bool,
+    /// Other nodes with members (one subscription per route link): a
+    /// message goes to one of them only when no member here takes it.
+    remote: Vec<Arc<Subscriber>>,
+    remote_next: AtomicUsize,
 }
 
 /// Where a topic's messages go: its subscribers as of `generation`, and
@@ -141,31 +157,116 @@ impl Route {
 impl Matches {
     fn build(subs: Vec<Arc<Subscriber>>) -> Matches {
         let mut plain = Vec::new();
-        let mut groups: Vec<(Arc<str>, Vec<Arc<Subscriber>>)> = Vec::new();
+        let mut routes: Vec<Arc<Subscriber>> = Vec::new();
+        // Name, members here, route subscriptions of nodes with members.
+        type Gathered = (Arc<str>, Vec<Arc<Subscriber>>, Vec<Arc<Subscriber>>);
+        let mut groups: Vec<Gathered> = Vec::new();
         for sub in subs {
             match &sub.group {
+                None if sub.route => {
+                    if !routes.iter().any(|r| same_link(r, &sub)) {
+                        routes.push(sub);
+                    }
+                }
                 None => plain.push(sub),
-                Some(name) => match groups.iter_mut().find(|(n, _)| n == name) {
-                    Some((_, members)) => members.push(sub),
-                    None => groups.push((name.clone(), vec![sub])),
-                },
+                Some(name) => {
+                    let at = match groups.iter().position(|(n, ..)| n == name) {
+                        Some(at) => at,
+                        None => {
+                            groups.push((name.clone(), Vec::new(), Vec::new()));
+                            groups.len() - 1
+                        }
+                    };
+                    let (_, members, remote) = &mut groups[at];
+                    if !sub.route {
+                        members.push(sub);
+                    } else if !remote.iter().any(|r| same_link(r, &sub)) {
+                        remote.push(sub);
+                    }
+                }
             }
         }
         Matches {
             plain,
+            routes,
             groups: groups
                 .into_iter()
-                .map(|(_, mut members)| {
+                .map(|(name, mut members, mut remote)| {
                     // A stable order, so the round robin is fair.
                     members.sort_by_key(|s| s.id);
+                    remote.sort_by_key(|s| s.id);
                     Group {
+                        name,
                         sticky: members.iter().any(|m| m.sticky),
                         members,
                         next: AtomicUsize::new(0),
+                        remote,
+                        remote_next: AtomicUsize::new(0),
                     }
                 })
                 .collect(),
         }
+    }
+}
+
+/// Whether two route subscriptions are on the same link (one outbox).
+fn same_link(a: &Subscriber, b: &Subscriber) -> bool {
+    match (&a.sink, &b.sink) {
+        (Sink::Net(x), Sink::Net(y)) => Arc::ptr_eq(x, y),
+        _ => false,
+    }
+}
+
+/// Counts of this node's subscriptions by pattern and queue group (route
+/// subscriptions left out), and a signal when a count goes to or from zero.
+#[derive(Default)]
+pub(crate) struct Interest {
+    counts: parking_lot::Mutex<HashMap<InterestKey, usize>>,
+    /// Bumped when the set of keys changes.
+    changed: tokio::sync::watch::Sender<u64>,
+}
+
+/// A pattern and, for queue subscriptions, the group.
+pub(crate) type InterestKey = (TopicPattern, Option<Arc<str>>);
+
+impl Interest {
+    fn add(&self, sub: &Subscriber) {
+        if sub.route {
+            return;
+        }
+        let mut counts = self.counts.lock();
+        let n = counts
+            .entry((sub.pattern.clone(), sub.group.clone()))
+            .or_insert(0);
+        *n += 1;
+        if *n == 1 {
+            self.changed.send_modify(|v| *v += 1);
+        }
+    }
+
+    fn remove(&self, sub: &Subscriber) {
+        if sub.route {
+            return;
+        }
+        let mut counts = self.counts.lock();
+        let key = (sub.pattern.clone(), sub.group.clone());
+        if let Some(n) = counts.get_mut(&key) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&key);
+                self.changed.send_modify(|v| *v += 1);
+            }
+        }
+    }
+
+    /// The patterns and groups subscribed to now.
+    pub(crate) fn keys(&self) -> Vec<InterestKey> {
+        self.counts.lock().keys().cloned().collect()
+    }
+
+    /// Changes when [`keys`](Self::keys) does.
+    pub(crate) fn watch(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
     }
 }
 
@@ -178,6 +279,9 @@ pub(crate) struct Router {
     pub(crate) logs: Logs,
     /// The plugin chains in force.
     chains: arc_swap::ArcSwap<ChainSet>,
+    /// This node's clients' interest, counted once the broker is in a
+    /// cluster (see [`Router::interest`]).
+    interest: std::sync::OnceLock<Arc<Interest>>,
 }
 
 impl Router {
@@ -189,7 +293,25 @@ impl Router {
             stats,
             logs: Logs::new(config),
             chains: arc_swap::ArcSwap::from_pointee(ChainSet::default()),
+            interest: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The interest of this node's clients (patterns and queue groups they
+    /// subscribe to), counted from now on: other nodes subscribe to it on
+    /// their route links so that messages cross only to nodes that want
+    /// them.
+    pub(crate) fn interest(&self) -> Arc<Interest> {
+        let subs = self.subs.write();
+        self.interest
+            .get_or_init(|| {
+                let interest = Interest::default();
+                for sub in subs.all() {
+                    interest.add(&sub);
+                }
+                Arc::new(interest)
+            })
+            .clone()
     }
 
     /// Puts `chains` in force: every publisher looks its routes up again.
@@ -214,6 +336,7 @@ impl Router {
             partitions,
             sticky,
             credit,
+            route,
         } = new;
         let sub = Arc::new(Subscriber {
             flow: credit.map(|(messages, bytes)| Box::new(Flow::new(messages, bytes))),
@@ -226,15 +349,32 @@ impl Router {
             owner,
             partitions,
             sticky,
+            route,
         });
-        self.subs.write().insert(sub.clone());
+        {
+            let mut subs = self.subs.write();
+            subs.insert(sub.clone());
+            // Under the index's lock, so that enabling the interest count
+            // (which reads the index under it) sees each subscription once.
+            if let Some(interest) = self.interest.get() {
+                interest.add(&sub);
+            }
+        }
         self.generation.fetch_add(1, Ordering::Release);
         self.stats.subscriptions.fetch_add(1, Ordering::Relaxed);
         sub
     }
 
     pub(crate) fn unsubscribe(&self, sub: &Subscriber) {
-        if self.subs.write().remove(sub) {
+        let removed = {
+            let mut subs = self.subs.write();
+            let removed = subs.remove(sub);
+            if let (true, Some(interest)) = (removed, self.interest.get()) {
+                interest.remove(sub);
+            }
+            removed
+        };
+        if removed {
             self.generation.fetch_add(1, Ordering::Release);
             self.stats.subscriptions.fetch_sub(1, Ordering::Relaxed);
         }
@@ -824,11 +964,72 @@ pub(crate) struct Batch {
     /// whether the run's partition waits in its log for them: asked once
     /// per run, not per message.
     paced: Vec<(usize, bool)>,
+    /// The nodes the message being routed crosses to (reused).
+    crossings: Vec<Crossing>,
     published: u64,
     delivered: u64,
     bytes_in: u64,
     /// MESSAGE frame bytes handed to network subscribers' outboxes.
     bytes_out: u64,
+}
+
+/// One message's crossing to one node: for its plain interest (the route
+/// subscription at this index of [`Matches::routes`]) and for the queue
+/// groups whose remote member (group index, member index) is on that link.
+struct Crossing {
+    plain: Option<usize>,
+    groups: smallvec::SmallVec<[(usize, usize); 2]>,
+}
+
+/// Whose subscribers a message is for.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Scope<'a> {
+    /// Published on this node: its subscribers, and other nodes' interest.
+    Origin,
+    /// Routed here by another node: this node's subscribers only — the
+    /// plain ones when `plain`, one member of each group in `groups` (a
+    /// ROUTE frame's group block) — in the partition the publishing node
+    /// put it in.
+    Routed {
+        plain: bool,
+        partition: Option<u32>,
+        groups: &'a [u8],
+    },
+}
+
+impl Scope<'_> {
+    fn plain(&self) -> bool {
+        match self {
+            Scope::Origin => true,
+            Scope::Routed { plain, .. } => *plain,
+        }
+    }
+
+    fn wants_group(&self, name: &str) -> bool {
+        match self {
+            Scope::Origin => true,
+            Scope::Routed { groups, .. } => {
+                let route = kaelix_core::protocol::decode::RouteRef {
+                    plain: false,
+                    partition: None,
+                    group_block: groups,
+                    body_flags: 0,
+                    body: &[],
+                    topic: &[],
+                };
+                let found = route.groups().any(|g| g == name.as_bytes());
+                found
+            }
+        }
+    }
+}
+
+/// Whether a subscription's buffer is closed (its connection or link gone).
+fn sub_closed(sub: &Subscriber) -> bool {
+    match &sub.sink {
+        Sink::Net(outbox) => outbox.is_closed_hint(),
+        Sink::Local(queue) => queue.is_closed_hint(),
+    }
 }
 
 impl Batch {
@@ -846,6 +1047,7 @@ impl Batch {
             blocked: Blocked::default(),
             next_part: 0,
             paced: Vec::new(),
+            crossings: Vec::new(),
             published: 0,
             delivered: 0,
             bytes_in: 0,
@@ -867,9 +1069,17 @@ impl Batch {
         topic: &Topic,
         route: &Arc<Route>,
         publication: &Publication<'_>,
+        scope: Scope<'_>,
     ) -> Result<(), UnknownPartition> {
         let partitions = route.log.partitions();
-        let part = if partitions == 1 && !publication.names_partition() {
+        let part = if let Scope::Routed {
+            partition: Some(p), ..
+        } = scope
+        {
+            // Where the publishing node put it (the same partition when
+            // the nodes agree on the topic's partitions).
+            p % partitions
+        } else if partitions == 1 && !publication.names_partition() {
             0
         } else {
             match publication.choice() {
@@ -938,27 +1148,123 @@ impl Batch {
             policy: run.policy,
             part: ArcMutexGuard::mutex(&run.log),
         };
-        for sub in &matches.plain {
-            if sub.takes(part) {
-                self.deliver(sub, topic, publication, &at);
-            }
-        }
-        for group in &matches.groups {
-            let n = group.members.len();
-            let start = if group.sticky {
-                part as usize % n
-            } else {
-                group.next.fetch_add(1, Ordering::Relaxed)
-            };
-            // The first member that takes it; a closed or full one passes it on.
-            for i in 0..n {
-                if self.deliver(&group.members[(start + i) % n], topic, publication, &at) {
-                    break;
+        let origin = matches!(scope, Scope::Origin);
+        if scope.plain() {
+            for sub in &matches.plain {
+                if sub.takes(part) {
+                    self.deliver(sub, topic, publication, &at);
                 }
             }
         }
+        // Other nodes this message crosses to, each once (publishes made
+        // here only: a routed message never crosses again).
+        self.crossings.clear();
+        if origin {
+            for (i, sub) in matches.routes.iter().enumerate() {
+                if sub.takes(part) {
+                    self.crossings.push(Crossing {
+                        plain: Some(i),
+                        groups: smallvec::SmallVec::new(),
+                    });
+                }
+            }
+        }
+        for (g, group) in matches.groups.iter().enumerate() {
+            if !scope.wants_group(&group.name) {
+                continue;
+            }
+            let n = group.members.len();
+            let mut taken = false;
+            if n > 0 {
+                let start = if group.sticky {
+                    part as usize % n
+                } else {
+                    group.next.fetch_add(1, Ordering::Relaxed)
+                };
+                // The first member that takes it; a closed or full one passes it on.
+                for i in 0..n {
+                    if self.deliver(&group.members[(start + i) % n], topic, publication, &at) {
+                        taken = true;
+                        break;
+                    }
+                }
+            }
+            // No member here took it: one node that has members gets it.
+            if !taken && origin && !group.remote.is_empty() {
+                let r = group.remote.len();
+                let start = group.remote_next.fetch_add(1, Ordering::Relaxed);
+                let pick = (0..r)
+                    .map(|i| (start + i) % r)
+                    .find(|&i| !sub_closed(&group.remote[i]));
+                if let Some(i) = pick {
+                    self.cross_group(matches, g, i);
+                }
+            }
+        }
+        if !self.crossings.is_empty() {
+            self.send_crossings(matches, publication, &at);
+        }
         self.run = Some(run);
         Ok(())
+    }
+
+    /// Adds group `g`'s remote member `i` to this message's crossings (to
+    /// the entry for its link, if the message crosses there already).
+    fn cross_group(&mut self, matches: &Matches, g: usize, i: usize) {
+        let sub = &matches.groups[g].remote[i];
+        let existing = self.crossings.iter().position(|c| {
+            let first = match (c.plain, c.groups.first()) {
+                (Some(p), _) => &matches.routes[p],
+                (None, Some(&(g, i))) => &matches.groups[g].remote[i],
+                (None, None) => return false,
+            };
+            same_link(first, sub)
+        });
+        match existing {
+            Some(at) => self.crossings[at].groups.push((g, i)),
+            None => self.crossings.push(Crossing {
+                plain: None,
+                groups: smallvec::smallvec![(g, i)],
+            }),
+        }
+    }
+
+    /// Stages one ROUTE frame per crossing.
+    fn send_crossings(
+        &mut self,
+        matches: &Matches,
+        publication: &Publication<'_>,
+        at: &Placed<'_>,
+    ) {
+        let (flags, body) = publication.wire_body();
+        let crossings = std::mem::take(&mut self.crossings);
+        for crossing in &crossings {
+            let sub = match (crossing.plain, crossing.groups.first()) {
+                (Some(p), _) => &matches.routes[p],
+                (None, Some(&(g, i))) => &matches.groups[g].remote[i],
+                (None, None) => continue,
+            };
+            let Sink::Net(outbox) = &sub.sink else {
+                continue;
+            };
+            let policy = sub.policy.unwrap_or(at.policy);
+            let names: smallvec::SmallVec<[&[u8]; 4]> = crossing
+                .groups
+                .iter()
+                .map(|&(g, _)| matches.groups[g].name.as_bytes())
+                .collect();
+            let frames = self.stage(outbox, sub, policy);
+            encode_route_raw(
+                frames,
+                crossing.plain.is_some(),
+                at.partition,
+                &names,
+                flags,
+                body,
+            );
+            self.delivered += 1;
+        }
+        self.crossings = crossings;
     }
 
     pub(crate) fn add_bytes_in(&mut self, n: usize) {
@@ -1317,6 +1623,7 @@ mod tests {
             partitions: None,
             sticky: false,
             credit: None,
+            route: false,
         });
         (sub, queue)
     }
@@ -1326,7 +1633,13 @@ mod tests {
         let (topic, matches) = cache.resolve(router, topic.as_bytes(), &mut batch).unwrap();
         let message = Message::new(topic.clone(), "x").unwrap();
         batch
-            .route(router, topic, matches, &Publication::from_message(message))
+            .route(
+                router,
+                topic,
+                matches,
+                &Publication::from_message(message),
+                Scope::Origin,
+            )
             .unwrap();
     }
 
