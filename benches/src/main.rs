@@ -112,6 +112,11 @@ struct RunOpts {
     /// kaelix://host:port, nats://host:port, relay (started here) or relay://host:port.
     #[arg(long, default_value = "kaelix://127.0.0.1:8080")]
     target: Target,
+    /// Subscribers connect here instead of to --target (another node of
+    /// the same cluster): the messages cross between nodes. Publishing
+    /// starts once the subscriptions had time to reach --target's node.
+    #[arg(long, value_name = "URL")]
+    subscribe_to: Option<Target>,
     /// Payload bytes per message (at least 16: sequence number and send time).
     #[arg(long, default_value_t = 16)]
     payload: usize,
@@ -277,7 +282,21 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
             (Endpoint::Relay(addr), Some(pid))
         }
     };
-    let mut result = run(name, &opts, &endpoint, pid).await?;
+    let subscribe_to = match &opts.subscribe_to {
+        None => None,
+        Some(Target::Kaelix(a)) => Some(Endpoint::Kaelix(a.clone())),
+        Some(Target::Nats(a)) => Some(Endpoint::Nats(a.clone())),
+        Some(Target::Relay(_)) => {
+            return Err(BenchError::Usage(
+                "--subscribe-to takes kaelix:// or nats:// (another node)".into(),
+            ))
+        }
+    };
+    let endpoints = scenario::Endpoints {
+        publish: endpoint.clone(),
+        subscribe: subscribe_to.unwrap_or(endpoint),
+    };
+    let mut result = run(name, &opts, &endpoints, pid).await?;
     drop(relay);
     result.target = opts.target.to_string();
     result.label = opts.label.clone();
@@ -298,9 +317,10 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
 async fn run(
     name: &'static str,
     opts: &RunOpts,
-    endpoint: &Endpoint,
+    endpoints: &scenario::Endpoints,
     pid: Option<u32>,
 ) -> Result<RunResult> {
+    let endpoint = &endpoints.publish;
     let duration = Duration::from_secs_f64(opts.duration);
     let (publishers, subscribers, group) = match name {
         "fanout" => (1, opts.subscribers.unwrap_or(4), None),
@@ -313,7 +333,7 @@ async fn run(
         "topics" => return memory::topics(endpoint, opts.count, pid).await,
         "connections" => return memory::connections(endpoint, opts.count, pid).await,
         "latency" if opts.rate.is_none() => {
-            return scenario::one_in_flight(opts.payload, duration, endpoint, pid).await
+            return scenario::one_in_flight(opts.payload, duration, endpoints, pid).await
         }
         _ => (
             opts.publishers.unwrap_or(1),
@@ -334,7 +354,7 @@ async fn run(
         window_bytes: opts.window_bytes,
         progress: !opts.json && std::io::stderr().is_terminal(),
     };
-    scenario::run(&flow, endpoint, pid).await
+    scenario::run(&flow, endpoints, pid).await
 }
 
 struct KillOnDrop(Child);

@@ -70,8 +70,27 @@ struct SubReport {
     seen: Vec<Vec<u64>>,
 }
 
-/// Runs a flow scenario against `endpoint`.
-pub async fn run(flow: &Flow, endpoint: &Endpoint, pid: Option<u32>) -> Result<RunResult> {
+/// Where publishers and subscribers connect: one broker, or two nodes of
+/// a cluster.
+#[derive(Clone)]
+pub struct Endpoints {
+    pub publish: Endpoint,
+    pub subscribe: Endpoint,
+}
+
+impl Endpoints {
+    /// Gives a subscription made on another node the time to reach the
+    /// publishers' node (one hop of interest).
+    async fn settle(&self) {
+        if self.publish != self.subscribe {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}
+
+/// Runs a flow scenario against `endpoints`.
+pub async fn run(flow: &Flow, endpoints: &Endpoints, pid: Option<u32>) -> Result<RunResult> {
+    let endpoint = &endpoints.publish;
     if flow.payload < STAMP_LEN {
         return Err(BenchError::Usage(format!(
             "--payload must be at least {STAMP_LEN} bytes: each message carries a sequence number and its send time"
@@ -87,8 +106,17 @@ pub async fn run(flow: &Flow, endpoint: &Endpoint, pid: Option<u32>) -> Result<R
     });
     let mut subs = Vec::new();
     for _ in 0..flow.subscribers {
-        subs.push(Sub::connect(endpoint, &topic, flow.group.as_deref(), flow.credit).await?);
+        subs.push(
+            Sub::connect(
+                &endpoints.subscribe,
+                &topic,
+                flow.group.as_deref(),
+                flow.credit,
+            )
+            .await?,
+        );
     }
+    endpoints.settle().await;
     let mut pubs = Vec::new();
     for _ in 0..flow.publishers {
         pubs.push(Pub::connect(endpoint, &topic).await?);
@@ -346,11 +374,11 @@ fn spawn_progress(duration: Duration, shared: Arc<Shared>) -> tokio::task::JoinH
 pub async fn one_in_flight(
     payload_len: usize,
     duration: Duration,
-    endpoint: &Endpoint,
+    endpoints: &Endpoints,
     pid: Option<u32>,
 ) -> Result<RunResult> {
-    let endpoint = endpoint.clone();
-    tokio::spawn(async move { one_in_flight_loop(payload_len, duration, &endpoint, pid).await })
+    let endpoints = endpoints.clone();
+    tokio::spawn(async move { one_in_flight_loop(payload_len, duration, &endpoints, pid).await })
         .await
         .map_err(|e| BenchError::Task("latency", e.to_string()))?
 }
@@ -358,7 +386,7 @@ pub async fn one_in_flight(
 async fn one_in_flight_loop(
     payload_len: usize,
     duration: Duration,
-    endpoint: &Endpoint,
+    endpoints: &Endpoints,
     pid: Option<u32>,
 ) -> Result<RunResult> {
     if payload_len < STAMP_LEN {
@@ -367,8 +395,9 @@ async fn one_in_flight_loop(
         )));
     }
     let topic = format!("bench.{}.{}", std::process::id(), now_ns());
-    let mut sub = Sub::connect(endpoint, &topic, None, None).await?;
-    let mut conn = Pub::connect(endpoint, &topic).await?;
+    let mut sub = Sub::connect(&endpoints.subscribe, &topic, None, None).await?;
+    endpoints.settle().await;
+    let mut conn = Pub::connect(&endpoints.publish, &topic).await?;
     let mut buf = vec![0x5au8; payload_len];
     let mut latency = results::histogram();
     let cpu_before = pid.and_then(procfs::cpu_seconds);

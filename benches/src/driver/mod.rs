@@ -48,7 +48,7 @@ async fn kaelix_consumer(addr: &str) -> Result<Consumer> {
 }
 
 /// Where to connect, once a relay has been started.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Endpoint {
     Kaelix(String),
     Nats(String),
