@@ -730,7 +730,12 @@ impl Connection {
             version,
             server_name: "kaelix-broker".into(),
             max_frame_bytes: u32::try_from(self.config.limits.max_frame_bytes).unwrap_or(u32::MAX),
-            properties: Vec::new(),
+            // A cluster node says which: offsets are a node's own, so a
+            // client that moves to another node does not resume by them.
+            properties: match self.broker.cluster.get() {
+                Some(node) => vec![("node".into(), node.id().to_string())],
+                None => Vec::new(),
+            },
         });
         self.reply(&welcome);
         self.outbox.wake();

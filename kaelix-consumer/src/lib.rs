@@ -492,6 +492,8 @@ impl futures_core::Stream for Subscription {
 /// the consumer closed, after what it holds.
 async fn run(conn: client::ClientConn, inner: Arc<Inner>) {
     let mut session = ConsumerSession {
+        node: node_of(&conn.welcome),
+        lost_at: None,
         inner: inner.clone(),
         staging: Staging::default(),
         // Where each subscription is, to resume from there; kept only when
@@ -520,6 +522,25 @@ struct ConsumerSession {
     inner: Arc<Inner>,
     staging: Staging,
     positions: Option<Positions>,
+    /// The cluster node the connection is to (its WELCOME says), whose
+    /// offsets `positions` are in; `None` for a broker on its own.
+    node: Option<String>,
+    /// When the last connection was lost.
+    lost_at: Option<Timestamp>,
+}
+
+/// How far before losing a connection to another cluster node a
+/// subscription starts again on the new one: messages in flight then are
+/// delivered again rather than missed.
+const MOVE_OVERLAP: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The cluster node a WELCOME names, if any.
+fn node_of(welcome: &kaelix_core::protocol::Welcome) -> Option<String> {
+    welcome
+        .properties
+        .iter()
+        .find(|(k, _)| k == "node")
+        .map(|(_, v)| v.clone())
 }
 
 impl Session for ConsumerSession {
@@ -533,13 +554,33 @@ impl Session for ConsumerSession {
     /// Nothing a consumer sends is worth carrying over: its subscriptions
     /// are made again whole, with a fresh credit window.
     fn lost(&mut self, _: &CloseReason, _: BytesMut) -> BytesMut {
+        self.lost_at = Some(Timestamp::now());
         BytesMut::new()
     }
 
     fn circuit_open(&mut self, _: &Link) {}
 
-    fn resume(&mut self, next: &client::ClientConn, _moved: bool) {
-        resubscribe(&self.inner, next, self.positions.as_mut());
+    fn resume(&mut self, next: &client::ClientConn, moved: bool) {
+        let node = node_of(&next.welcome);
+        // Another node numbers its offsets its own way: start there from
+        // a little before the connection was lost, by time.
+        let across = (node != self.node).then(|| {
+            let at = if moved {
+                Timestamp::now()
+            } else {
+                self.lost_at.unwrap_or_else(Timestamp::now)
+            };
+            let overlap = MOVE_OVERLAP.as_nanos() as u64;
+            Timestamp::from_nanos(at.as_nanos().saturating_sub(overlap))
+        });
+        if across.is_some() {
+            tracing::info!(from = ?self.node, to = ?node, "moved to another cluster node: subscriptions resume by time, not by offset");
+            if let Some(positions) = self.positions.as_mut() {
+                *positions = Positions::default();
+            }
+        }
+        self.node = node;
+        resubscribe(&self.inner, next, self.positions.as_mut(), across);
     }
 }
 
@@ -550,7 +591,15 @@ impl Session for ConsumerSession {
 /// message it received in each topic partition; in those it had received
 /// nothing from, at its own start if that was `earliest` or a time, else
 /// from when it was made.
-fn resubscribe(inner: &Inner, next: &client::ClientConn, mut positions: Option<&mut Positions>) {
+///
+/// On another cluster node (`across`), every subscription that is not a
+/// queue group member starts at that time instead: offsets are a node's own.
+fn resubscribe(
+    inner: &Inner,
+    next: &client::ClientConn,
+    mut positions: Option<&mut Positions>,
+    across: Option<Timestamp>,
+) {
     inner.link.install(next.outbox.clone(), |outbox, _parked| {
         let state = inner.state.lock();
         let mut frames = BytesMut::new();
@@ -561,9 +610,10 @@ fn resubscribe(inner: &Inner, next: &client::ClientConn, mut positions: Option<&
                     request.resume = positions.resume(*sid);
                     fit_resume(&mut request, next.welcome.max_frame_bytes as usize);
                 }
-                request.start = match request.start {
-                    start @ (StartPosition::Earliest | StartPosition::Time(_)) => start,
-                    _ => StartPosition::Time(sub.since),
+                request.start = match (across, request.start) {
+                    (Some(at), _) => StartPosition::Time(at),
+                    (None, start @ (StartPosition::Earliest | StartPosition::Time(_))) => start,
+                    (None, _) => StartPosition::Time(sub.since),
                 };
             }
             Frame::Subscribe(request).encode(&mut frames);
