@@ -78,3 +78,8 @@ struct PluginsDoc;
 #[cfg(doctest)]
 #[doc = include_str!("../../docs/clients.md")]
 struct ClientsDoc;
+
+/// The Rust snippets of docs/cluster.md.
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/cluster.md")]
+struct ClusterDoc;
