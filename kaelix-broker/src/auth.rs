@@ -28,6 +28,9 @@ pub(crate) struct Identity {
     pub(crate) anonymous: bool,
     pub(crate) publish: Rules,
     pub(crate) subscribe: Rules,
+    /// May change the cluster: a user with `admin = true`, or anyone on a
+    /// broker without users.
+    pub(crate) admin: bool,
 }
 
 impl Identity {
@@ -43,6 +46,7 @@ impl Identity {
             anonymous: true,
             publish: none(),
             subscribe: none(),
+            admin: false,
         })
     }
 
@@ -143,6 +147,7 @@ impl AuthState {
                     .map_err(|e| format!("user {:?}: {e}", user.name))?,
                 subscribe: Rules::new(&user.subscribe)
                     .map_err(|e| format!("user {:?}: {e}", user.name))?,
+                admin: user.admin,
             });
             let entry = Arc::new(User {
                 identity,
@@ -159,6 +164,7 @@ impl AuthState {
                 anonymous: true,
                 publish: Rules::new(&config.anonymous_publish)?,
                 subscribe: Rules::new(&config.anonymous_subscribe)?,
+                admin: config.users.is_empty(),
             }))
         } else {
             None

@@ -3,7 +3,8 @@
 
 use std::sync::Arc;
 
-use kaelix_cluster::{ClusterStatus, Node, NodeError};
+use kaelix_cluster::{Change, ChangeError, ClusterStatus, Command, Node, NodeError, TopicDef};
+use kaelix_core::protocol::ErrorCode;
 use kaelix_core::runtime::HealthStatus;
 use metrics::gauge;
 
@@ -40,6 +41,63 @@ impl MessageBroker {
     /// is not in a cluster.
     pub fn cluster_status(&self) -> Option<ClusterStatus> {
         self.inner.cluster.get().map(|node| node.status())
+    }
+
+    /// Carries out an operator's request (an ADMIN frame's JSON; see
+    /// docs/protocol.md) through the cluster's Raft leader; returns what
+    /// was done, or the error code and reason.
+    pub(crate) async fn admin(&self, request: &str) -> Result<String, (ErrorCode, String)> {
+        let invalid = |reason: String| (ErrorCode::InvalidRequest, reason);
+        let Some(node) = self.inner.cluster.get().cloned() else {
+            return Err((
+                ErrorCode::Unavailable,
+                "this broker is not a cluster node (cluster.enabled = false)".into(),
+            ));
+        };
+        let request: serde_json::Value =
+            serde_json::from_str(request).map_err(|e| invalid(format!("not JSON: {e}")))?;
+        let number = |key: &str| request.get(key).and_then(serde_json::Value::as_u64);
+        let topic = || -> Result<String, (ErrorCode, String)> {
+            let name = request
+                .get("topic")
+                .and_then(serde_json::Value::as_str)
+                .ok_or_else(|| invalid("\"topic\" is missing".into()))?;
+            kaelix_core::Topic::new(name).map_err(|e| invalid(e.to_string()))?;
+            Ok(name.to_string())
+        };
+        let change = match request.get("op").and_then(serde_json::Value::as_str) {
+            Some("remove") => Change::Remove {
+                node_id: number("node").ok_or_else(|| invalid("\"node\" is missing".into()))?,
+            },
+            Some("define_topic") => {
+                let partitions = number("partitions").unwrap_or(1);
+                let partitions = u32::try_from(partitions)
+                    .ok()
+                    .filter(|p| (1..=kaelix_core::PartitionId::MAX_PARTITIONS).contains(p))
+                    .ok_or_else(|| {
+                        invalid(format!(
+                            "partitions must be 1 to {}, not {partitions}",
+                            kaelix_core::PartitionId::MAX_PARTITIONS
+                        ))
+                    })?;
+                Change::Metadata(Command::DefineTopic {
+                    topic: topic()?,
+                    def: TopicDef {
+                        partitions,
+                        retention_messages: number("retention_messages"),
+                        retention_bytes: number("retention_bytes"),
+                        retention_age_ms: number("retention_age_ms"),
+                    },
+                })
+            }
+            Some("delete_topic") => Change::Metadata(Command::DeleteTopic { topic: topic()? }),
+            Some(other) => return Err(invalid(format!("unknown operation {other:?}"))),
+            None => return Err(invalid("\"op\" is missing".into())),
+        };
+        node.change(change).await.map_err(|e| match e {
+            ChangeError::Refused(reason) => (ErrorCode::InvalidRequest, reason),
+            ChangeError::Unavailable(reason) => (ErrorCode::Unavailable, reason),
+        })
     }
 
     /// The cluster's part of the broker's health: degraded while the node

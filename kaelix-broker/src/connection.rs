@@ -20,7 +20,8 @@ use foldhash::HashMap;
 use kaelix_core::outbox::{Outbox, Pushed};
 use kaelix_core::protocol::decode::PublishRef;
 use kaelix_core::protocol::{
-    self, ErrorCode, ErrorFrame, Frame, Nack, Peek, ProtocolError, StatsReply, Subscribe, Welcome,
+    self, AdminReply, ErrorCode, ErrorFrame, Frame, Nack, Peek, ProtocolError, StatsReply,
+    Subscribe, Welcome,
 };
 use kaelix_core::runtime::TaskPriority;
 use kaelix_core::topic::check_group;
@@ -830,6 +831,46 @@ impl Connection {
                 }
                 let json = json.to_string();
                 Ok(self.reply(&Frame::StatsReply(StatsReply { token, json })))
+            }
+            Frame::Admin(request) => {
+                let outbox = self.outbox.clone();
+                let broker = crate::MessageBroker {
+                    inner: self.broker.clone(),
+                };
+                let allowed = self.identity.admin;
+                let who = self.identity.describe();
+                let task = async move {
+                    let result = if allowed {
+                        broker.admin(&request.json).await
+                    } else {
+                        Err((
+                            ErrorCode::NotPermitted,
+                            format!("{who} may not change the cluster (admin = true in its [[security.auth.users]] entry)"),
+                        ))
+                    };
+                    let (code, text) = match result {
+                        Ok(done) => (None, done),
+                        Err((code, reason)) => {
+                            tracing::warn!(%reason, "cluster change refused");
+                            (Some(code), reason)
+                        }
+                    };
+                    let reply = Frame::AdminReply(AdminReply {
+                        token: request.token,
+                        code,
+                        text,
+                    });
+                    outbox.push_now(64, |b| reply.encode(b));
+                    outbox.wake();
+                };
+                // A change waits for the cluster: not on this connection's task.
+                if exec::spawn(self.broker.runtime.get(), TaskPriority::Normal, task).is_err() {
+                    tracing::warn!(
+                        conn = self.id,
+                        "cluster change dropped: the runtime is full"
+                    );
+                }
+                Ok(false)
             }
             Frame::Pong(_) => Ok(false),
             other => Err(Exit::Protocol(ProtocolError::Unexpected {

@@ -28,6 +28,8 @@ struct NodeSpec {
     id: u64,
     dir: PathBuf,
     listen: String,
+    /// How the others reach it, when not at `listen`.
+    advertise: Option<String>,
     seeds: Vec<String>,
     cert: Issued,
     ca: PathBuf,
@@ -38,11 +40,12 @@ impl NodeSpec {
         let seeds: Vec<String> = self.seeds.iter().map(|s| format!("{s:?}")).collect();
         format!(
             "[telemetry.logging]\nlevel = \"info\"\n\n\
-             [cluster]\nenabled = true\nnode_id = {}\nlisten = {:?}\nseeds = [{}]\n\
+             [cluster]\nenabled = true\nnode_id = {}\nlisten = {:?}\nadvertise = {:?}\nseeds = [{}]\n\
              data_dir = {:?}\nheartbeat_ms = 100\nfailure_timeout_ms = 600\n\n\
              [cluster.tls]\nenabled = true\ncert_path = {:?}\nkey_path = {:?}\nca_path = {:?}\n",
             self.id,
             self.listen,
+            self.advertise.as_deref().unwrap_or(""),
             seeds.join(", "),
             self.dir.join("data"),
             self.cert.cert,
@@ -113,6 +116,7 @@ fn specs(root: &Path, pki: &Pki, n: u64) -> Vec<NodeSpec> {
             id,
             dir: root.join(format!("node{id}")),
             listen: addrs[id as usize - 1].clone(),
+            advertise: None,
             seeds: addrs.clone(),
             cert: pki.node(&format!("node{id}"), &format!("node{id}")),
             ca: pki.ca_path(),
@@ -503,4 +507,196 @@ async fn a_killed_node_leaves_the_others_delivering_and_its_clients_move() {
     eprintln!("moved consumer: resumed {resumed:?} after the kill; {twice} messages twice; steady stall {stall:?}");
     assert!(resumed < Duration::from_secs(10));
     assert_ne!(mover.broker_addr(), addrs[doomed]);
+}
+
+/// `kaelix cluster status --json` of a node.
+fn status_json(node: &BrokerProcess) -> Value {
+    let (ok, out, err) = kaelix(&["--server", &node.addr(), "cluster", "status", "--json"]);
+    assert!(ok, "{err}");
+    serde_json::from_str(&out).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cut_off_cannot_change_the_cluster_and_heals() {
+    use common::proxy::FaultProxy;
+    use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+    // Node i listens on 127.0.0.i, so its links to the others come from
+    // there; the others reach it through proxy i, which can refuse it all
+    // traffic, and refuse a node's address.
+    let root = tempfile::tempdir().unwrap();
+    let pki = Pki::new(root.path(), "cluster-ca");
+    let ip = |i: u8| IpAddr::V4(Ipv4Addr::new(127, 0, 0, i));
+    let mut listens = Vec::new();
+    let mut proxies = Vec::new();
+    for i in 1..=3u8 {
+        let port = std::net::TcpListener::bind((ip(i), 0))
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let listen = SocketAddr::new(ip(i), port);
+        proxies.push(FaultProxy::start(listen).await);
+        listens.push(listen.to_string());
+    }
+    let seeds: Vec<String> = proxies.iter().map(|p| p.addr().to_string()).collect();
+    let specs: Vec<NodeSpec> = (1..=3u64)
+        .map(|id| NodeSpec {
+            id,
+            dir: root.path().join(format!("node{id}")),
+            listen: listens[id as usize - 1].clone(),
+            advertise: Some(seeds[id as usize - 1].clone()),
+            seeds: seeds.clone(),
+            cert: pki.node(&format!("node{id}"), &format!("node{id}")),
+            ca: pki.ca_path(),
+        })
+        .collect();
+    let nodes: Vec<BrokerProcess> = specs.iter().map(|s| s.start()).collect();
+    for node in &nodes {
+        wait_until(
+            node,
+            "a cluster of three",
+            Duration::from_secs(20),
+            whole(3),
+        );
+    }
+    let define = |node: &BrokerProcess, topic: &str| {
+        kaelix(&[
+            "--server",
+            &node.addr(),
+            "cluster",
+            "define-topic",
+            topic,
+            "--partitions",
+            "2",
+        ])
+    };
+    let (ok, out, err) = define(&nodes[0], "orders");
+    assert!(ok, "{out}{err}");
+
+    // Node 3 is cut off: nothing reaches it, nothing from it gets through.
+    proxies[2].refuse(true);
+    proxies[2].cut();
+    proxies[0].refuse_from(Some(ip(3)));
+    proxies[1].refuse_from(Some(ip(3)));
+    let cut_at = Instant::now();
+    wait_until(
+        &nodes[2],
+        "without a majority",
+        Duration::from_secs(10),
+        |c| c["has_quorum"] == false && c["health"] == "degraded" && c["members_up"] == 1,
+    );
+    for node in &nodes[..2] {
+        wait_until(node, "a majority of two", Duration::from_secs(10), |c| {
+            c["has_quorum"] == true && c["members_up"] == 2
+        });
+    }
+    eprintln!("partition seen by every side after {:?}", cut_at.elapsed());
+    // The cut-off node cannot change the cluster; the majority can.
+    let (ok, _, err) = define(&nodes[2], "payments");
+    assert!(!ok, "the minority changed the cluster");
+    assert!(err.contains("cannot change"), "{err}");
+    let (ok, out, err) = define(&nodes[1], "payments");
+    assert!(ok, "{out}{err}");
+    assert_eq!(status_json(&nodes[0])["topics"], 2);
+    assert_eq!(status_json(&nodes[2])["topics"], 1);
+
+    // Reconnected, it rejoins and catches up with what changed meanwhile.
+    proxies[2].refuse(false);
+    proxies[0].refuse_from(None);
+    proxies[1].refuse_from(None);
+    for node in &nodes {
+        wait_until(node, "whole again", Duration::from_secs(20), whole(3));
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while status_json(&nodes[2])["topics"] != 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the healed node did not catch up"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (ok, _, err) = kaelix(&["--server", &nodes[2].addr(), "cluster", "remove", "9"]);
+    assert!(!ok);
+    assert!(err.contains("not a member"), "{err}");
+}
+
+#[test]
+fn a_stopped_node_is_removed_and_the_others_go_on() {
+    let root = tempfile::tempdir().unwrap();
+    let pki = Pki::new(root.path(), "cluster-ca");
+    let specs = specs(root.path(), &pki, 3);
+    let mut nodes: Vec<Option<BrokerProcess>> = specs.iter().map(|s| Some(s.start())).collect();
+    for node in nodes.iter().flatten() {
+        wait_until(
+            node,
+            "a cluster of three",
+            Duration::from_secs(20),
+            whole(3),
+        );
+    }
+    let mut stopped = nodes[2].take().unwrap();
+    stopped.terminate();
+    stopped
+        .wait_exit(Duration::from_secs(30))
+        .expect("node 3 stops");
+    let first = nodes[0].as_ref().unwrap();
+    let (ok, out, err) = kaelix(&["--server", &first.addr(), "cluster", "remove", "3"]);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("node 3 removed"), "{out}");
+    for node in nodes.iter().flatten() {
+        wait_until(node, "a cluster of two", Duration::from_secs(10), whole(2));
+    }
+    // Two voters left: both must agree, and they do.
+    let (ok, out, err) = kaelix(&[
+        "--server",
+        &nodes[1].as_ref().unwrap().addr(),
+        "cluster",
+        "define-topic",
+        "after",
+    ]);
+    assert!(ok, "{out}{err}");
+}
+
+#[test]
+fn only_an_admin_changes_the_cluster() {
+    let root = tempfile::tempdir().unwrap();
+    let pki = Pki::new(root.path(), "cluster-ca");
+    let mut specs = specs(root.path(), &pki, 1);
+    specs[0].seeds.clear();
+    let spec = &specs[0];
+    std::fs::create_dir_all(&spec.dir).unwrap();
+    let users = "\n[[security.auth.users]]\nname = \"app\"\ntoken = \"app-token\"\n\
+                 publish.allow = [\">\"]\nsubscribe.allow = [\">\"]\n\n\
+                 [[security.auth.users]]\nname = \"ops\"\ntoken = \"ops-token\"\nadmin = true\n";
+    let node = BrokerProcess::with_config_in(&spec.dir, &format!("{}{users}", spec.config()));
+    wait_until(&node, "founded", Duration::from_secs(20), whole(1));
+    let define = |token: &str| {
+        kaelix(&[
+            "--server",
+            &node.addr(),
+            "--token",
+            token,
+            "cluster",
+            "define-topic",
+            "orders",
+        ])
+    };
+    let (ok, _, err) = define("app-token");
+    assert!(!ok);
+    assert!(err.contains("may not change the cluster"), "{err}");
+    let (ok, out, err) = define("ops-token");
+    assert!(ok, "{out}{err}");
+    // A request the cluster refuses says why.
+    let (ok, _, err) = kaelix(&[
+        "--server",
+        &node.addr(),
+        "--token",
+        "ops-token",
+        "cluster",
+        "remove",
+        "1",
+    ]);
+    assert!(!ok);
+    assert!(err.contains("only voter"), "{err}");
 }

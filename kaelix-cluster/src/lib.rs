@@ -16,5 +16,5 @@ pub mod node;
 pub mod store;
 
 pub use metadata::{Command, Member, Metadata, NodeId, Reply, TopicDef};
-pub use node::{ClusterStatus, MemberStatus, Node, NodeError};
+pub use node::{Change, ChangeError, ClusterStatus, MemberStatus, Node, NodeError};
 pub use store::{LogStore, StateMachine, StoreError, TypeConfig};

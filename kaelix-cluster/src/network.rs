@@ -49,6 +49,8 @@ pub mod kind {
     /// Turns the link into a route link: the caller subscribes on it for
     /// its clients' interest and this node sends it ROUTE frames.
     pub const ROUTE: u8 = 6;
+    /// An operator's change, sent to the Raft leader by the node asked.
+    pub const CHANGE: u8 = 7;
 }
 
 /// Largest frame on a cluster link: a snapshot of the metadata travels in
@@ -122,12 +124,13 @@ pub trait RouteAcceptor: Send + Sync + 'static {
 /// Opens a route link to the node at `addr`: a ROUTE call saying which
 /// node this is, answered, and the link handed over.
 pub async fn open_route(
-    addr: &str,
-    tls: Option<Arc<LinkTls>>,
+    channel: Channel,
     from: NodeId,
     ttl: Duration,
 ) -> Result<(Link, BytesMut), LinkError> {
-    let mut channel = Channel::new(addr, tls);
+    let mut channel = channel;
+    let addr = channel.addr().to_string();
+    let addr = addr.as_str();
     let body = serde_json::to_vec(&RouteOpen { node_id: from }).unwrap_or_default();
     let answer = channel.call(kind::ROUTE, body.into(), ttl).await?;
     let refused = |reason: String| LinkError::Io {
@@ -156,6 +159,9 @@ struct RouteOpen {
 pub struct Channel {
     addr: String,
     tls: Option<Arc<LinkTls>>,
+    /// The local address connections come from, when the node listens on
+    /// one address (not a wildcard): peers see its cluster address.
+    bind: Option<std::net::IpAddr>,
     stream: Option<Link>,
     buf: BytesMut,
     next_id: u64,
@@ -178,10 +184,17 @@ impl Channel {
         Channel {
             addr: addr.into(),
             tls,
+            bind: None,
             stream: None,
             buf: BytesMut::new(),
             next_id: 0,
         }
+    }
+
+    /// Connects from `ip` (any port), when given.
+    pub fn bound_to(mut self, ip: Option<std::net::IpAddr>) -> Channel {
+        self.bind = ip;
+        self
     }
 
     /// The address it calls.
@@ -215,9 +228,11 @@ impl Channel {
             reason,
         };
         let connect = async {
-            let stream = TcpStream::connect(&self.addr)
-                .await
-                .map_err(|e| failed(e.to_string()))?;
+            let stream = match self.bind {
+                None => TcpStream::connect(&self.addr).await,
+                Some(ip) => connect_from(ip, &self.addr).await,
+            }
+            .map_err(|e| failed(e.to_string()))?;
             stream
                 .set_nodelay(true)
                 .map_err(|e| failed(e.to_string()))?;
@@ -281,6 +296,31 @@ impl Channel {
     }
 }
 
+/// Connects to `addr` from `ip`.
+async fn connect_from(ip: std::net::IpAddr, addr: &str) -> std::io::Result<TcpStream> {
+    let mut last = None;
+    for target in tokio::net::lookup_host(addr).await? {
+        let socket = match target {
+            std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        if ip.is_ipv4() != target.is_ipv4() {
+            continue;
+        }
+        socket.bind(std::net::SocketAddr::new(ip, 0))?;
+        match socket.connect(target).await {
+            Ok(stream) => return Ok(stream),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::AddrNotAvailable,
+            format!("{addr} has no address reachable from {ip}"),
+        )
+    }))
+}
+
 /// The host part of `host:port`, without IPv6 brackets.
 fn host_of(addr: &str) -> &str {
     let host = addr.rsplit_once(':').map_or(addr, |(host, _)| host);
@@ -291,12 +331,14 @@ fn host_of(addr: &str) -> &str {
 #[derive(Clone, Default)]
 pub struct PeerNetwork {
     tls: Option<Arc<LinkTls>>,
+    bind: Option<std::net::IpAddr>,
 }
 
 impl PeerNetwork {
-    /// Links over TLS when `tls` is given, plain TCP otherwise.
-    pub fn new(tls: Option<Arc<LinkTls>>) -> PeerNetwork {
-        PeerNetwork { tls }
+    /// Links over TLS when `tls` is given, plain TCP otherwise; from `bind`
+    /// when given.
+    pub fn new(tls: Option<Arc<LinkTls>>, bind: Option<std::net::IpAddr>) -> PeerNetwork {
+        PeerNetwork { tls, bind }
     }
 }
 
@@ -306,7 +348,7 @@ impl RaftNetworkFactory<TypeConfig> for PeerNetwork {
     async fn new_client(&mut self, target: NodeId, node: &Member) -> PeerLink {
         PeerLink {
             target,
-            channel: Channel::new(node.cluster_addr.clone(), self.tls.clone()),
+            channel: Channel::new(node.cluster_addr.clone(), self.tls.clone()).bound_to(self.bind),
         }
     }
 }
@@ -485,6 +527,7 @@ async fn dispatch(raft: &Raft<TypeConfig>, call: &PeerCall) -> Result<Vec<u8>, S
         kind::INSTALL_SNAPSHOT => serde_json::to_vec(&raft.install_snapshot(parse(call)?).await),
         kind::JOIN => serde_json::to_vec(&crate::node::answer_join(raft, parse(call)?).await),
         kind::PING => serde_json::to_vec(&crate::node::answer_ping(raft)),
+        kind::CHANGE => serde_json::to_vec(&crate::node::apply_change(raft, parse(call)?).await),
         other => return Err(format!("unknown call kind {other}")),
     };
     encoded.map_err(|e| e.to_string())

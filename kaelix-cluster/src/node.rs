@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::task::{JoinHandle, JoinSet};
 
-use crate::metadata::{Member, Metadata, NodeId};
+use crate::metadata::{Command, Member, Metadata, NodeId};
 use crate::network::{
     kind, open_route, raft_config, serve, Channel, Link, LinkError, LinkTls, PeerNetwork,
     RouteAcceptor,
@@ -113,6 +113,8 @@ pub struct Node {
     listen_addr: SocketAddr,
     failure_timeout: Duration,
     tls: Option<Arc<LinkTls>>,
+    /// Where this node's connections to the others come from.
+    bind: Option<std::net::IpAddr>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -157,10 +159,13 @@ impl Node {
         } else {
             cluster.advertise.clone()
         };
+        // Connections to the others come from the listening address, when
+        // it is one: firewalls and peers see one address per node.
+        let bind = (!listen_addr.ip().is_unspecified()).then(|| listen_addr.ip());
         let raft = Raft::new(
             id,
             Arc::new(config),
-            PeerNetwork::new(tls.clone()),
+            PeerNetwork::new(tls.clone(), bind),
             log,
             sm.clone(),
         )
@@ -202,12 +207,14 @@ impl Node {
                 member,
                 seeds,
                 tls.clone(),
+                bind,
             )));
         }
         tasks.push(tokio::spawn(watch_peers(
             raft.clone(),
             id,
             tls.clone(),
+            bind,
             health.clone(),
             heartbeat,
             failure_timeout,
@@ -221,6 +228,7 @@ impl Node {
             listen_addr,
             failure_timeout,
             tls,
+            bind,
             tasks,
         })
     }
@@ -244,7 +252,8 @@ impl Node {
         &self,
         cluster_addr: &str,
     ) -> Result<(Link, bytes::BytesMut), LinkError> {
-        open_route(cluster_addr, self.tls.clone(), self.id, JOIN_RETRY * 4).await
+        let channel = Channel::new(cluster_addr, self.tls.clone()).bound_to(self.bind);
+        open_route(channel, self.id, JOIN_RETRY * 4).await
     }
 
     /// This node's id.
@@ -347,6 +356,149 @@ impl Drop for Node {
     }
 }
 
+/// An operator's change to the cluster, carried out by the Raft leader
+/// (asked through any node).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Change {
+    /// Takes a node out of the membership.
+    Remove { node_id: NodeId },
+    /// A change to the replicated metadata.
+    Metadata(Command),
+}
+
+/// Why a change was not made.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, thiserror::Error)]
+pub enum ChangeError {
+    /// The change itself is refused (the reason says why); asking again
+    /// will not help.
+    #[error("{0}")]
+    Refused(String),
+    /// The cluster cannot change now (no majority reachable, leadership
+    /// moving); it may later.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// How long a change may take to commit before it is reported unavailable.
+const CHANGE_TTL: Duration = Duration::from_secs(10);
+
+impl Node {
+    /// Makes `change` through the Raft leader, wherever it is; returns
+    /// what was done. Refused with [`ChangeError::Unavailable`] when no
+    /// majority of the voters is reachable from here.
+    pub async fn change(&self, change: Change) -> Result<String, ChangeError> {
+        let (leader, addr) = {
+            let metrics = self.raft.metrics();
+            let metrics = metrics.borrow();
+            let leader = metrics.current_leader.ok_or_else(|| {
+                ChangeError::Unavailable(format!(
+                    "node {} knows no Raft leader: a majority of the voters is not \
+                     reachable from it, and the cluster cannot change until it is",
+                    self.id
+                ))
+            })?;
+            let addr = metrics
+                .membership_config
+                .membership()
+                .get_node(&leader)
+                .map(|m| m.cluster_addr.clone());
+            (leader, addr)
+        };
+        if leader == self.id {
+            return apply_change(&self.raft, change).await;
+        }
+        let addr = addr.ok_or_else(|| {
+            ChangeError::Unavailable(format!("the leader, node {leader}, has no address yet"))
+        })?;
+        let body = serde_json::to_vec(&change).map_err(|e| ChangeError::Refused(e.to_string()))?;
+        let mut channel = Channel::new(addr, self.tls.clone()).bound_to(self.bind);
+        let answer = channel
+            .call(
+                kind::CHANGE,
+                body.into(),
+                CHANGE_TTL + Duration::from_secs(2),
+            )
+            .await
+            .map_err(|e| {
+                ChangeError::Unavailable(format!(
+                    "the leader, node {leader}, is not reachable from node {} ({e}): \
+                     the cluster cannot change from here until it is",
+                    self.id
+                ))
+            })?;
+        serde_json::from_slice::<Result<String, ChangeError>>(&answer)
+            .map_err(|e| ChangeError::Unavailable(format!("the leader's answer: {e}")))?
+    }
+}
+
+/// Makes `change` on this node, the leader.
+pub(crate) async fn apply_change(
+    raft: &Raft<TypeConfig>,
+    change: Change,
+) -> Result<String, ChangeError> {
+    let unavailable = || {
+        ChangeError::Unavailable(format!(
+            "not committed within {CHANGE_TTL:?}: a majority of the voters is not \
+             reachable, and the cluster cannot change until it is"
+        ))
+    };
+    let write_error = |e: RaftError<NodeId, ClientWriteError<NodeId, Member>>| match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => {
+            ChangeError::Unavailable("leadership moved to another node; try again".into())
+        }
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
+            ChangeError::Refused(e.to_string())
+        }
+        other => ChangeError::Unavailable(other.to_string()),
+    };
+    match change {
+        Change::Remove { node_id } => {
+            let membership = raft
+                .metrics()
+                .borrow()
+                .membership_config
+                .membership()
+                .clone();
+            if membership.get_node(&node_id).is_none() {
+                return Err(ChangeError::Refused(format!(
+                    "node {node_id} is not a member"
+                )));
+            }
+            let voters: Vec<NodeId> = membership.voter_ids().collect();
+            if voters == [node_id] {
+                return Err(ChangeError::Refused(format!(
+                    "node {node_id} is the only voter: the cluster would have none"
+                )));
+            }
+            if voters.contains(&node_id) {
+                let remove = ChangeMembers::RemoveVoters([node_id].into());
+                tokio::time::timeout(CHANGE_TTL, raft.change_membership(remove, false))
+                    .await
+                    .map_err(|_| unavailable())?
+                    .map_err(write_error)?;
+            } else {
+                let remove = ChangeMembers::RemoveNodes([node_id].into());
+                tokio::time::timeout(CHANGE_TTL, raft.change_membership(remove, false))
+                    .await
+                    .map_err(|_| unavailable())?
+                    .map_err(write_error)?;
+            }
+            tracing::info!(node = node_id, "cluster: node removed from the membership");
+            Ok(format!("node {node_id} removed"))
+        }
+        Change::Metadata(command) => {
+            let written = tokio::time::timeout(CHANGE_TTL, raft.client_write(command))
+                .await
+                .map_err(|_| unavailable())?
+                .map_err(write_error)?;
+            match written.data {
+                crate::Reply::Done => Ok(format!("done at log index {}", written.log_id.index)),
+                crate::Reply::Refused(reason) => Err(ChangeError::Refused(reason)),
+            }
+        }
+    }
+}
+
 /// One node's view of the cluster (`kaelix cluster status`, the `cluster`
 /// object of the broker's statistics and `/healthz`).
 #[derive(Debug, Clone, Serialize)]
@@ -405,6 +557,7 @@ async fn join(
     member: Member,
     seeds: Vec<String>,
     tls: Option<Arc<LinkTls>>,
+    bind: Option<std::net::IpAddr>,
 ) {
     let request = JoinRequest {
         node_id: id,
@@ -423,7 +576,7 @@ async fn join(
             let mut target = seed.clone();
             // A seed may name the leader; follow it once.
             for _hop in 0..2 {
-                let mut channel = Channel::new(target.clone(), tls.clone());
+                let mut channel = Channel::new(target.clone(), tls.clone()).bound_to(bind);
                 let reply = match ask(&mut channel, body.clone()).await {
                     Ok(reply) => reply,
                     Err(e) => {
@@ -575,6 +728,7 @@ async fn watch_peers(
     raft: Raft<TypeConfig>,
     id: NodeId,
     tls: Option<Arc<LinkTls>>,
+    bind: Option<std::net::IpAddr>,
     health: Arc<Health>,
     every: Duration,
     failure_timeout: Duration,
@@ -612,7 +766,7 @@ async fn watch_peers(
             let mut channel = channels
                 .remove(&node)
                 .filter(|c| c.addr() == addr)
-                .unwrap_or_else(|| Channel::new(addr, tls.clone()));
+                .unwrap_or_else(|| Channel::new(addr, tls.clone()).bound_to(bind));
             pings.spawn(async move {
                 let answer = channel.call(kind::PING, Bytes::new(), ttl).await;
                 (node, channel, answer)

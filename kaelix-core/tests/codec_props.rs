@@ -75,6 +75,17 @@ fn frame() -> impl Strategy<Value = Frame> {
         any::<u64>().prop_map(Frame::Ping),
         any::<u64>().prop_map(Frame::Pong),
         any::<u64>().prop_map(Frame::Stats),
+        (any::<u64>(), ".{0,200}").prop_map(|(token, json)| Frame::Admin(
+            kaelix_core::protocol::AdminRequest { token, json }
+        )),
+        (
+            any::<u64>(),
+            proptest::option::of(code().prop_filter("0 means done", |c| c.as_u16() != 0)),
+            ".{0,200}"
+        )
+            .prop_map(|(token, code, text)| Frame::AdminReply(
+                kaelix_core::protocol::AdminReply { token, code, text }
+            )),
         (any::<u64>(), ".{0,200}").prop_map(|(token, json)| Frame::StatsReply(
             kaelix_core::protocol::StatsReply { token, json }
         )),

@@ -39,7 +39,9 @@ use kaelix_core::client::{
 };
 use kaelix_core::outbox::Pushed;
 use kaelix_core::protocol::encode::publish_len;
-use kaelix_core::protocol::{self, encode_publish, Frame, Peek, HEADER_LEN};
+use kaelix_core::protocol::{
+    self, encode_publish, AdminRequest, ErrorCode, Frame, Peek, HEADER_LEN,
+};
 use kaelix_core::{CloseReason, Error, Headers, Message, PartitionId, Result, Topic};
 use parking_lot::Mutex;
 use tokio::net::ToSocketAddrs;
@@ -74,6 +76,9 @@ struct State {
     acks: BTreeMap<u64, Pending>,
     pongs: HashMap<u64, oneshot::Sender<()>>,
     stats: HashMap<u64, oneshot::Sender<String>>,
+    /// Operator requests without an answer yet: not sent again after a
+    /// reconnect (a change is not repeated blindly); they fail instead.
+    admin: HashMap<u64, oneshot::Sender<(Option<ErrorCode>, String)>>,
     /// The first refusal of a fire-and-forget send since the last flush
     /// (the one `flush` returns; later ones are logged, not kept).
     refused: Vec<Error>,
@@ -360,6 +365,23 @@ impl Publisher {
         self.ask(Frame::Stats, |state| &mut state.stats).await
     }
 
+    /// Sends an operator's request (one JSON object, as `docs/protocol.md`
+    /// describes ADMIN) and returns what the broker did; a refusal is
+    /// [`Error::Refused`] with its code and reason. `kaelix cluster` uses it.
+    pub async fn admin(&self, request: &str) -> Result<String> {
+        let json = request.to_string();
+        let (code, text) = self
+            .ask(
+                |token| Frame::Admin(AdminRequest { token, json }),
+                |state| &mut state.admin,
+            )
+            .await?;
+        match code {
+            None => Ok(text),
+            Some(code) => Err(Error::Refused { code, reason: text }),
+        }
+    }
+
     /// Sends a frame carrying a fresh token and waits for the answer the
     /// read loop files under that token in `pending` (asked again after a
     /// reconnect).
@@ -416,6 +438,7 @@ async fn run(conn: client::ClientConn, inner: Arc<Inner>) {
     }
     state.pongs.clear();
     state.stats.clear();
+    state.admin.clear();
 }
 
 struct PublisherSession(Arc<Inner>);
@@ -502,7 +525,7 @@ fn resume(inner: &Inner, next: &client::ClientConn, resend: Resend) {
         .store(next.welcome.max_frame_bytes as usize, Ordering::Relaxed);
     let current = inner.link.slot().gen;
     inner.link.install(next.outbox.clone(), |outbox, taken| {
-        let state = inner.state.lock();
+        let mut state = inner.state.lock();
         let mut frames = BytesMut::new();
         let mut retried = 0;
         let again = |p: &&Pending| resend == Resend::All || p.gen != current;
@@ -524,6 +547,9 @@ fn resume(inner: &Inner, next: &client::ClientConn, resend: Resend) {
         for token in state.stats.keys() {
             Frame::Stats(*token).encode(&mut frames);
         }
+        // Whether a request was carried out before the connection went is
+        // unknown: its caller is told the connection was lost.
+        state.admin.clear();
         drop(state);
         if retried > 0 {
             tracing::info!(retried, "sending unacknowledged publishes again");
@@ -595,6 +621,11 @@ async fn read_loop(reader: &mut FrameReader, inner: &Inner) -> Ended {
                     Frame::StatsReply(reply) => {
                         if let Some(tx) = state.stats.remove(&reply.token) {
                             let _ = tx.send(reply.json);
+                        }
+                    }
+                    Frame::AdminReply(reply) => {
+                        if let Some(tx) = state.admin.remove(&reply.token) {
+                            let _ = tx.send((reply.code, reply.text));
                         }
                     }
                     Frame::Error(e) => {

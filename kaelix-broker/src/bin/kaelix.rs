@@ -217,6 +217,30 @@ enum ClusterCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Take a node out of the membership (stop it first). Needs a majority
+    /// of the voters reachable.
+    Remove {
+        /// The node's cluster.node_id.
+        node: u64,
+    },
+    /// Define a topic for the whole cluster: its partitions (which can grow,
+    /// never shrink) and retention.
+    DefineTopic {
+        topic: String,
+        #[arg(long, default_value_t = 1)]
+        partitions: u32,
+        /// Messages kept per partition.
+        #[arg(long)]
+        retention_messages: Option<u64>,
+        /// Bytes kept per partition.
+        #[arg(long)]
+        retention_bytes: Option<u64>,
+        /// How long a message is kept, e.g. 1h.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        retention_age: Option<std::time::Duration>,
+    },
+    /// Delete a topic's cluster-wide definition.
+    DeleteTopic { topic: String },
 }
 
 /// The host part of a `host:port` address, without IPv6 brackets.
@@ -318,6 +342,7 @@ async fn main() -> ExitCode {
         Command::Cluster {
             command: ClusterCommand::Status { json },
         } => cluster_status(&server, json).await,
+        Command::Cluster { command } => cluster_change(&server, command).await,
         Command::Passwd => unreachable!("handled before connecting"),
     };
     match result {
@@ -520,6 +545,42 @@ async fn cluster_status(server: &Server, json: bool) -> Result<(), String> {
         print!("{}", cluster_table(cluster));
     }
     Ok(())
+}
+
+/// `kaelix cluster remove | define-topic | delete-topic`.
+async fn cluster_change(server: &Server, command: ClusterCommand) -> Result<(), String> {
+    let request = match command {
+        ClusterCommand::Status { .. } => unreachable!("handled apart"),
+        ClusterCommand::Remove { node } => serde_json::json!({"op": "remove", "node": node}),
+        ClusterCommand::DefineTopic {
+            topic,
+            partitions,
+            retention_messages,
+            retention_bytes,
+            retention_age,
+        } => serde_json::json!({
+            "op": "define_topic",
+            "topic": topic,
+            "partitions": partitions,
+            "retention_messages": retention_messages,
+            "retention_bytes": retention_bytes,
+            "retention_age_ms": retention_age.map(|d| d.as_millis() as u64),
+        }),
+        ClusterCommand::DeleteTopic { topic } => {
+            serde_json::json!({"op": "delete_topic", "topic": topic})
+        }
+    };
+    let client = server.publisher().await?;
+    let result = client.admin(&request.to_string()).await;
+    let _ = client.close().await;
+    match result {
+        Ok(done) => {
+            println!("{done}");
+            Ok(())
+        }
+        Err(kaelix_core::Error::Refused { reason, .. }) => Err(reason),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// `kaelix cluster status` as text.

@@ -28,6 +28,8 @@ struct Shared {
     cuts: watch::Sender<u64>,
     blackhole: AtomicBool,
     refuse: AtomicBool,
+    /// New connections from this address are closed at once.
+    refuse_from: Mutex<Option<std::net::IpAddr>>,
     delay_us: AtomicU64,
     accepted: AtomicU64,
     /// When each connection was accepted.
@@ -44,6 +46,7 @@ impl FaultProxy {
             cuts: watch::channel(0).0,
             blackhole: AtomicBool::new(false),
             refuse: AtomicBool::new(false),
+            refuse_from: Mutex::new(None),
             delay_us: AtomicU64::new(0),
             accepted: AtomicU64::new(0),
             accept_times: Mutex::new(Vec::new()),
@@ -77,6 +80,15 @@ impl FaultProxy {
         self.shared.refuse.store(on, Ordering::SeqCst);
     }
 
+    /// Refuses new connections from `ip` (none: from anywhere again) and,
+    /// when set, cuts the open ones (the others connect again).
+    pub fn refuse_from(&self, ip: Option<std::net::IpAddr>) {
+        *self.shared.refuse_from.lock() = ip;
+        if ip.is_some() {
+            self.cut();
+        }
+    }
+
     /// Each chunk of data waits this long before it is passed on.
     pub fn delay(&self, delay: Duration) {
         self.shared
@@ -104,12 +116,12 @@ impl Drop for FaultProxy {
 
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     loop {
-        let Ok((client, _)) = listener.accept().await else {
+        let Ok((client, from)) = listener.accept().await else {
             return;
         };
         shared.accepted.fetch_add(1, Ordering::SeqCst);
         shared.accept_times.lock().push(std::time::Instant::now());
-        if shared.refuse.load(Ordering::SeqCst) {
+        if shared.refuse.load(Ordering::SeqCst) || *shared.refuse_from.lock() == Some(from.ip()) {
             drop(client);
             continue;
         }

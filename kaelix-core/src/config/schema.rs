@@ -290,6 +290,8 @@ pub struct UserConfig {
     pub publish: Permissions,
     /// Topic patterns this user may subscribe to.
     pub subscribe: Permissions,
+    /// May change the cluster (`kaelix cluster remove`, topic definitions).
+    pub admin: bool,
 }
 
 /// Allow and deny lists of topic patterns; deny wins.

@@ -290,6 +290,18 @@ fn parse(frame: Bytes) -> Result<Frame, ProtocolError> {
             token: r.u64("token")?,
             json: r.str16("json")?,
         }),
+        opcode::ADMIN => Frame::Admin(AdminRequest {
+            token: r.u64("token")?,
+            json: r.str16("request")?,
+        }),
+        opcode::ADMIN_REPLY => Frame::AdminReply(AdminReply {
+            token: r.u64("token")?,
+            code: match r.u16("code")? {
+                0 => None,
+                code => Some(ErrorCode::from_u16(code)),
+            },
+            text: r.str16("text")?,
+        }),
         opcode::ERROR => Frame::Error(ErrorFrame {
             code: ErrorCode::from_u16(r.u16("code")?),
             reason: r.str16("reason")?,
@@ -627,6 +639,8 @@ fn opcode_name(op: u8) -> Option<&'static str> {
         opcode::STATS => "STATS",
         opcode::STATS_REPLY => "STATS_REPLY",
         opcode::DRAIN => "DRAIN",
+        opcode::ADMIN => "ADMIN",
+        opcode::ADMIN_REPLY => "ADMIN_REPLY",
         opcode::ERROR => "ERROR",
         opcode::PUBLISH => "PUBLISH",
         opcode::PUB_ACK => "PUB_ACK",

@@ -39,6 +39,15 @@ impl Frame {
                 b.put_u64(r.token);
                 put_str16(b, &r.json);
             }),
+            Frame::Admin(r) => with_header(buf, opcode::ADMIN, 0, |b| {
+                b.put_u64(r.token);
+                put_str16(b, &r.json);
+            }),
+            Frame::AdminReply(r) => with_header(buf, opcode::ADMIN_REPLY, 0, |b| {
+                b.put_u64(r.token);
+                b.put_u16(r.code.map_or(0, |c| c.as_u16()));
+                put_str16(b, &r.text);
+            }),
             Frame::Error(e) => {
                 let fl = if e.retry_after_ms.is_some() {
                     flags::RETRY_AFTER

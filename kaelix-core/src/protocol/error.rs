@@ -134,12 +134,18 @@ error_codes! {
     /// A publish named a partition its topic does not have, or a
     /// subscription one no topic can have.
     UnknownPartition = 17, "unknown-partition";
+    /// An ADMIN request the broker cannot carry out as asked (an unknown
+    /// operation, a node that is not a member, a refused topic change).
+    InvalidRequest = 18, "invalid-request";
     /// The client fell further behind than its buffer allows.
     SlowConsumer = 20, "slow-consumer";
     /// The broker is shutting down.
     ShuttingDown = 21, "shutting-down";
     /// The broker holds as many connections as it may.
     ConnectionLimit = 22, "connection-limit";
+    /// The cluster cannot do this now: no majority of its voters is
+    /// reachable, or the broker is not a cluster node.
+    Unavailable = 23, "unavailable";
     /// The client may not do this.
     NotPermitted = 30, "not-permitted";
     /// The credentials were not accepted.

@@ -26,6 +26,11 @@ pub enum Frame {
     Stats(u64),
     /// Broker → client: the statistics, as a JSON object.
     StatsReply(StatsReply),
+    /// Client → broker: an operator's request (a change to the cluster),
+    /// answered by an ADMIN_REPLY with the same token.
+    Admin(AdminRequest),
+    /// Broker → client: the outcome of an ADMIN.
+    AdminReply(AdminReply),
     /// Broker → client: the broker is draining (about to stop); it keeps
     /// serving for this many milliseconds at most. A client with other
     /// brokers moves to one.
@@ -73,6 +78,8 @@ impl Frame {
             Frame::Error(_) => "ERROR",
             Frame::Stats(_) => "STATS",
             Frame::StatsReply(_) => "STATS_REPLY",
+            Frame::Admin(_) => "ADMIN",
+            Frame::AdminReply(_) => "ADMIN_REPLY",
             Frame::Drain(_) => "DRAIN",
             Frame::Publish(_) => "PUBLISH",
             Frame::PubAck(_) => "PUB_ACK",
@@ -155,6 +162,22 @@ pub struct Routed {
 pub struct PeerReply {
     pub id: u64,
     pub body: Bytes,
+}
+
+/// ADMIN: an operator's request, as one JSON object (`docs/protocol.md`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminRequest {
+    pub token: u64,
+    pub json: String,
+}
+
+/// ADMIN_REPLY: whether the request was carried out (`code` is `None`),
+/// with what it did, or why not.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminReply {
+    pub token: u64,
+    pub code: Option<ErrorCode>,
+    pub text: String,
 }
 
 /// STATS_REPLY: the answer to STATS.

@@ -22,8 +22,9 @@ pub use decode::{decode, peek, Peek};
 pub use encode::{encode_deliver, encode_deliver_raw, encode_publish, encode_route_raw};
 pub use error::{ErrorCode, ProtocolError};
 pub use frame::{
-    Credit, Deliver, ErrorFrame, Frame, Hello, MessageBody, Missed, MissedRange, Nack, PeerCall,
-    PeerReply, Publish, ResumeAt, Routed, StatsReply, Subscribe, Welcome,
+    AdminReply, AdminRequest, Credit, Deliver, ErrorFrame, Frame, Hello, MessageBody, Missed,
+    MissedRange, Nack, PeerCall, PeerReply, Publish, ResumeAt, Routed, StatsReply, Subscribe,
+    Welcome,
 };
 
 /// The protocol version this build speaks.
@@ -48,6 +49,8 @@ pub mod opcode {
     pub const STATS: u8 = 0x06;
     pub const STATS_REPLY: u8 = 0x07;
     pub const DRAIN: u8 = 0x08;
+    pub const ADMIN: u8 = 0x09;
+    pub const ADMIN_REPLY: u8 = 0x0A;
     pub const PUBLISH: u8 = 0x10;
     pub const PUB_ACK: u8 = 0x11;
     pub const PUB_NACK: u8 = 0x12;
