@@ -27,10 +27,12 @@ use kaelix_core::{CloseReason, Timestamp, TopicPattern};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::broker::Inner;
+use crate::exec;
 use crate::live::LiveLimits;
 use crate::router::{
     Batch, InterestKey, NewSub, Owner, Publication, RouteCache, Scope, Sink, Subscriber,
 };
+use kaelix_core::runtime::TaskPriority;
 
 /// How often the set of members is checked for links to open or close.
 const MEMBERS_EVERY: Duration = Duration::from_millis(250);
@@ -70,13 +72,22 @@ async fn serve_link(broker: Arc<Inner>, from: NodeId, link: Link, mut buf: Bytes
     let (mut rd, mut wr) = tokio::io::split(link);
     let limit = broker.live.running().limits.max_pending_bytes * LINK_BUFFER_FACTOR;
     let outbox = Arc::new(Outbox::new(limit));
+    // The writer runs on the runtime's workers, where the publishers that
+    // fill its outbox run: a message crossing wakes no other thread here.
     let writer = {
         let outbox = outbox.clone();
-        tokio::spawn(async move {
+        let write = async move {
             let result = outbox.write_to(&mut wr).await;
             let _ = wr.shutdown().await;
             result
-        })
+        };
+        match exec::spawn(broker.runtime.get(), TaskPriority::High, write) {
+            Ok(writer) => writer,
+            Err(e) => {
+                tracing::warn!(node = from, error = %e, "cluster: route link from node refused");
+                return;
+            }
+        }
     };
     let owner = Arc::new(Owner {
         conn: 0,
@@ -167,7 +178,7 @@ fn route_subscription(
 /// Keeps a route link open to every other member, for as long as the
 /// broker runs.
 pub(crate) async fn link_members(broker: Weak<Inner>, node: Arc<Node>) {
-    let mut links: HashMap<NodeId, (String, tokio::task::JoinHandle<()>)> = HashMap::new();
+    let mut links: HashMap<NodeId, (String, exec::Task<()>)> = HashMap::new();
     loop {
         let Some(inner) = broker.upgrade() else {
             break;
@@ -176,26 +187,39 @@ pub(crate) async fn link_members(broker: Weak<Inner>, node: Arc<Node>) {
             break;
         }
         let peers = node.peers();
-        links.retain(|id, (addr, task)| {
-            let keep = peers
-                .iter()
-                .any(|(p, m)| p == id && m.cluster_addr == *addr);
-            if !keep {
+        let gone: Vec<NodeId> = links
+            .iter()
+            .filter(|(id, (addr, _))| {
+                !peers
+                    .iter()
+                    .any(|(p, m)| p == *id && m.cluster_addr == *addr)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in gone {
+            if let Some((_, task)) = links.remove(&id) {
                 task.abort();
             }
-            keep
-        });
+        }
         for (id, member) in peers {
             if links.contains_key(&id) {
                 continue;
             }
-            let task = tokio::spawn(keep_link(
+            // On a worker: the link's socket is made there, and the
+            // messages it brings are routed there, as a publisher's are.
+            let link = keep_link(
                 broker.clone(),
                 node.clone(),
                 id,
                 member.cluster_addr.clone(),
-            ));
-            links.insert(id, (member.cluster_addr, task));
+            );
+            match exec::spawn(inner.runtime.get(), TaskPriority::High, link) {
+                Ok(task) => {
+                    links.insert(id, (member.cluster_addr, task));
+                }
+                // The runtime's queues are full: tried again next round.
+                Err(e) => tracing::warn!(node = id, error = %e, "cluster: route link not started"),
+            }
         }
         drop(inner);
         tokio::time::sleep(MEMBERS_EVERY).await;
