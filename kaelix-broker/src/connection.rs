@@ -833,43 +833,7 @@ impl Connection {
                 Ok(self.reply(&Frame::StatsReply(StatsReply { token, json })))
             }
             Frame::Admin(request) => {
-                let outbox = self.outbox.clone();
-                let broker = crate::MessageBroker {
-                    inner: self.broker.clone(),
-                };
-                let allowed = self.identity.admin;
-                let who = self.identity.describe();
-                let task = async move {
-                    let result = if allowed {
-                        broker.admin(&request.json).await
-                    } else {
-                        Err((
-                            ErrorCode::NotPermitted,
-                            format!("{who} may not change the cluster (admin = true in its [[security.auth.users]] entry)"),
-                        ))
-                    };
-                    let (code, text) = match result {
-                        Ok(done) => (None, done),
-                        Err((code, reason)) => {
-                            tracing::warn!(%reason, "cluster change refused");
-                            (Some(code), reason)
-                        }
-                    };
-                    let reply = Frame::AdminReply(AdminReply {
-                        token: request.token,
-                        code,
-                        text,
-                    });
-                    outbox.push_now(64, |b| reply.encode(b));
-                    outbox.wake();
-                };
-                // A change waits for the cluster: not on this connection's task.
-                if exec::spawn(self.broker.runtime.get(), TaskPriority::Normal, task).is_err() {
-                    tracing::warn!(
-                        conn = self.id,
-                        "cluster change dropped: the runtime is full"
-                    );
-                }
+                self.admin(request);
                 Ok(false)
             }
             Frame::Pong(_) => Ok(false),
@@ -877,6 +841,54 @@ impl Connection {
                 frame: other.name(),
                 context: "from a client",
             })),
+        }
+    }
+
+    /// An operator's request: carried out in a task of its own (a change
+    /// waits for the cluster), answered with ADMIN_REPLY. Out of line: it
+    /// is rare, and the frame loop stays small.
+    #[cold]
+    #[inline(never)]
+    fn admin(&mut self, request: kaelix_core::protocol::AdminRequest) {
+        let outbox = self.outbox.clone();
+        let broker = crate::MessageBroker {
+            inner: self.broker.clone(),
+        };
+        let allowed = self.identity.admin;
+        let who = self.identity.describe();
+        let task = async move {
+            let result = if allowed {
+                broker.admin(&request.json).await
+            } else {
+                Err((
+                    ErrorCode::NotPermitted,
+                    format!(
+                        "{who} may not change the cluster \
+                         (admin = true in its [[security.auth.users]] entry)"
+                    ),
+                ))
+            };
+            let (code, text) = match result {
+                Ok(done) => (None, done),
+                Err((code, reason)) => {
+                    tracing::warn!(%reason, "cluster change refused");
+                    (Some(code), reason)
+                }
+            };
+            let reply = Frame::AdminReply(AdminReply {
+                token: request.token,
+                code,
+                text,
+            });
+            outbox.push_now(64, |b| reply.encode(b));
+            outbox.wake();
+        };
+        // A change waits for the cluster: not on this connection's task.
+        if exec::spawn(self.broker.runtime.get(), TaskPriority::Normal, task).is_err() {
+            tracing::warn!(
+                conn = self.id,
+                "cluster change dropped: the runtime is full"
+            );
         }
     }
 

@@ -122,6 +122,9 @@ pub(crate) struct Matches {
     /// that a message crosses to a node once however many of its
     /// subscriptions match.
     routes: Vec<Arc<Subscriber>>,
+    /// No other node wants this topic (and every group has a member here):
+    /// a message published here takes the single broker's path.
+    local_only: bool,
 }
 
 struct Group {
@@ -186,9 +189,14 @@ impl Matches {
                 }
             }
         }
+        let local_only = routes.is_empty()
+            && groups
+                .iter()
+                .all(|(_, members, remote)| remote.is_empty() && !members.is_empty());
         Matches {
             plain,
             routes,
+            local_only,
             groups: groups
                 .into_iter()
                 .map(|(name, mut members, mut remote)| {
@@ -1148,11 +1156,51 @@ impl Batch {
             policy: run.policy,
             part: ArcMutexGuard::mutex(&run.log),
         };
+        if matches.local_only && matches!(scope, Scope::Origin) {
+            // Published here, wanted only here: the single broker's path.
+            for sub in &matches.plain {
+                if sub.takes(part) {
+                    self.deliver(sub, topic, publication, &at);
+                }
+            }
+            for group in &matches.groups {
+                let n = group.members.len();
+                let start = if group.sticky {
+                    part as usize % n
+                } else {
+                    group.next.fetch_add(1, Ordering::Relaxed)
+                };
+                // The first member that takes it; a closed or full one passes it on.
+                for i in 0..n {
+                    if self.deliver(&group.members[(start + i) % n], topic, publication, &at) {
+                        break;
+                    }
+                }
+            }
+        } else {
+            self.route_in_cluster(matches, topic, publication, &at, part, scope);
+        }
+        self.run = Some(run);
+        Ok(())
+    }
+
+    /// [`route`](Self::route)'s delivery when other nodes want the message
+    /// or it came from one.
+    #[inline(never)]
+    fn route_in_cluster(
+        &mut self,
+        matches: &Matches,
+        topic: &Topic,
+        publication: &Publication<'_>,
+        at: &Placed<'_>,
+        part: u32,
+        scope: Scope<'_>,
+    ) {
         let origin = matches!(scope, Scope::Origin);
         if scope.plain() {
             for sub in &matches.plain {
                 if sub.takes(part) {
-                    self.deliver(sub, topic, publication, &at);
+                    self.deliver(sub, topic, publication, at);
                 }
             }
         }
@@ -1183,7 +1231,7 @@ impl Batch {
                 };
                 // The first member that takes it; a closed or full one passes it on.
                 for i in 0..n {
-                    if self.deliver(&group.members[(start + i) % n], topic, publication, &at) {
+                    if self.deliver(&group.members[(start + i) % n], topic, publication, at) {
                         taken = true;
                         break;
                     }
@@ -1202,10 +1250,8 @@ impl Batch {
             }
         }
         if !self.crossings.is_empty() {
-            self.send_crossings(matches, publication, &at);
+            self.send_crossings(matches, publication, at);
         }
-        self.run = Some(run);
-        Ok(())
     }
 
     /// Adds group `g`'s remote member `i` to this message's crossings (to
@@ -1358,6 +1404,7 @@ impl Batch {
 
     /// The staging buffer for `outbox`, noting `sub`'s `policy` for the
     /// case where the outbox turns out to be full.
+    #[inline(always)]
     fn stage(
         &mut self,
         outbox: &Arc<Outbox>,

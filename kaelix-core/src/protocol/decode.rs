@@ -123,7 +123,7 @@ pub enum Peek<'a> {
 }
 
 /// Looks at the frame at the front of `buf` without taking it.
-#[inline]
+#[inline(always)]
 pub fn peek(buf: &[u8], max_frame_bytes: usize) -> Result<Peek<'_>, ProtocolError> {
     let Some(len) = frame_len(buf, max_frame_bytes)? else {
         return Ok(Peek::Incomplete);
@@ -165,26 +165,32 @@ pub fn peek(buf: &[u8], max_frame_bytes: usize) -> Result<Peek<'_>, ProtocolErro
                 4 + len,
             ))
         }
-        opcode::ROUTE => {
-            check_flags("ROUTE", fl, ROUTE_FLAGS)?;
-            let mut r = Reader::new(body, "ROUTE");
-            let (partition, group_block) = route_fields(&mut r, fl)?;
-            let body = r.rest();
-            let layout = body_layout(body, fl, "ROUTE")?;
-            Ok(Peek::Route(
-                RouteRef {
-                    plain: fl & flags::ROUTE_PLAIN != 0,
-                    partition,
-                    group_block,
-                    body_flags: fl & flags::BODY,
-                    body,
-                    topic: &body[layout.topic],
-                },
-                4 + len,
-            ))
-        }
+        // Out of line: only route links carry it, and `peek` stays small
+        // enough to be inlined into the clients' and connections' loops.
+        opcode::ROUTE => peek_route(body, fl, len),
         _ => Ok(Peek::Other),
     }
+}
+
+/// [`peek`] of a ROUTE frame's `body` (after the header).
+#[inline(never)]
+fn peek_route(body: &[u8], fl: u8, len: usize) -> Result<Peek<'_>, ProtocolError> {
+    check_flags("ROUTE", fl, ROUTE_FLAGS)?;
+    let mut r = Reader::new(body, "ROUTE");
+    let (partition, group_block) = route_fields(&mut r, fl)?;
+    let body = r.rest();
+    let layout = body_layout(body, fl, "ROUTE")?;
+    Ok(Peek::Route(
+        RouteRef {
+            plain: fl & flags::ROUTE_PLAIN != 0,
+            partition,
+            group_block,
+            body_flags: fl & flags::BODY,
+            body,
+            topic: &body[layout.topic],
+        },
+        4 + len,
+    ))
 }
 
 /// The flags a MESSAGE frame may carry.
