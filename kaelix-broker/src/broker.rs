@@ -85,6 +85,9 @@ pub(crate) struct Inner {
     pub(crate) dedupe: crate::dedupe::Dedupe,
     /// This broker's cluster node, once it joined one.
     pub(crate) cluster: OnceLock<Arc<kaelix_cluster::Node>>,
+    /// The topics the cluster defines, as it last applied them.
+    pub(crate) cluster_topics:
+        parking_lot::RwLock<std::collections::BTreeMap<String, kaelix_cluster::TopicDef>>,
 }
 
 impl Default for MessageBroker {
@@ -143,6 +146,7 @@ impl MessageBroker {
                 plugins: crate::plugins::Plugins::new(),
                 dedupe: crate::dedupe::Dedupe::new(),
                 cluster: OnceLock::new(),
+                cluster_topics: Default::default(),
             }),
         };
         let inner = Arc::downgrade(&broker.inner);
@@ -175,7 +179,9 @@ impl MessageBroker {
         let inner = Arc::downgrade(&broker.inner);
         broker.on_reconfigure("retention", &["retention", "topics"], move |config| {
             if let Some(inner) = inner.upgrade() {
-                inner.router.reconfigure_logs(config);
+                // The cluster's topic definitions stay over the file's.
+                let config = crate::cluster::with_cluster_topics(&inner, config);
+                inner.router.reconfigure_logs(&config);
             }
             Ok(())
         });

@@ -33,6 +33,7 @@ impl MessageBroker {
             Arc::downgrade(&self.inner),
             node.clone(),
         ));
+        tokio::spawn(follow_topics(Arc::downgrade(&self.inner), node.clone()));
         let _ = self.inner.cluster.set(node);
         Ok(())
     }
@@ -154,6 +155,68 @@ impl MessageBroker {
                 "partition" => leader.partition.to_string()
             )
             .set(leader.node as f64);
+        }
+    }
+}
+
+/// `config` with the cluster's topic definitions over its `[[topics]]`: a
+/// defined topic takes its partitions and retention from the cluster (what
+/// a definition leaves unset, and the slow-consumer policy, from the file).
+pub(crate) fn with_cluster_topics(
+    inner: &crate::broker::Inner,
+    config: &kaelix_core::MemoryStreamerConfig,
+) -> kaelix_core::MemoryStreamerConfig {
+    let defs = inner.cluster_topics.read();
+    let mut merged = config.clone();
+    if defs.is_empty() {
+        return merged;
+    }
+    let mut entries = Vec::with_capacity(defs.len() + config.topics.len());
+    for (name, def) in defs.iter() {
+        let Ok(topic) = kaelix_core::Topic::new(name) else {
+            continue;
+        };
+        let file = config.topic_settings(&topic);
+        entries.push(kaelix_core::config::TopicConfig {
+            pattern: name.clone(),
+            partitions: def.partitions,
+            retain_messages: def
+                .retention_messages
+                .map_or(file.retain_messages, |n| n as usize),
+            retain_bytes: def
+                .retention_bytes
+                .map_or(file.retain_bytes, |n| n as usize),
+            retain_age_secs: def
+                .retention_age_ms
+                .map_or(file.retain_age_secs, |ms| ms.div_ceil(1000)),
+            slow_consumer: file.slow_consumer,
+        });
+    }
+    // First among equals: an exact name in the file loses to the cluster's.
+    entries.extend(config.topics.iter().cloned());
+    merged.topics = entries;
+    merged
+}
+
+/// Applies the cluster's topic definitions to this broker's topics each
+/// time they change (partitions grow, retention follows).
+async fn follow_topics(broker: std::sync::Weak<crate::broker::Inner>, node: Arc<Node>) {
+    let mut metrics = node.raft().metrics();
+    loop {
+        let Some(inner) = broker.upgrade() else {
+            return;
+        };
+        let topics = node.metadata().topics;
+        if *inner.cluster_topics.read() != topics {
+            tracing::info!(topics = topics.len(), "cluster: topic definitions applied");
+            *inner.cluster_topics.write() = topics;
+            let running = inner.live.running();
+            let config = with_cluster_topics(&inner, &running);
+            inner.router.reconfigure_logs(&config);
+        }
+        drop(inner);
+        if metrics.changed().await.is_err() {
+            return;
         }
     }
 }

@@ -700,3 +700,52 @@ fn only_an_admin_changes_the_cluster() {
     assert!(!ok);
     assert!(err.contains("only voter"), "{err}");
 }
+
+#[test]
+fn a_topic_defined_on_one_node_takes_effect_on_the_others() {
+    let root = tempfile::tempdir().unwrap();
+    let pki = Pki::new(root.path(), "cluster-ca");
+    let specs = specs(root.path(), &pki, 2);
+    let nodes: Vec<BrokerProcess> = specs.iter().map(|s| s.start()).collect();
+    for node in &nodes {
+        wait_until(node, "a cluster of two", Duration::from_secs(20), whole(2));
+    }
+    let publish = |node: &BrokerProcess, partition: &str| {
+        kaelix(&[
+            "--server",
+            &node.addr(),
+            "pub",
+            "ledger",
+            "entry",
+            "--partition",
+            partition,
+        ])
+    };
+    // One partition by default: partition 3 does not exist yet.
+    let (ok, _, err) = publish(&nodes[1], "3");
+    assert!(!ok);
+    assert!(err.contains("partition"), "{err}");
+    let (ok, out, err) = kaelix(&[
+        "--server",
+        &nodes[0].addr(),
+        "cluster",
+        "define-topic",
+        "ledger",
+        "--partitions",
+        "4",
+    ]);
+    assert!(ok, "{out}{err}");
+    // Node 2 applies the definition: four partitions there too.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (ok, _, err) = publish(&nodes[1], "3");
+        if ok {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not applied on node 2: {err}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (ok, _, err) = publish(&nodes[1], "4");
+    assert!(!ok, "a fifth partition");
+    assert!(err.contains("partition"), "{err}");
+}
