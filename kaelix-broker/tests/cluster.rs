@@ -748,4 +748,19 @@ fn a_topic_defined_on_one_node_takes_effect_on_the_others() {
     let (ok, _, err) = publish(&nodes[1], "4");
     assert!(!ok, "a fifth partition");
     assert!(err.contains("partition"), "{err}");
+    // The Raft leader gives each partition a leader, two per node.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = status_json(&nodes[1]);
+        let leaders = status["partition_leaders"].as_array().unwrap().clone();
+        if leaders.len() == 4 {
+            let on = |n: u64| leaders.iter().filter(|l| l["node"] == n).count();
+            assert_eq!((on(1), on(2)), (2, 2), "{status}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "partition leaders: {status}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (ok, out, _) = kaelix(&["--server", &nodes[0].addr(), "cluster", "status"]);
+    assert!(ok && out.contains("ledger/3 → "), "{out}");
 }

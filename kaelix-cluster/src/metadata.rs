@@ -113,6 +113,45 @@ impl Metadata {
         }
     }
 
+    /// The changes that give every partition a leader among `voters`: a
+    /// partition without one, or led by a node that is no longer a voter,
+    /// goes to the voter leading fewest partitions (the lowest id among
+    /// equals), so that leadership spreads evenly. Empty when every
+    /// partition is led.
+    pub fn leader_assignments(&self, voters: &[NodeId]) -> Vec<Command> {
+        if voters.is_empty() {
+            return Vec::new();
+        }
+        let mut load: BTreeMap<NodeId, usize> = voters.iter().map(|v| (*v, 0)).collect();
+        for leader in self.leaders.values() {
+            if let Some(n) = load.get_mut(leader) {
+                *n += 1;
+            }
+        }
+        let mut changes = Vec::new();
+        for (topic, def) in &self.topics {
+            for partition in 0..def.partitions {
+                let led = self
+                    .leaders
+                    .get(&(topic.clone(), partition))
+                    .is_some_and(|l| load.contains_key(l));
+                if led {
+                    continue;
+                }
+                let Some((&leader, _)) = load.iter().min_by_key(|(id, n)| (**n, **id)) else {
+                    break;
+                };
+                *load.entry(leader).or_default() += 1;
+                changes.push(Command::SetPartitionLeader {
+                    topic: topic.clone(),
+                    partition,
+                    leader,
+                });
+            }
+        }
+        changes
+    }
+
     /// The leader of `partition` of `topic`, if one is set.
     pub fn leader_of(&self, topic: &str, partition: u32) -> Option<NodeId> {
         self.leaders.get(&(topic.to_owned(), partition)).copied()
@@ -169,5 +208,41 @@ mod tests {
             }),
             Reply::Refused(_)
         ));
+    }
+
+    #[test]
+    fn partitions_get_leaders_spread_over_the_voters() {
+        let mut m = Metadata::default();
+        let define = |topic: &str, partitions| Command::DefineTopic {
+            topic: topic.into(),
+            def: TopicDef {
+                partitions,
+                retention_messages: None,
+                retention_bytes: None,
+                retention_age_ms: None,
+            },
+        };
+        assert_eq!(m.apply(&define("orders", 4)), Reply::Done);
+        assert_eq!(m.apply(&define("audit", 1)), Reply::Done);
+        let changes = m.leader_assignments(&[1, 2, 3]);
+        assert_eq!(changes.len(), 5);
+        for change in &changes {
+            assert_eq!(m.apply(change), Reply::Done);
+        }
+        let mut load = BTreeMap::new();
+        for leader in m.leaders.values() {
+            *load.entry(*leader).or_insert(0) += 1;
+        }
+        assert_eq!(load, BTreeMap::from([(1, 2), (2, 2), (3, 1)]));
+        assert!(m.leader_assignments(&[1, 2, 3]).is_empty());
+        // Node 1 leaves: only its partitions move, to the least loaded.
+        let changes = m.leader_assignments(&[2, 3]);
+        assert_eq!(changes.len(), 2);
+        for change in &changes {
+            assert!(matches!(change, Command::SetPartitionLeader { leader, .. } if *leader != 1));
+            m.apply(change);
+        }
+        assert!(m.leaders.values().all(|l| *l != 1));
+        assert!(m.leader_assignments(&[]).is_empty());
     }
 }

@@ -219,6 +219,11 @@ impl Node {
             heartbeat,
             failure_timeout,
         )));
+        tasks.push(tokio::spawn(lead_partitions(
+            raft.clone(),
+            sm.clone(),
+            heartbeat,
+        )));
         tracing::info!(node = id, listen = %listen_addr, %advertise, "cluster: node started");
         Ok(Node {
             id,
@@ -709,6 +714,37 @@ fn refused(e: RaftError<NodeId, ClientWriteError<NodeId, Member>>) -> JoinReply 
             }
         }
         other => JoinReply::Refused(other.to_string()),
+    }
+}
+
+/// On the Raft leader: gives every partition of every defined topic a
+/// leader among the voters (see [`Metadata::leader_assignments`]), and
+/// moves the partitions of a node taken out of the membership.
+async fn lead_partitions(raft: Raft<TypeConfig>, sm: StateMachine, every: Duration) {
+    let mut tick = tokio::time::interval(every.max(Duration::from_millis(100)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let voters: Vec<NodeId> = {
+            let metrics = raft.metrics();
+            let metrics = metrics.borrow();
+            if metrics.state != ServerState::Leader {
+                continue;
+            }
+            metrics.membership_config.membership().voter_ids().collect()
+        };
+        // A bounded batch per round: a large topic does not hold the log.
+        for change in sm
+            .metadata()
+            .leader_assignments(&voters)
+            .into_iter()
+            .take(256)
+        {
+            if let Err(e) = raft.client_write(change).await {
+                tracing::debug!(error = %e, "cluster: partition leader not assigned this round");
+                break;
+            }
+        }
     }
 }
 
