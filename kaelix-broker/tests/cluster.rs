@@ -124,6 +124,19 @@ fn specs(root: &Path, pki: &Pki, n: u64) -> Vec<NodeSpec> {
         .collect()
 }
 
+/// `n` nodes over mutual TLS, each naming all as seeds, started and formed
+/// into one cluster; the directory holds their certificates and data.
+fn start_cluster(n: u64) -> (tempfile::TempDir, Vec<NodeSpec>, Vec<Option<BrokerProcess>>) {
+    let root = tempfile::tempdir().unwrap();
+    let pki = Pki::new(root.path(), "cluster-ca");
+    let specs = specs(root.path(), &pki, n);
+    let nodes: Vec<Option<BrokerProcess>> = specs.iter().map(|s| Some(s.start())).collect();
+    for node in nodes.iter().flatten() {
+        wait_until(node, "a whole cluster", Duration::from_secs(20), whole(n));
+    }
+    (root, specs, nodes)
+}
+
 #[test]
 fn three_processes_form_a_cluster_survive_a_sigkill_and_take_the_node_back() {
     let root = tempfile::tempdir().unwrap();
@@ -314,18 +327,8 @@ async fn messages_published_on_one_node_reach_subscribers_on_the_others_once() {
     use kaelix_consumer::Consumer;
     use kaelix_publisher::Publisher;
 
-    let root = tempfile::tempdir().unwrap();
-    let pki = Pki::new(root.path(), "cluster-ca");
-    let specs = specs(root.path(), &pki, 3);
-    let nodes: Vec<BrokerProcess> = specs.iter().map(|s| s.start()).collect();
-    for node in &nodes {
-        wait_until(
-            node,
-            "a cluster of three",
-            Duration::from_secs(20),
-            whole(3),
-        );
-    }
+    let (_root, _specs, nodes) = start_cluster(3);
+    let nodes: Vec<BrokerProcess> = nodes.into_iter().flatten().collect();
     // Node 1: two overlapping patterns; node 2: the exact topic. Both have
     // members of one queue group.
     let c1 = Consumer::connect(nodes[0].addr()).await.unwrap();
@@ -408,18 +411,7 @@ async fn a_killed_node_leaves_the_others_delivering_and_its_clients_move() {
     use kaelix_consumer::{Consumer, ConsumerOptions};
     use kaelix_publisher::Publisher;
 
-    let root = tempfile::tempdir().unwrap();
-    let pki = Pki::new(root.path(), "cluster-ca");
-    let specs = specs(root.path(), &pki, 3);
-    let mut nodes: Vec<Option<BrokerProcess>> = specs.iter().map(|s| Some(s.start())).collect();
-    for node in nodes.iter().flatten() {
-        wait_until(
-            node,
-            "a cluster of three",
-            Duration::from_secs(20),
-            whole(3),
-        );
-    }
+    let (_root, _specs, mut nodes) = start_cluster(3);
     let addrs: Vec<String> = nodes.iter().flatten().map(|n| n.addr()).collect();
     // A resilient consumer, on whichever node it picks; the publisher and
     // a second consumer on the two others.
@@ -623,18 +615,7 @@ async fn a_node_cut_off_cannot_change_the_cluster_and_heals() {
 
 #[test]
 fn a_stopped_node_is_removed_and_the_others_go_on() {
-    let root = tempfile::tempdir().unwrap();
-    let pki = Pki::new(root.path(), "cluster-ca");
-    let specs = specs(root.path(), &pki, 3);
-    let mut nodes: Vec<Option<BrokerProcess>> = specs.iter().map(|s| Some(s.start())).collect();
-    for node in nodes.iter().flatten() {
-        wait_until(
-            node,
-            "a cluster of three",
-            Duration::from_secs(20),
-            whole(3),
-        );
-    }
+    let (_root, _specs, mut nodes) = start_cluster(3);
     let mut stopped = nodes[2].take().unwrap();
     stopped.terminate();
     stopped
@@ -703,13 +684,8 @@ fn only_an_admin_changes_the_cluster() {
 
 #[test]
 fn a_topic_defined_on_one_node_takes_effect_on_the_others() {
-    let root = tempfile::tempdir().unwrap();
-    let pki = Pki::new(root.path(), "cluster-ca");
-    let specs = specs(root.path(), &pki, 2);
-    let nodes: Vec<BrokerProcess> = specs.iter().map(|s| s.start()).collect();
-    for node in &nodes {
-        wait_until(node, "a cluster of two", Duration::from_secs(20), whole(2));
-    }
+    let (_root, _specs, nodes) = start_cluster(2);
+    let nodes: Vec<BrokerProcess> = nodes.into_iter().flatten().collect();
     let publish = |node: &BrokerProcess, partition: &str| {
         kaelix(&[
             "--server",
